@@ -1,0 +1,36 @@
+"""actscope: see, measure, explain and exploit the neuron activations of any PyTorch model.
+
+Only public names live here; heavy libraries are imported lazily by the functions that
+need them.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import ActscopeError, DataError, InputError, ModelLoadError, RunDirError, SiteError
+from .models import Model, load, wrap
+from .profiling import ProfileConfig, profile
+from .run import Run, open_run
+from .sites import Plan, plan_sites
+from .trace import capture, observe
+
+__all__ = [
+    "ActscopeError",
+    "DataError",
+    "InputError",
+    "Model",
+    "ModelLoadError",
+    "Plan",
+    "ProfileConfig",
+    "Run",
+    "RunDirError",
+    "SiteError",
+    "__version__",
+    "capture",
+    "load",
+    "observe",
+    "open_run",
+    "profile",
+    "plan_sites",
+    "wrap",
+]

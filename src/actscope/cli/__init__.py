@@ -1,0 +1,1 @@
+"""The command-line interface: a thin typed shell over the Python API."""

@@ -1,0 +1,27 @@
+"""``actscope``: the entry point; each command lives in its own module."""
+from __future__ import annotations
+
+import typer
+
+from . import env as env_command
+from . import profile as profile_command
+from . import sites as sites_command
+
+app = typer.Typer(
+    name="actscope",
+    help="See, measure, explain and exploit the neuron activations of any PyTorch model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("profile")(profile_command.profile)
+app.command("sites")(sites_command.sites)
+app.command("env")(env_command.env)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

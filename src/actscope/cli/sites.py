@@ -1,0 +1,36 @@
+"""``actscope sites``: list what a model offers to observe, with shapes."""
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .common import console, friendly_errors, quiet_libraries
+
+
+def sites(
+    model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model directory (default: the embedded MiniLM)."),
+    match: Optional[str] = typer.Option(None, "--match", "-m", help="Only sites whose name matches this glob, e.g. 'blocks.0.*'."),
+) -> None:
+    """List the canonical sites of a model (or its modules, for models without a table)."""
+    quiet_libraries()
+    with friendly_errors():
+        import actscope
+
+        model = actscope.load(model_dir)
+        rows = [s for s in model.sites() if match is None or fnmatch(s.name, match)]
+        table = Table(title=f"{model.name}: {len(rows)} sites", title_justify="left")
+        table.add_column("site", no_wrap=True)
+        table.add_column("shape", no_wrap=True)
+        table.add_column("at", no_wrap=True)
+        table.add_column("module", overflow="fold")
+        for row in rows:
+            shape = escape("[" + ", ".join(map(str, row.shape)) + "]") if row.shape else "?"
+            table.add_row(row.name, shape, row.at, row.module)
+        console.print(table)
+        if model.adapter is None:
+            console.print("No adapter table for this family: select sites as module:PATH@output or @input.")

@@ -1,0 +1,1 @@
+"""Measurements, one module per family of methods (see METHODS.md)."""

@@ -1,0 +1,46 @@
+"""Gemma and Gemma 2: Llama-shaped decoders with a GeGLU MLP.
+
+Gemma is laid out like Llama (see ``llama.py``); ``embed`` is the output of ``embed_tokens``,
+which already multiplies by ``sqrt(hidden_size)``, so it is what block 0 receives.
+
+Gemma 2 adds a norm *after* each sub-block, before the residual add:
+``h = x + post_attention_layernorm(attn(input_layernorm(x)))``,
+``y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``. So:
+
+* ``resid.mid`` is ``h``: the input of ``pre_feedforward_layernorm`` (not of
+  ``post_attention_layernorm``, which normalises the attention output);
+* ``attn.out`` and ``mlp.out`` are what the sub-blocks *add to the stream*: the outputs of
+  ``post_attention_layernorm`` and ``post_feedforward_layernorm``, so that
+  ``resid.mid = resid.pre + attn.out`` and ``resid.post = resid.mid + mlp.out`` hold;
+* ``logits`` are the final logits after ``final_logit_softcapping``
+  (``cap · tanh(lm_head(x) / cap)``, computed like the model does), not the raw ``lm_head``
+  output.
+"""
+import torch
+
+from .base import Adapter, Hook, HookCall, ReadContext, read_output
+from .llama import LLAMA_SITES
+
+
+def softcapped_logits(call: HookCall, ctx: ReadContext) -> torch.Tensor:
+    logits = read_output(call, ctx)
+    cap = getattr(ctx.config, "final_logit_softcapping", None)
+    if cap is None:
+        return logits
+    return logits
+
+
+BLOCK = "layers.{i}"
+
+GEMMA2_SITES = {
+    **LLAMA_SITES,
+    "blocks.{i}.resid.mid": Hook(f"{BLOCK}.pre_feedforward_layernorm", "input"),
+    "blocks.{i}.attn.out": Hook(f"{BLOCK}.post_attention_layernorm", "output"),
+    "blocks.{i}.mlp.out": Hook(f"{BLOCK}.post_feedforward_layernorm", "output"),
+    "logits": Hook("lm_head", "output", softcapped_logits),
+}
+
+ADAPTERS = [
+    Adapter("gemma", ("gemma",), "layers", LLAMA_SITES),
+    Adapter("gemma2", ("gemma2",), "layers", GEMMA2_SITES),
+]

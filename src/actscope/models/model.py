@@ -1,0 +1,147 @@
+"""The Model wrapper: a module, its tokenizer, and the table of sites it offers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Mapping
+
+import torch
+
+from .adapters import Adapter, Hook, adapter_for
+
+# Upper bound of the ``{e}`` placeholder when an adapter counts experts.
+PLACEHOLDERS = ("i", "e")
+
+
+@dataclass(frozen=True)
+class SiteEntry:
+    """One concrete canonical site of a model: where it hooks and which indices it has."""
+
+    name: str
+    path: str
+    hook: Hook
+    index: tuple[tuple[str, int], ...]
+
+    @property
+    def layer(self) -> int | None:
+        return dict(self.index).get("i")
+
+
+def resolve_module(root: torch.nn.Module, path: str) -> tuple[str, torch.nn.Module] | None:
+    """Find ``path`` on ``root`` or under its base model; return (full path, module) or None."""
+    candidates = [path]
+    prefix = getattr(root, "base_model_prefix", "")
+    if prefix and hasattr(root, prefix):
+        candidates.append(f"{prefix}.{path}" if path else prefix)
+    for candidate in candidates:
+        try:
+            return candidate, root.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+class Model:
+    """A PyTorch module with what actscope needs to observe it.
+
+    Build it with :func:`actscope.load` (a Hugging Face directory) or :func:`actscope.wrap`
+    (any ``nn.Module``). Calling it calls the module.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        name: str | None = None,
+        source: str | None = None,
+        example_inputs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.name = name or type(module).__name__
+        self.source = source
+        self.config = getattr(module, "config", None)
+        self.adapter: Adapter | None = adapter_for(self.config) if self.config is not None else None
+        self._example_inputs = dict(example_inputs) if example_inputs is not None else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        family = self.adapter.family if self.adapter else "no adapter (module: sites only)"
+        return f"Model({self.name!r}, family={family}, layers={self.n_layers})"
+
+    @property
+    def family(self) -> str | None:
+        return self.adapter.family if self.adapter else None
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.module.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    @cached_property
+    def n_layers(self) -> int | None:
+        if self.adapter is None:
+            return None
+        found = resolve_module(self.module, self.adapter.blocks)
+        return len(found[1]) if found else None
+
+    @cached_property
+    def n_experts(self) -> int:
+        if self.adapter is None:
+            return 0
+        return int(self.adapter.experts(self.config))
+
+    @cached_property
+    def catalog(self) -> dict[str, SiteEntry]:
+        """Every canonical site this model offers, in a stable order."""
+        if self.adapter is None:
+            return {}
+        entries: dict[str, SiteEntry] = {}
+        for template, hook in self.adapter.sites.items():
+            for index in self._expand(template + hook.path):
+                found = resolve_module(self.module, hook.path.format(**index))
+                if found is None:
+                    continue
+                name = template.format(**index)
+                entries[name] = SiteEntry(name, found[0], hook, tuple(sorted(index.items())))
+        return dict(sorted(entries.items(), key=lambda kv: _natural_key(kv[0])))
+
+    def _expand(self, text: str) -> list[dict[str, int]]:
+        ranges = {"i": range(self.n_layers or 0), "e": range(self.n_experts)}
+        combos: list[dict[str, int]] = [{}]
+        for key in PLACEHOLDERS:
+            if "{" + key + "}" in text:
+                combos = [dict(c, **{key: v}) for c in combos for v in ranges[key]]
+        return combos
+
+    def sites(self, shapes: bool = True) -> list:
+        """The sites this model offers (name, hooked module, side, layout, shape)."""
+        from ..sites import list_sites
+
+        return list_sites(self, shapes=shapes)
+
+    def example_inputs(self) -> dict[str, Any] | None:
+        """A tiny input for discovering site shapes (batch 1, a few positions)."""
+        if self._example_inputs is not None:
+            return self._example_inputs
+        config = self.config
+        if config is None:
+            return None
+        if hasattr(config, "image_size") and hasattr(config, "num_channels"):
+            size = config.image_size
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            return {"pixel_values": torch.zeros(1, config.num_channels, *size, device=self.device)}
+        vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 2)
+        ids = torch.arange(EXAMPLE_POSITIONS, device=self.device).remainder(max(vocab, 1)).unsqueeze(0)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+EXAMPLE_POSITIONS = 7
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in name.replace("[", ".").split(".")]

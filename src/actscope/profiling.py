@@ -1,0 +1,224 @@
+"""``profile``: the one path — model → sites → hooks → accumulators → run directory."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .errors import DataError, InputError
+from .models import Model, load, wrap
+from .run import Run
+from .sites import Plan, plan_sites
+from .trace import Observer
+
+DEFAULT_K = 8
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Everything that shapes a run, recorded in its manifest."""
+
+    max_tokens: int | None = None
+    batch_size: int = 8
+    max_length: int = 128
+    k: int = DEFAULT_K
+    eps: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
+    column: str | None = None
+
+    def checked(self) -> "ProfileConfig":
+        for name in ("batch_size", "max_length", "k"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InputError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        return self
+
+
+Progress = Callable[[int, int], None]  # (documents done, tokens in this batch)
+
+
+def profile(
+    model: Model | torch.nn.Module | str | os.PathLike | None = None,
+    data: Any = None,
+    *,
+    sites: str | Sequence[str] | Plan | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    config: ProfileConfig | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+    **options: Any,
+) -> Run:
+    """Observe ``sites`` of ``model`` over ``data`` and return (and optionally save) a Run.
+
+    ``model``: a Model, any nn.Module, a Hugging Face directory, or None for the embedded
+    MiniLM. ``data``: a path (text, jsonl, csv, tsv, parquet, a saved HF dataset), a list of
+    strings, None for the built-in corpus, or an iterable of ready model-input dicts.
+    ``options`` are ProfileConfig fields (max_tokens, batch_size, max_length, k, eps, column).
+    """
+    config = (config or ProfileConfig(**options)).checked()
+    model = _as_model(model, device)
+    plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
+    source = _batches(model, data, config)
+    if out is not None:
+        from .store import check_target
+
+        check_target(Path(out), overwrite)
+    started, clock = _now(), time.perf_counter()
+    observer, documents, tokens = _observe(model, plan, source, config, progress)
+    seconds = time.perf_counter() - clock
+    if tokens == 0:
+        raise DataError("no tokens were observed; the data set produced no input (is it empty?)")
+    manifest = _manifest(model, plan, source, config, documents, tokens, started, seconds)
+    run = _assemble(model, plan, source, observer, config, manifest)
+    if out is None:
+        return run
+    from .store import write_run
+
+    state = {label: stat.state_dict() for label, stat in observer.stats.items()}
+    path = write_run(out, manifest=manifest, tables=run.tables, arrays=run.arrays, state=state, overwrite=overwrite)
+    return Run(manifest, run.tables, run.arrays, path)
+
+
+def _as_model(model: Any, device: str | None) -> Model:
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return wrap(model)
+    return load(model, device=device)
+
+
+@dataclass
+class _Source:
+    """Where batches come from: a tokenized corpus, or the user's own input dicts."""
+
+    batches: Iterable[Any]
+    corpus: Any = None
+    tokenizer: Any = None
+
+
+def _batches(model: Model, data: Any, config: ProfileConfig) -> _Source:
+    from .data import load_corpus, token_batches
+
+    if _is_text_source(data):
+        corpus = load_corpus(data, column=config.column)
+        if model.tokenizer is None:
+            raise DataError(
+                f"{model.name} has no tokenizer, so text data cannot be fed to it; load a model directory "
+                "that includes its tokenizer, pass actscope.wrap(module, tokenizer=...), or pass model-input dicts"
+            )
+        batches = token_batches(corpus, model.tokenizer, config.batch_size, config.max_length, config.max_tokens)
+        return _Source(batches, corpus, model.tokenizer)
+    return _Source(data)
+
+
+def _is_text_source(data: Any) -> bool:
+    from .data import Corpus
+
+    if data is None or isinstance(data, (str, os.PathLike, Corpus)):
+        return True
+    return isinstance(data, (list, tuple)) and (not data or isinstance(data[0], str))
+
+
+def _observe(model: Model, plan: Plan, source: _Source, config: ProfileConfig, progress: Progress | None):
+    observer = Observer(model, plan, k=config.k, eps=config.eps)
+    documents = tokens = 0
+    device = model.device
+    with torch.no_grad(), observer.attached():
+        for batch in source.batches:
+            inputs, count, examples = _unpack(batch, device)
+            observer.next_examples = examples
+            model(**inputs)
+            documents += len(examples) if examples is not None else 1
+            tokens += count
+            if progress is not None:
+                progress(documents, count)
+    return observer, documents, tokens
+
+
+def _unpack(batch: Any, device: torch.device) -> tuple[dict, int, torch.Tensor | None]:
+    from .data import Batch
+
+    if isinstance(batch, Batch):
+        inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
+        return inputs, batch.n_tokens, batch.doc_ids
+    if isinstance(batch, dict):
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        mask = inputs.get("attention_mask")
+        first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+        count = int(mask.sum()) if isinstance(mask, torch.Tensor) else (first.shape[0] if first is not None else 1)
+        return inputs, count, None
+    raise DataError(f"cannot feed a {type(batch).__name__} to the model; pass text data or dicts of model inputs")
+
+
+def _assemble(model: Model, plan: Plan, source: _Source, observer: Observer, config: ProfileConfig, manifest: dict) -> Run:
+    from .metrics import tables
+
+    context = _context_fn(source, config)
+    built = {
+        "neurons": tables.neurons_table(plan, observer.stats, config.eps),
+        "layers": tables.layers_table(plan, observer.stats, config.eps),
+        "examples": tables.examples_table(plan, observer.stats, context),
+    }
+    heads = tables.heads_table(plan, observer.stats)
+    if heads is not None:
+        built["heads"] = heads
+    arrays = tables.site_arrays(plan, observer.stats)
+    return Run(manifest, _to_arrow(built), arrays)
+
+
+def _context_fn(source: _Source, config: ProfileConfig):
+    if source.corpus is None:
+        return None
+    from .data import context_text
+
+    def context(doc: int, pos: int) -> tuple[str, str, str]:
+        return context_text(source.tokenizer, source.corpus, doc, pos, max_length=config.max_length)
+
+    return context
+
+
+def _to_arrow(tables: dict[str, dict]) -> dict[str, Any]:
+    import pyarrow as pa
+
+    return {name: pa.table({k: list(v) if v.dtype == object else v for k, v in cols.items()}) for name, cols in tables.items() if cols}
+
+
+def _manifest(model, plan, source, config, documents, tokens, started, seconds) -> dict:
+    from dataclasses import asdict
+
+    from .store import library_versions, weight_hash
+
+    corpus = source.corpus
+    return {
+        "kind": "profile",
+        "model": {
+            "name": model.name,
+            "source": model.source,
+            "family": model.family,
+            "class": type(model.module).__name__,
+            "layers": model.n_layers,
+            "weight_hash": weight_hash(model.module),
+        },
+        "data": {
+            "name": corpus.name if corpus is not None else "model inputs",
+            "source": corpus.source if corpus is not None else None,
+            "fingerprint": corpus.fingerprint if corpus is not None else None,
+            "documents": documents,
+            "tokens": tokens,
+        },
+        "plan": plan.to_json(),
+        "config": {**asdict(config), "eps": list(config.eps), "device": str(model.device)},
+        "versions": library_versions(),
+        "timings": {"started": started, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)},
+    }
+
+
+def _now() -> str:
+    from .store import now_iso
+
+    return now_iso()

@@ -1,0 +1,264 @@
+"""Site selection: the grammar, parsed once into a frozen plan before any forward pass.
+
+Grammar (items separated by commas outside brackets, or given as a list):
+
+* canonical names with globs and ranges: ``blocks.*.mlp.post``, ``blocks.0-5.attn.pattern``
+* a unit or head selection: ``blocks.3.mlp.post[17,42]``, ``blocks.3.mlp.post[0:128]``,
+  ``blocks.3.attn.pattern[head=5]``, ``blocks.3.attn.z[head=1,3]``
+* any module of any model: ``module:encoder.layer.0.intermediate@output`` (or ``@input``)
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from .errors import SiteError
+from .models.adapters.base import Hook, read_input, read_output
+from .models.model import SiteEntry
+
+if TYPE_CHECKING:
+    from .models.model import Model
+
+DEFAULT_SELECTION = "blocks.*.mlp.post"
+ITEM = re.compile(r"^(?P<base>[^\[\]]+?)\s*(?:\[(?P<select>[^\[\]]*)\])?$")
+RANGE = re.compile(r"^(\d+)-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One observed site: its canonical name, the module it hooks and what it keeps."""
+
+    name: str
+    path: str
+    hook: Hook
+    index: tuple[tuple[str, int], ...] = ()
+    units: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+
+    @property
+    def layer(self) -> int | None:
+        return dict(self.index).get("i")
+
+    @property
+    def label(self) -> str:
+        """The name with its selection, as the user would write it."""
+        if self.heads is not None:
+            return f"{self.name}[head={','.join(map(str, self.heads))}]"
+        if self.units is not None:
+            return f"{self.name}[{','.join(map(str, self.units))}]"
+        return self.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The frozen, validated list of sites one run observes."""
+
+    sites: tuple[Site, ...]
+
+    @property
+    def needs_eager(self) -> bool:
+        return any(site.hook.needs_eager for site in self.sites)
+
+    @property
+    def names(self) -> list[str]:
+        return [site.label for site in self.sites]
+
+    def to_json(self) -> list[dict]:
+        return [
+            {"site": s.label, "module": s.path, "at": s.hook.at, "layout": s.hook.layout, "layer": s.layer}
+            for s in self.sites
+        ]
+
+
+def plan_sites(model: "Model", selection: str | Sequence[str] | None = None) -> Plan:
+    """Parse and validate a selection against ``model``; raise SiteError with suggestions."""
+    items = split_items(selection if selection is not None else _default_selection(model))
+    if not items:
+        raise SiteError("the site selection is empty; pass e.g. --sites 'blocks.*.mlp.post'")
+    sites: dict[str, Site] = {}
+    for item in items:
+        for site in _parse_item(model, item):
+            sites.setdefault(site.label, site)
+    return Plan(tuple(sites.values()))
+
+
+def split_items(selection: str | Sequence[str]) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    texts = [selection] if isinstance(selection, str) else list(selection)
+    items: list[str] = []
+    for text in texts:
+        depth, current = 0, ""
+        for char in text:
+            depth += {"[": 1, "]": -1}.get(char, 0)
+            if char == "," and depth == 0:
+                items.append(current.strip())
+                current = ""
+            else:
+                current += char
+        items.append(current.strip())
+    return [item for item in items if item]
+
+
+def _default_selection(model: "Model") -> str:
+    if model.adapter is None:
+        raise SiteError(
+            f"{model.name} has no adapter table, so there is no default site; pass module sites, "
+            "e.g. --sites 'module:layers.0@output' (run `actscope sites` to list modules)"
+        )
+    return DEFAULT_SELECTION
+
+
+def _parse_item(model: "Model", item: str) -> list[Site]:
+    match = ITEM.match(item)
+    if match is None:
+        raise SiteError(f"cannot parse site '{item}'; write e.g. blocks.3.mlp.post[17,42] or module:PATH@output")
+    base, select = match.group("base").strip(), match.group("select")
+    entries = [_module_entry(model, base)] if base.startswith("module:") else _match_canonical(model, base)
+    return [_with_selection(entry, select, item) for entry in entries]
+
+
+def _module_entry(model: "Model", base: str) -> SiteEntry:
+    body = base[len("module:"):]
+    path, _, side = body.partition("@")
+    side = side or "output"
+    if side not in ("input", "output"):
+        raise SiteError(f"'{base}': the side must be @input or @output, got @{side}")
+    names = [name for name, _ in model.module.named_modules() if name]
+    if path not in names and not (path == "" and side):
+        hint = _suggest(path, names)
+        raise SiteError(f"{model.name} has no module '{path}'.{hint} Run `actscope sites` to list modules.")
+    hook = Hook(path, side, read_input if side == "input" else read_output, "auto")  # type: ignore[arg-type]
+    return SiteEntry(f"module:{path}@{side}", path, hook, ())
+
+
+def _match_canonical(model: "Model", pattern: str) -> list[SiteEntry]:
+    if model.adapter is None:
+        raise SiteError(
+            f"'{pattern}' is a canonical site name, but {model.name} has no adapter table; "
+            "use module sites instead, e.g. module:PATH@output (run `actscope sites` to list modules)"
+        )
+    parts = pattern.split(".")
+    found = [entry for name, entry in model.catalog.items() if _matches(parts, name.split("."))]
+    if not found:
+        raise SiteError(_unknown_site_message(model, pattern))
+    return found
+
+
+def _matches(pattern: list[str], name: list[str]) -> bool:
+    if len(pattern) != len(name):
+        return False
+    return all(_segment_matches(p, n) for p, n in zip(pattern, name))
+
+
+def _segment_matches(pattern: str, segment: str) -> bool:
+    if pattern == "*" or pattern == segment:
+        return True
+    bounds = RANGE.match(pattern)
+    return bool(bounds and segment.isdigit() and int(bounds[1]) <= int(segment) <= int(bounds[2]))
+
+
+def _unknown_site_message(model: "Model", pattern: str) -> str:
+    names = list(model.catalog)
+    generic = sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names})
+    hint = _suggest(pattern, names + generic)
+    layers = f" ({model.n_layers} blocks: 0-{model.n_layers - 1})" if model.n_layers else ""
+    return f"unknown site '{pattern}' for {model.name}{layers}.{hint} Run `actscope sites {model.source or ''}`".rstrip() + " to list them."
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _with_selection(entry: SiteEntry, select: str | None, item: str) -> Site:
+    site = Site(entry.name, entry.path, entry.hook, entry.index)
+    if select is None or not select.strip():
+        return site
+    key, eq, value = select.partition("=")
+    if eq and key.strip() == "head":
+        if entry.hook.layout not in ("pattern", "heads"):
+            raise SiteError(f"'{item}': [head=…] applies to attention sites (attn.pattern, attn.v, attn.z)")
+        return Site(site.name, site.path, site.hook, site.index, heads=_indices(value, item))
+    if eq:
+        raise SiteError(f"'{item}': unknown selector '{key.strip()}'; use [17,42], [0:128] or [head=5]")
+    if entry.hook.layout == "pattern":
+        raise SiteError(f"'{item}': select heads of a pattern with [head=…]")
+    return Site(site.name, site.path, site.hook, site.index, units=_indices(select, item))
+
+
+def _indices(text: str, item: str) -> tuple[int, ...]:
+    values: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        start, colon, stop = part.partition(":")
+        try:
+            values.extend(range(int(start), int(stop)) if colon else [int(part)])
+        except ValueError:
+            raise SiteError(f"'{item}': '{part}' is not an index or a start:stop range") from None
+    if not values or min(values) < 0:
+        raise SiteError(f"'{item}': indices must be non-negative integers")
+    return tuple(sorted(set(values)))
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One row of ``model.sites()``: a site that exists, where it hooks, and its shape."""
+
+    name: str
+    module: str
+    at: str
+    layout: str
+    shape: tuple[str | int, ...] | None
+
+
+def list_sites(model: "Model", shapes: bool = True) -> list[SiteInfo]:
+    """Every site of ``model`` (canonical ones, or every module when it has no adapter)."""
+    if model.adapter is not None:
+        plan = Plan(tuple(Site(e.name, e.path, e.hook, e.index) for e in model.catalog.values()))
+    else:
+        names = [name for name, _ in model.module.named_modules() if name]
+        plan = Plan(tuple(_module_site(model, name) for name in names))
+    found = _discover_shapes(model, plan) if shapes else {}
+    return [
+        SiteInfo(s.name, s.path, s.hook.at, s.hook.layout, found.get(s.name))
+        for s in plan.sites
+    ]
+
+
+def _module_site(model: "Model", name: str) -> Site:
+    entry = _module_entry(model, f"module:{name}@output")
+    return Site(entry.name, entry.path, entry.hook, ())
+
+
+def _discover_shapes(model: "Model", plan: Plan) -> dict[str, tuple[str | int, ...]]:
+    """Run the model once on a tiny input and record each site's shape symbolically."""
+    import torch
+
+    from .models.model import EXAMPLE_POSITIONS
+    from .trace import capture
+
+    inputs = model.example_inputs()
+    if inputs is None:
+        return {}
+    with torch.no_grad(), capture(model, plan, announce=False) as captured:
+        model(**inputs)
+    shapes = {}
+    for site in plan.sites:
+        tensors = captured.tensors[site.label]
+        if tensors:
+            shapes[site.name] = _symbolic(tuple(tensors[0].shape), site.hook.layout, EXAMPLE_POSITIONS)
+    return shapes
+
+
+def _symbolic(shape: tuple[int, ...], layout: str, positions: int) -> tuple[str | int, ...]:
+    names: list[str | int] = list(shape)
+    if layout in ("flat", "tokens") and names and names[0] in (positions,):
+        names[0] = "tokens"
+        return tuple(names)
+    if names and names[0] == 1:
+        names[0] = "batch"
+    for axis in range(1, len(names) - (0 if layout == "pattern" else 1)):
+        if names[axis] == positions:
+            names[axis] = "pos"
+    return tuple(names)

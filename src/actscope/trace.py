@@ -1,0 +1,350 @@
+"""Context managers that own every hook: ``observe`` streams sites into accumulators,
+``capture`` keeps their tensors (with a memory guard).
+
+Hooks are registered through PyTorch's handle-returning methods and removed in ``finally``,
+whatever happens inside (exception, KeyboardInterrupt, nesting). Hooks only read: outputs
+stay bit-identical. Attention-pattern sites switch the model to eager attention for the
+duration and restore the previous implementation afterwards.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .errors import MemoryGuardError, SiteError
+from .models.adapters.base import HookCall, ReadContext
+from .sites import Plan, Site, plan_sites
+
+log = logging.getLogger("actscope")
+
+POS_BITS = 20  # a global token id is example_index << POS_BITS | position
+MAX_POS = 1 << POS_BITS
+
+
+def token_id(example: torch.Tensor | int, position: torch.Tensor | int) -> torch.Tensor | int:
+    return (example << POS_BITS) | position
+
+
+def split_token_id(tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tok >> POS_BITS, tok & (MAX_POS - 1)
+
+
+@dataclass
+class BatchInfo:
+    """What the current forward call is about: padding mask and example numbers."""
+
+    mask: torch.Tensor | None  # [batch, pos] bool, or None when there is no padding
+    examples: torch.Tensor  # [batch] int64
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A site's values for the current call, flattened to real tokens × selected units."""
+
+    values: torch.Tensor  # [n, units]
+    tok: torch.Tensor  # [n] global token ids
+
+
+class Tracer:
+    """Registers the hooks of a plan and hands each site's tensor to ``on_site``."""
+
+    def __init__(self, model: Any, sites: str | Sequence[str] | Plan | None = None, *, announce: bool = True) -> None:
+        from .models.model import Model
+
+        self.announce = announce
+        self.model = model if isinstance(model, Model) else _wrap(model)
+        self.plan = sites if isinstance(sites, Plan) else plan_sites(self.model, sites)
+        self.batch: BatchInfo | None = None
+        self.next_examples: torch.Tensor | None = None
+        self._example_counter = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @contextmanager
+    def attached(self) -> Iterator["Tracer"]:
+        with ExitStack() as stack:
+            if self.plan.needs_eager:
+                stack.enter_context(eager_attention(self.model, self.announce))
+            root = self.model.module
+            stack.callback(root.register_forward_pre_hook(self._on_root_call, with_kwargs=True).remove)
+            for site in self.plan.sites:
+                stack.callback(self._register(site).remove)
+            yield self
+
+    def _register(self, site: Site) -> torch.utils.hooks.RemovableHandle:
+        module = self.model.module.get_submodule(site.path)
+        read = site.hook.reader()
+        ctx = ReadContext(dict(site.index), self.model.config)
+
+        if site.hook.at == "input":
+            def pre_hook(mod, args, kwargs):
+                self._deliver(site, read(HookCall(mod, args, kwargs), ctx), mod)
+
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(mod, args, kwargs, output):
+            self._deliver(site, read(HookCall(mod, args, kwargs, output), ctx), mod)
+
+        return module.register_forward_hook(hook, with_kwargs=True)
+
+    def _on_root_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = _batch_grid(args, kwargs)
+        batch_size = grid[0] if grid else 1
+        if self.next_examples is not None and len(self.next_examples) == batch_size:
+            examples = self.next_examples.to(torch.int64).cpu()
+        else:
+            examples = torch.arange(self._example_counter, self._example_counter + batch_size)
+        self._example_counter = int(examples.max()) + 1 if len(examples) else self._example_counter
+        mask = kwargs.get("attention_mask")
+        mask = mask.detach().bool().cpu() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.batch = BatchInfo(mask, examples)
+
+    # -- delivery ----------------------------------------------------------------------
+    def _deliver(self, site: Site, value: Any, module: torch.nn.Module) -> None:
+        if value is None:
+            return
+        with torch.no_grad():
+            self.on_site(site, value, module)
+
+    def on_site(self, site: Site, value: Any, module: torch.nn.Module) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _batch_info(self) -> BatchInfo:
+        return self.batch or BatchInfo(None, torch.zeros(1, dtype=torch.int64))
+
+
+def _wrap(module: Any):
+    from .models.loading import wrap
+
+    return wrap(module)
+
+
+def _batch_grid(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return tuple(value.shape)
+    return None
+
+
+# -- flattening ------------------------------------------------------------------------
+def flatten(site: Site, value: Any, batch: BatchInfo, module: torch.nn.Module | None = None) -> Reading:
+    """Turn a site's raw tensor into (real tokens × selected units) with global token ids."""
+    layout = site.hook.layout
+    if layout == "tokens":
+        values, flat_index = value
+        return _select_units(site, _gather_tokens(values, flat_index, batch))
+    x = value.detach()
+    if layout == "auto":
+        layout = _auto_layout(x, module)
+    if layout == "channels":
+        x = x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])  # [batch, positions, channels]
+    elif layout == "heads":
+        if site.heads is not None:
+            _check_range(site, site.heads, x.shape[-2], "head")
+            x = x[..., list(site.heads), :]
+        x = x.reshape(*x.shape[:-2], -1)
+    elif layout == "flat":
+        x = _unflatten_tokens(x, batch)
+    if x.dim() == 2:
+        x = x.unsqueeze(1)  # [batch, 1, units]: one "token" per example
+    elif x.dim() > 3:
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+    return _select_units(site, _real_tokens(x, batch))
+
+
+def _auto_layout(x: torch.Tensor, module: torch.nn.Module | None) -> str:
+    """Module sites: 4-D and larger tensors are feature maps [batch, channel, *spatial], as are
+    the 3-D outputs of 1-D convolutions; everything else has units on the last axis."""
+    is_conv = isinstance(module, torch.nn.modules.conv._ConvNd)
+    return "channels" if x.dim() >= 4 or (is_conv and x.dim() == 3) else "units"
+
+
+def _unflatten_tokens(x: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
+    """[batch·pos, units] → [batch, pos, units] when the grid is known."""
+    if batch.mask is not None and x.shape[0] == batch.mask.numel():
+        return x.reshape(*batch.mask.shape, x.shape[-1])
+    size = len(batch.examples)
+    if x.shape[0] % size == 0:
+        return x.reshape(size, x.shape[0] // size, x.shape[-1])
+    return x.unsqueeze(0)
+
+
+def _real_tokens(x: torch.Tensor, batch: BatchInfo) -> Reading:
+    """Drop padding from [batch, pos, units]; positions count from the mask's end when a
+    KV cache makes the site shorter than the mask (decoding)."""
+    size, length, units = x.shape
+    examples = batch.examples if len(batch.examples) == size else torch.arange(size)
+    mask = _mask_for(batch, size, length)
+    offset = batch.mask.shape[1] - length if mask is not None and batch.mask is not None else 0
+    if offset + length > MAX_POS:
+        raise SiteError(f"sequences longer than {MAX_POS} positions are not supported")
+    positions = torch.arange(offset, offset + length)
+    tok = token_id(examples[:, None], positions[None, :]).reshape(-1)
+    flat = x.reshape(size * length, units)
+    if mask is None:
+        return Reading(flat, tok)
+    keep = mask.reshape(-1).to(x.device)
+    return Reading(flat[keep], tok[keep.cpu()])
+
+
+def _mask_for(batch: BatchInfo, size: int, length: int) -> torch.Tensor | None:
+    mask = batch.mask
+    if mask is None or mask.shape[0] != size or mask.shape[1] < length:
+        return None
+    return mask[:, mask.shape[1] - length:]
+
+
+def _gather_tokens(values: torch.Tensor, flat_index: torch.Tensor, batch: BatchInfo) -> Reading:
+    """Expert-style readings: values for some of the batch's tokens, by flat index."""
+    values = values.detach()
+    flat_index = flat_index.detach().cpu().to(torch.int64)
+    if batch.mask is not None:
+        length = batch.mask.shape[1]
+        keep = batch.mask.reshape(-1)[flat_index]
+        values, flat_index = values[keep.to(values.device)], flat_index[keep]
+    else:
+        length = max(int(flat_index.max()) + 1, 1) if len(flat_index) else 1
+        length = length // max(len(batch.examples), 1) or 1
+    rows, positions = flat_index // length, flat_index % length
+    examples = batch.examples[rows.clamp(max=len(batch.examples) - 1)]
+    return Reading(values, token_id(examples, positions))
+
+
+def _select_units(site: Site, reading: Reading) -> Reading:
+    if site.units is None:
+        return reading
+    _check_range(site, site.units, reading.values.shape[-1], "unit")
+    return Reading(reading.values[:, list(site.units)], reading.tok)
+
+
+def _check_range(site: Site, chosen: tuple[int, ...], size: int, what: str) -> None:
+    if chosen and max(chosen) >= size:
+        raise SiteError(f"{site.label}: {what} {max(chosen)} is out of range; {site.name} has {size} {what}s (0-{size - 1})")
+
+
+# -- eager attention -------------------------------------------------------------------
+@contextmanager
+def eager_attention(model: Any, announce: bool = True) -> Iterator[None]:
+    """Switch a Hugging Face model to eager attention (which returns probabilities)."""
+    module = model.module
+    config = getattr(module, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if config is None or before in (None, "eager") or not hasattr(module, "set_attn_implementation"):
+        yield
+        return
+    if announce:
+        log.warning("actscope: %s uses %s attention; switching to eager for attention-pattern sites (restored afterwards)", model.name, before)
+    module.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        module.set_attn_implementation(before)
+
+
+# -- observe ---------------------------------------------------------------------------
+class Observer(Tracer):
+    """Streams every site into accumulators: ``SiteStats`` per unit site, ``HeadSink`` per
+    attention pattern. Read them from ``.stats`` after (or during) the context."""
+
+    def __init__(self, model: Any, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None) -> None:
+        super().__init__(model, sites)
+        self.k = k
+        self.eps = tuple(eps) if eps is not None else None
+        self.stats: dict[str, Any] = {}
+        self.tokens_seen = 0
+
+    def on_site(self, site: Site, value: Any, module: torch.nn.Module) -> None:
+        if site.hook.layout == "pattern":
+            self._observe_pattern(site, value)
+            return
+        reading = flatten(site, value, self._batch_info(), module)
+        stats = self.stats.get(site.label)
+        if stats is None:
+            stats = self.stats[site.label] = self._new_site_stats(reading.values.shape[-1])
+        stats.update(reading.values, reading.tok)
+
+    def _new_site_stats(self, units: int) -> Any:
+        from .stats import DEFAULT_EPS, SiteStats
+
+        return SiteStats(units, eps=self.eps or DEFAULT_EPS, k=self.k)
+
+    def _observe_pattern(self, site: Site, pattern: torch.Tensor) -> None:
+        from .stats import HeadSink
+
+        if site.heads is not None:
+            _check_range(site, site.heads, pattern.shape[1], "head")
+            pattern = pattern[:, list(site.heads)]
+        batch = self._batch_info()
+        query_mask = _mask_for(batch, pattern.shape[0], pattern.shape[2])
+        if query_mask is None:
+            query_mask = torch.ones(pattern.shape[0], pattern.shape[2], dtype=torch.bool)
+        stats = self.stats.get(site.label)
+        if stats is None:
+            stats = self.stats[site.label] = HeadSink(pattern.shape[1])
+        stats.update(pattern.detach(), query_mask)
+
+
+@contextmanager
+def observe(model: Any, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None) -> Iterator[Observer]:
+    """Observe ``sites`` of ``model`` while the block runs; statistics land in ``.stats``."""
+    observer = Observer(model, sites, k=k, eps=eps)
+    with observer.attached():
+        yield observer
+
+
+# -- capture ---------------------------------------------------------------------------
+DEFAULT_CAPTURE_BYTES = 1 << 30
+
+
+class Capture(Tracer):
+    """Keeps each site's tensors (detached, on the CPU) up to ``max_bytes`` in all."""
+
+    def __init__(
+        self, model: Any, sites: Any = None, *, max_bytes: int = DEFAULT_CAPTURE_BYTES, flat: bool = False, announce: bool = True
+    ) -> None:
+        super().__init__(model, sites, announce=announce)
+        self.max_bytes = max_bytes
+        self.flat = flat
+        self.bytes = 0
+        self.tensors: dict[str, list[torch.Tensor]] = {site.label: [] for site in self.plan.sites}
+        self.readings: dict[str, list[Reading]] = {site.label: [] for site in self.plan.sites}
+
+    def on_site(self, site: Site, value: Any, module: torch.nn.Module) -> None:
+        if self.flat:
+            reading = flatten(site, value, self._batch_info(), module)
+            self._charge(site, reading.values.numel() * reading.values.element_size())
+            self.readings[site.label].append(Reading(reading.values.cpu().clone(), reading.tok))
+            return
+        tensor = value[0] if site.hook.layout == "tokens" else value
+        self._charge(site, tensor.numel() * tensor.element_size())
+        self.tensors[site.label].append(tensor.detach().cpu().clone())
+
+    def _charge(self, site: Site, size: int) -> None:
+        if self.bytes + size > self.max_bytes:
+            raise MemoryGuardError(
+                f"capturing {site.label} would keep more than {self.max_bytes / 2**20:.0f} MiB of activations; "
+                "observe statistics instead (actscope.observe), select fewer sites or units, "
+                "use fewer tokens, or raise max_bytes"
+            )
+        self.bytes += size
+
+    def tensor(self, site: str) -> torch.Tensor:
+        """All captured calls of ``site`` concatenated along the first axis."""
+        if site not in self.tensors:
+            raise SiteError(f"'{site}' was not captured; captured: {', '.join(self.tensors)}")
+        if self.flat:
+            return torch.cat([r.values for r in self.readings[site]]) if self.readings[site] else torch.empty(0)
+        return torch.cat(self.tensors[site]) if self.tensors[site] else torch.empty(0)
+
+
+@contextmanager
+def capture(
+    model: Any, sites: Any = None, *, max_bytes: int = DEFAULT_CAPTURE_BYTES, flat: bool = False, announce: bool = True
+) -> Iterator[Capture]:
+    """Keep the tensors of ``sites`` while the block runs (``flat=True``: real tokens × units)."""
+    capturer = Capture(model, sites, max_bytes=max_bytes, flat=flat, announce=announce)
+    with capturer.attached():
+        yield capturer

@@ -1,0 +1,39 @@
+"""The public surface: every documented name imports, and heavy libraries stay lazy."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import actscope
+
+DOCUMENTED = [
+    "load", "wrap", "observe", "capture", "profile", "open_run", "plan_sites", "Model", "Run",
+    "Plan", "ProfileConfig", "ActscopeError", "InputError", "SiteError", "DataError", "ModelLoadError", "RunDirError",
+]
+
+
+def test_documented_names_are_exported():
+    for name in DOCUMENTED:
+        assert hasattr(actscope, name), name
+        assert name in actscope.__all__, name
+
+
+def test_import_is_lazy():
+    code = "import sys, actscope; print(sorted(m for m in ('transformers','pandas','pyarrow','matplotlib','datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_hub_name_is_refused_with_the_fix():
+    import pytest
+
+    with pytest.raises(actscope.ModelLoadError, match="never downloads models") as error:
+        actscope.load("gpt2-org/some-model")
+    assert "--local-dir" in str(error.value)
+
+
+def test_directory_without_config(tmp_path):
+    import pytest
+
+    with pytest.raises(actscope.ModelLoadError, match="no config.json"):
+        actscope.load(tmp_path)
