@@ -61,20 +61,11 @@ class HeadSink:
         rows = pattern.detach().to(device).transpose(1, 2)[mask]  # [Nq, H, K] real queries
         if rows.shape[0] == 0:
             return
-        p = rows.to(F64)
-        finite = torch.isfinite(p).all(-1)  # [Nq, H]
-        if bool(finite.all()):
-            count = torch.full((self.n_heads,), p.shape[0], dtype=F64, device=device)
-        else:
-            p = torch.where(finite.unsqueeze(-1), p, 0.0)  # a zero row adds 0 to every sum
-            count = finite.sum(0).to(F64)
-        entropy = -torch.special.xlogy(p, p).sum(-1)  # [Nq, H]; xlogy gives 0 log 0 = 0
-        sums = torch.stack([p[..., 0].sum(0), p.amax(-1).sum(0), entropy.sum(0), count])
-        sums = sums.cpu()  # one transfer
+        sums = _row_sums(rows.to(F64))  # [4, H]: first, max, entropy, rows used
         count = sums[3].to(I64)
         self._sums += sums[:3]
         self._count += count
-        self._nonfinite += p.shape[0] - count
+        self._nonfinite += rows.shape[0] - count
 
     def _check_input(self, pattern: Any, query_mask: Any) -> None:
         if not isinstance(pattern, Tensor) or pattern.ndim != 4 or not pattern.is_floating_point():
@@ -185,3 +176,17 @@ class HeadSink:
 
 
 _SUM_NAMES = ("first", "max", "entropy")
+
+
+def _row_sums(p: Tensor) -> Tensor:
+    """Sums over the query rows ``p`` ``[Nq, H, K]`` of first-key attention, max attention and
+    entropy, plus the number of rows used, as a ``[4, H]`` float64 CPU tensor."""
+    finite = torch.isfinite(p).all(-1)  # [Nq, H]
+    if bool(finite.all()):
+        count = torch.full((p.shape[1],), p.shape[0], dtype=F64, device=p.device)
+    else:
+        p = torch.where(finite.unsqueeze(-1), p, 0.0)  # a zero row adds 0 to every sum
+        count = finite.sum(0).to(F64)
+    entropy = -torch.special.xlogy(p, p).sum(-1)  # [Nq, H]; xlogy gives 0 log 0 = 0
+    sums = torch.stack([p[..., 0].sum(0), p.amax(-1).sum(0), entropy.sum(0), count])
+    return sums.cpu()  # one transfer

@@ -51,7 +51,7 @@ class AbsHistogram:
         self._log_lo = math.log10(self.lo)
         self._edges = _log_edges(self.lo, self.hi, self.bins_per_decade, self.n_bins)
         # Float32 binning is exact except within this distance (in bins) of an edge, where the
-        # float64 values are re-binned against the edges themselves (see _bin_index).
+        # float64 values are re-binned against the edges themselves (see _slot_index).
         self._near_edge = 2e-4 * self.bins_per_decade
         self._floor = self.lo * 10 ** (-0.5 / self.bins_per_decade)  # mid-underflow, normal
         self._counts = torch.zeros(self.n_bins, dtype=I64)  # [n_bins]
@@ -98,6 +98,16 @@ class AbsHistogram:
         self._counts += slots[1:-2]
         self.overflow += int(slots[-2])
         self.nonfinite += batch.x.numel() - a64.numel()
+
+    def _absorb(self, part: dict[str, Tensor]) -> None:
+        """Add one batch's slots (from the fused kernel): zero, underflow, overflow,
+        non-finite, then one count per bin."""
+        slots = part["slots"]
+        self.zero += int(slots[0])
+        self.underflow += int(slots[1])
+        self.overflow += int(slots[2])
+        self.nonfinite += int(slots[3])
+        self._counts += slots[4:]
 
     def _slot_index(self, a32: Tensor, a64: Tensor) -> Tensor:
         """Slot of each value: 0 below ``lo`` (zeros included), ``1 + bin``, ``n_bins + 1`` at

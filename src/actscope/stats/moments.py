@@ -66,6 +66,11 @@ class UnitMoments:
         self._combine(other._count, other._mean, other._m2, other._min, other._max)
         return self
 
+    def _absorb(self, part: dict[str, Tensor]) -> None:
+        """Add one batch's partial counts and moments (from the fused kernel)."""
+        self._nonfinite += part["nonfinite"]
+        self._combine(part["count"], part["mean"], part["m2"], part["min"], part["max"])
+
     def _combine(self, n_b: Tensor, mean_b: Tensor, m2_b: Tensor, lo: Tensor, hi: Tensor):
         # Chan et al.: the deltas are between means, never between raw values and a far-away
         # running mean, so there is no catastrophic cancellation. Units unseen on either side

@@ -4,9 +4,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import math
+
+import torch
 from torch import Tensor
 
 from actscope.errors import InputError
+from actscope.stats import fused
 from actscope.stats._common import check_n_units, check_other, check_state, prepare, state_header
 from actscope.stats.histogram import AbsHistogram
 from actscope.stats.moments import UnitMoments
@@ -49,11 +53,31 @@ class SiteStats:
 
     def update(self, x: Tensor, tok: Tensor | None = None) -> None:
         """Add the real tokens ``x`` ``[N, U]`` whose global token ids are ``tok`` ``[N]``."""
+        if self._fused_fits(x, tok):
+            self._update_fused(x, tok)
+            return
         batch = prepare(x, tok, self.n_units, "SiteStats", need_tok=True)
         if batch is None:
             return
         for part in self._parts().values():
             part._update_batch(batch)
+
+    def _fused_fits(self, x: Tensor, tok: Tensor | None) -> bool:
+        # Anything unusual (wrong shapes, empty batches, other devices) takes the checked path.
+        shaped = isinstance(x, Tensor) and x.dim() == 2 and x.shape[0] > 0 and x.shape[1] == self.n_units
+        matched = isinstance(tok, Tensor) and tok.shape == (x.shape[0],) if shaped else False
+        return shaped and matched and fused.usable(x)
+
+    def _update_fused(self, x: Tensor, tok: Tensor) -> None:
+        """The CPU fast path: one C pass for moments, ladder and histogram, then top-k."""
+        x = x.detach()
+        part = fused.site_partials(x, self.ladder.eps, self.hist._edges)
+        self.moments._absorb(part)
+        self.ladder._absorb(part)
+        self.hist._absorb(part)
+        if int(part["nonfinite"].sum()):
+            x = torch.where(torch.isfinite(x), x, -math.inf)
+        self.top._update_values(x, tok.to(torch.int64), batch_max=part["max"])
 
     def merge(self, other: SiteStats) -> SiteStats:
         """Add ``other``'s statistics (in place; same setup required); returns self."""

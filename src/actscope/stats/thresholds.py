@@ -89,6 +89,12 @@ class ThresholdLadder:
         self._count += per_unit[-1]
         self._firing_hist += hist.cpu()
 
+    def _absorb(self, part: dict[str, Tensor]) -> None:
+        """Add one batch's partial counts (from the fused kernel)."""
+        self._count += part["count"]
+        self._fired += part["fired"]
+        self._firing_hist += part["firing_hist"]
+
     def _fired_masks(self, batch: Batch):
         """Yield, per criterion, the ``[N, U]`` bool mask of entries that fire.
 

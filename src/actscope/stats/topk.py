@@ -61,37 +61,24 @@ class TopExamples:
                 "token ids of the rows of x."
             )
         x = batch.x if batch.finite is None else torch.where(batch.finite, batch.x, -math.inf)
-        kth = self._values[:, -1]  # [U] what a newcomer must beat; -inf until k were seen
-        if bool((kth > -math.inf).all()) and self._add_few(x, batch.tok, kth.to(x.device)):
-            return
-        # The batch's own top k per unit is all that can enter the running top k.
-        values, rows = torch.topk(x, min(self.k, batch.n_rows), dim=0, sorted=False)  # [k', U]
-        toks = batch.tok.index_select(0, rows.reshape(-1)).view(rows.shape)  # [k', U]
-        self._keep_best(values.T.cpu(), toks.T.cpu())
+        self._update_values(x, batch.tok)
 
-    def _add_few(self, x: Tensor, tok: Tensor, kth: Tensor) -> bool:
-        """Add the entries that beat the current k-th best when no unit has more than k of
-        them; False (nothing done) otherwise.
+    def _update_values(self, x: Tensor, tok: Tensor, batch_max: Tensor | None = None) -> None:
+        """Add ``x`` ``[N, U]`` (any float dtype, non-finite entries already -inf).
 
-        Once every unit has k examples, a batch rarely holds more than a few entries above
-        them, and gathering those is several times cheaper than a top-k over the batch.
+        Only units whose batch maximum beats their current k-th best can change; after the
+        first few batches those are few, so the top-k runs on their columns alone.
+        ``batch_max`` (``[U]``, the per-unit maximum of ``x``) saves a pass when known.
         """
-        units, rows = (x > kth + 0.5).T.nonzero(as_tuple=True)  # [M] each, grouped by unit
-        counts = torch.bincount(units, minlength=self.n_units)  # [U]
-        width = int(counts.max())
-        if width > self.k:
-            return False
-        if width == 0:
-            return True
-        # Position of each entry within its unit's group: its column in a [U, width] block.
-        starts = counts.cumsum(0) - counts
-        cols = torch.arange(units.shape[0], device=units.device) - starts[units]
-        values = torch.full((self.n_units, width), -math.inf, dtype=F64, device=x.device)
-        toks = torch.full((self.n_units, width), -1, dtype=I64, device=x.device)
-        values[units, cols] = x[rows, units]
-        toks[units, cols] = tok[rows]
-        self._keep_best(values.cpu(), toks.cpu())
-        return True
+        kth = self._values[:, -1]  # [U] what a newcomer must beat; -inf until k were seen
+        peak = x.amax(0) if batch_max is None else batch_max
+        units = (peak.to("cpu", F64) > kth).nonzero().squeeze(1)  # [C]
+        if units.numel() == 0:
+            return
+        columns = x.index_select(1, units.to(x.device))  # [N, C]
+        values, rows = torch.topk(columns, min(self.k, x.shape[0]), dim=0, sorted=False)  # [k', C]
+        toks = tok.index_select(0, rows.reshape(-1)).view(rows.shape)  # [k', C]
+        self._keep_best(values.T.to("cpu", F64), toks.T.cpu(), units)
 
     def merge(self, other: TopExamples) -> TopExamples:
         """Add ``other``'s examples (in place; same n_units and k required); returns self."""
@@ -99,8 +86,16 @@ class TopExamples:
         self._keep_best(other._values, other._tok)
         return self
 
-    def _keep_best(self, values: Tensor, toks: Tensor) -> None:
-        """Keep the k best of the current state and the candidates ``[U, m]``."""
+    def _keep_best(self, values: Tensor, toks: Tensor, units: Tensor | None = None) -> None:
+        """Keep the k best of the current state and the candidates ``[C, m]`` of ``units``
+        (all units when None)."""
+        if units is not None:
+            best_values, best_toks = self._values.clone(), self._tok.clone()
+            self._values, self._tok = self._values[units], self._tok[units]
+            self._keep_best(values, toks)
+            best_values[units], best_toks[units] = self._values, self._tok
+            self._values, self._tok = best_values, best_toks
+            return
         values = torch.cat([self._values, values], dim=1)  # [U, k + m]
         toks = torch.cat([self._tok, toks], dim=1)
         # Two stable sorts: by token id, then by value descending, so ties are ordered by token.

@@ -1,0 +1,175 @@
+/* One pass over a site's [n, u] float32 activations computing every per-unit and per-token
+ * count that SiteStats keeps: moments, the threshold ladder, the per-token firing
+ * distribution and the |a| histogram.
+ *
+ * The torch path makes ~20 passes over the batch (casts, comparisons, reductions); this makes
+ * one, over blocks of columns whose accumulators stay in L1, with a branch-free inner loop the
+ * compiler vectorises. Columns are split between threads. Sums are float64, shifted by
+ * `shift` (a value of each column) so that the variance does not cancel catastrophically.
+ *
+ * Exactness: eps_f[c] is the largest float <= eps[c], so (a > eps_f) == (a > eps) for every
+ * float a. The histogram slot of |a| is slot_of_key[bits >> 16] plus one when |a| reaches the
+ * next slot's first float (next_slot_at), which is exact because a key spans less than one bin.
+ * Slots: 0 zero, 1 underflow, 2.. bins, n_slots-2 overflow, n_slots-1 non-finite.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_CRITERIA 16
+#define BLOCK 256
+
+typedef struct {
+    const float *x;
+    int64_t n, u, j0, j1;
+    const float *eps_f;
+    int32_t n_eps;
+    const int16_t *slot_of_key;
+    const float *next_slot_at;
+    int32_t n_slots;
+    const double *shift;
+    int64_t *count, *nonfinite;
+    double *sum, *sumsq, *mn, *mx;
+    int64_t *fired;          /* [1 + n_eps][u] */
+    int32_t *token_fired;    /* [n][1 + n_eps], this worker's own */
+    int64_t *slots;          /* [n_slots], this worker's own */
+    int failed;
+} work_t;
+
+static inline uint32_t bits_of(float v) {
+    uint32_t b;
+    memcpy(&b, &v, sizeof b);
+    return b;
+}
+
+static void block(work_t *w, int64_t j0, int64_t j1) {
+    const int64_t width = j1 - j0, criteria = w->n_eps + 1;
+    int32_t cnt[BLOCK], fired[MAX_CRITERIA][BLOCK];
+    double sum[BLOCK], sq[BLOCK], shift[BLOCK];
+    float lo[BLOCK], hi[BLOCK], kept_value[BLOCK], kept_mask[BLOCK];
+    memset(cnt, 0, sizeof cnt);
+    memset(fired, 0, sizeof fired);
+    for (int64_t j = 0; j < width; j++) {
+        sum[j] = 0.0; sq[j] = 0.0; shift[j] = w->shift[j0 + j];
+        lo[j] = __builtin_inff(); hi[j] = -__builtin_inff();
+    }
+    /* Four interleaved copies of the histogram, so that runs of values in one popular slot do
+     * not wait on each other's increments. */
+    int64_t *lanes = calloc((size_t)(4 * w->n_slots), sizeof(int64_t));
+    if (!lanes) { w->failed = 1; return; }
+    for (int64_t i = 0; i < w->n; i++) {
+        const float *row = w->x + i * w->u + j0;
+        int32_t tf[MAX_CRITERIA] = {0};
+        int32_t pos = 0;
+        /* Separate simple loops over the row (it stays in L1) so that each one vectorises. */
+        for (int64_t j = 0; j < width; j++) {
+            const float v = row[j];
+            const int fin = (bits_of(v) & 0x7f800000u) != 0x7f800000u;
+            const float low = fin ? v : __builtin_inff(), high = fin ? v : -__builtin_inff();
+            cnt[j] += fin;
+            kept_value[j] = fin ? v : 0.0f;
+            kept_mask[j] = fin ? 1.0f : 0.0f;
+            lo[j] = low < lo[j] ? low : lo[j];
+            hi[j] = high > hi[j] ? high : hi[j];
+            const int p = fin & (v > 0.0f);
+            fired[0][j] += p;
+            pos += p;
+        }
+        for (int64_t j = 0; j < width; j++) {
+            const double kept = ((double)kept_value[j] - shift[j]) * (double)kept_mask[j];  /* 0 for non-finite */
+            sum[j] += kept;
+            sq[j] += kept * kept;
+        }
+        tf[0] = pos;
+        for (int32_t c = 0; c < w->n_eps; c++) {
+            const float t = w->eps_f[c];
+            int32_t above_row = 0;
+            for (int64_t j = 0; j < width; j++) {
+                const float a = __builtin_fabsf(row[j]);
+                const int fin = (bits_of(row[j]) & 0x7f800000u) != 0x7f800000u;
+                const int above = fin & (a > t);
+                fired[c + 1][j] += above;
+                above_row += above;
+            }
+            tf[c + 1] = above_row;
+        }
+        for (int64_t j = 0; j < width; j++) {
+            const uint32_t b = bits_of(row[j]) & 0x7fffffffu;
+            float a;
+            memcpy(&a, &b, sizeof a);
+            int32_t s = w->slot_of_key[b >> 16];
+            s += a >= w->next_slot_at[s];
+            lanes[(j & 3) * w->n_slots + s]++;
+        }
+        int32_t *out = w->token_fired + i * criteria;
+        for (int64_t c = 0; c < criteria; c++) out[c] += tf[c];
+    }
+    for (int64_t s = 0; s < 4 * w->n_slots; s++) w->slots[s % w->n_slots] += lanes[s];
+    free(lanes);
+    for (int64_t j = 0; j < width; j++) {
+        const int64_t g = j0 + j;
+        w->count[g] += cnt[j];
+        w->nonfinite[g] += w->n - cnt[j];
+        w->sum[g] += sum[j];
+        w->sumsq[g] += sq[j];
+        w->mn[g] = lo[j];
+        w->mx[g] = hi[j];
+        for (int64_t c = 0; c < criteria; c++) w->fired[c * w->u + g] += fired[c][j];
+    }
+}
+
+static void *run(void *arg) {
+    work_t *w = (work_t *)arg;
+    for (int64_t j = w->j0; j < w->j1; j += BLOCK) block(w, j, j + BLOCK < w->j1 ? j + BLOCK : w->j1);
+    return NULL;
+}
+
+int actscope_site_partials(
+    const float *x, int64_t n, int64_t u,
+    const float *eps_f, int32_t n_eps,
+    const int16_t *slot_of_key, const float *next_slot_at, int32_t n_slots,
+    const double *shift, int32_t threads,
+    int64_t *count, int64_t *nonfinite, double *sum, double *sumsq, double *mn, double *mx,
+    int64_t *fired,        /* [1 + n_eps][u] */
+    int64_t *firing_hist,  /* [1 + n_eps][u + 1] */
+    int64_t *slots         /* [n_slots] */
+) {
+    if (n_eps + 1 > MAX_CRITERIA || threads < 1) return -1;
+    if (n == 0 || u == 0) return 0;
+    const int64_t criteria = n_eps + 1;
+    const int64_t blocks = (u + BLOCK - 1) / BLOCK;
+    if (threads > blocks) threads = (int32_t)blocks;
+    if (threads > 64) threads = 64;
+    work_t work[64] = {0};
+    pthread_t ids[64];
+    int32_t *token_fired = calloc((size_t)(threads * n * criteria), sizeof(int32_t));
+    int64_t *thread_slots = calloc((size_t)(threads * n_slots), sizeof(int64_t));
+    if (!token_fired || !thread_slots) { free(token_fired); free(thread_slots); return -2; }
+    for (int32_t t = 0; t < threads; t++) {
+        const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
+        work[t] = (work_t){x, n, u, b0 * BLOCK, b1 * BLOCK < u ? b1 * BLOCK : u, eps_f, n_eps,
+                           slot_of_key, next_slot_at, n_slots, shift, count, nonfinite, sum, sumsq,
+                           mn, mx, fired, token_fired + t * n * criteria, thread_slots + t * n_slots, 0};
+    }
+    int started = 0;
+    for (int32_t t = 1; t < threads; t++) {
+        if (pthread_create(&ids[t], NULL, run, &work[t]) != 0) break;
+        started = t;
+    }
+    for (int32_t t = started + 1; t < threads; t++) run(&work[t]);  /* threads that failed to start */
+    run(&work[0]);
+    for (int32_t t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+    int failed = 0;
+    for (int32_t t = 0; t < threads; t++) failed |= work[t].failed;
+    if (failed) { free(token_fired); free(thread_slots); return -2; }
+    for (int32_t t = 0; t < threads; t++)
+        for (int64_t s = 0; s < n_slots; s++) slots[s] += thread_slots[t * n_slots + s];
+    for (int32_t t = 1; t < threads; t++)
+        for (int64_t k = 0; k < n * criteria; k++) token_fired[k] += token_fired[t * n * criteria + k];
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t c = 0; c < criteria; c++) firing_hist[c * (u + 1) + token_fired[i * criteria + c]]++;
+    free(token_fired);
+    free(thread_slots);
+    return 0;
+}
