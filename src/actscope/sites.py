@@ -245,7 +245,8 @@ def _discover_shapes(model: "Model", plan: Plan) -> dict[str, tuple[str | int, .
         model(**inputs)
     shapes = {}
     for site in plan.sites:
-        tensors = captured.tensors[site.label]
+        first = captured.readings[site.label][:1] and [captured.readings[site.label][0].values]
+        tensors = captured.tensors[site.label] or first
         if tensors:
             shapes[site.name] = _symbolic(tuple(tensors[0].shape), site.hook.layout, EXAMPLE_POSITIONS)
     return shapes
@@ -253,7 +254,7 @@ def _discover_shapes(model: "Model", plan: Plan) -> dict[str, tuple[str | int, .
 
 def _symbolic(shape: tuple[int, ...], layout: str, positions: int) -> tuple[str | int, ...]:
     names: list[str | int] = list(shape)
-    if layout in ("flat", "tokens") and names and names[0] in (positions,):
+    if layout == "tokens" or (layout == "flat" and names and names[0] == positions):
         names[0] = "tokens"
         return tuple(names)
     if names and names[0] == 1:

@@ -39,6 +39,7 @@ class BatchInfo:
 
     mask: torch.Tensor | None  # [batch, pos] bool, or None when there is no padding
     examples: torch.Tensor  # [batch] int64
+    length: int | None = None  # positions of the call's first input (input_ids: [batch, pos])
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,12 @@ class Tracer:
 
         if site.hook.at == "input":
             def pre_hook(mod, args, kwargs):
-                self._deliver(site, read(HookCall(mod, args, kwargs), ctx), mod)
+                self._deliver(site, read, HookCall(mod, args, kwargs), ctx)
 
             return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
         def hook(mod, args, kwargs, output):
-            self._deliver(site, read(HookCall(mod, args, kwargs, output), ctx), mod)
+            self._deliver(site, read, HookCall(mod, args, kwargs, output), ctx)
 
         return module.register_forward_hook(hook, with_kwargs=True)
 
@@ -100,14 +101,16 @@ class Tracer:
         self._example_counter = int(examples.max()) + 1 if len(examples) else self._example_counter
         mask = kwargs.get("attention_mask")
         mask = mask.detach().bool().cpu() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self.batch = BatchInfo(mask, examples)
+        length = grid[1] if grid is not None and len(grid) >= 2 else None
+        self.batch = BatchInfo(mask, examples, length)
 
     # -- delivery ----------------------------------------------------------------------
-    def _deliver(self, site: Site, value: Any, module: torch.nn.Module) -> None:
-        if value is None:
-            return
+    def _deliver(self, site: Site, read: Any, call: HookCall, ctx: ReadContext) -> None:
+        # Readers may compute (MoE experts): never build autograd graphs for observation.
         with torch.no_grad():
-            self.on_site(site, value, module)
+            value = read(call, ctx)
+            if value is not None:
+                self.on_site(site, value, call.module)
 
     def on_site(self, site: Site, value: Any, module: torch.nn.Module) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -167,6 +170,8 @@ def _unflatten_tokens(x: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
     if batch.mask is not None and x.shape[0] == batch.mask.numel():
         return x.reshape(*batch.mask.shape, x.shape[-1])
     size = len(batch.examples)
+    if batch.length and x.shape[0] == size * batch.length:
+        return x.reshape(size, batch.length, x.shape[-1])
     if x.shape[0] % size == 0:
         return x.reshape(size, x.shape[0] // size, x.shape[-1])
     return x.unsqueeze(0)
@@ -206,8 +211,7 @@ def _gather_tokens(values: torch.Tensor, flat_index: torch.Tensor, batch: BatchI
         keep = batch.mask.reshape(-1)[flat_index]
         values, flat_index = values[keep.to(values.device)], flat_index[keep]
     else:
-        length = max(int(flat_index.max()) + 1, 1) if len(flat_index) else 1
-        length = length // max(len(batch.examples), 1) or 1
+        length = batch.length or 1
     rows, positions = flat_index // length, flat_index % length
     examples = batch.examples[rows.clamp(max=len(batch.examples) - 1)]
     return Reading(values, token_id(examples, positions))
@@ -313,14 +317,13 @@ class Capture(Tracer):
         self.readings: dict[str, list[Reading]] = {site.label: [] for site in self.plan.sites}
 
     def on_site(self, site: Site, value: Any, module: torch.nn.Module) -> None:
-        if self.flat:
+        if self.flat or site.hook.layout == "tokens":  # gathered tokens need their ids kept
             reading = flatten(site, value, self._batch_info(), module)
             self._charge(site, reading.values.numel() * reading.values.element_size())
             self.readings[site.label].append(Reading(reading.values.cpu().clone(), reading.tok))
             return
-        tensor = value[0] if site.hook.layout == "tokens" else value
-        self._charge(site, tensor.numel() * tensor.element_size())
-        self.tensors[site.label].append(tensor.detach().cpu().clone())
+        self._charge(site, value.numel() * value.element_size())
+        self.tensors[site.label].append(value.detach().cpu().clone())
 
     def _charge(self, site: Site, size: int) -> None:
         if self.bytes + size > self.max_bytes:
@@ -335,9 +338,13 @@ class Capture(Tracer):
         """All captured calls of ``site`` concatenated along the first axis."""
         if site not in self.tensors:
             raise SiteError(f"'{site}' was not captured; captured: {', '.join(self.tensors)}")
-        if self.flat:
-            return torch.cat([r.values for r in self.readings[site]]) if self.readings[site] else torch.empty(0)
+        if self.readings[site]:
+            return torch.cat([r.values for r in self.readings[site]])
         return torch.cat(self.tensors[site]) if self.tensors[site] else torch.empty(0)
+
+    def token_ids(self, site: str) -> torch.Tensor:
+        """Global token ids (``example << 20 | position``) of a flat or gathered capture."""
+        return torch.cat([r.tok for r in self.readings[site]]) if self.readings.get(site) else torch.empty(0, dtype=torch.int64)
 
 
 @contextmanager

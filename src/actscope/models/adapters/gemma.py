@@ -23,11 +23,13 @@ from .llama import LLAMA_SITES
 
 
 def softcapped_logits(call: HookCall, ctx: ReadContext) -> torch.Tensor:
+    """The ``lm_head`` output soft-capped as the model does after it."""
     logits = read_output(call, ctx)
     cap = getattr(ctx.config, "final_logit_softcapping", None)
     if cap is None:
         return logits
-    return logits
+    with torch.no_grad():
+        return torch.tanh(logits / cap) * cap
 
 
 BLOCK = "layers.{i}"
