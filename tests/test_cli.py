@@ -52,6 +52,8 @@ def test_profile_user_text_file_and_sites(tmp_path):
         (["profile", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["profile", "--data", "{jsonl}", "--column", "body"], "text"),
         (["sites", "{noconfig}"], "no config.json"),
+        (["profile", "--device", "tpu9"], "unknown device"),
+        (["profile", "--max-tokens", "0"], "--max-tokens must be at least 1"),
     ],
 )
 def test_bad_input_exits_2_with_the_fix(tmp_path, args, message):
@@ -65,6 +67,12 @@ def test_bad_input_exits_2_with_the_fix(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu_exits_2(tmp_path):
+    result = runner.invoke(app, ["profile", "--device", "cuda", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output
 
 
 def test_existing_run_needs_overwrite(tmp_path):

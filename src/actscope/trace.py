@@ -189,10 +189,10 @@ def _real_tokens(x: torch.Tensor, batch: BatchInfo) -> Reading:
     positions = torch.arange(offset, offset + length)
     tok = token_id(examples[:, None], positions[None, :]).reshape(-1)
     flat = x.reshape(size * length, units)
-    if mask is None:
+    if mask is None or bool(mask.all()):  # no padding: skip the [n, units] gather copy
         return Reading(flat, tok)
-    keep = mask.reshape(-1).to(x.device)
-    return Reading(flat[keep], tok[keep.cpu()])
+    keep = mask.reshape(-1)
+    return Reading(flat[keep.to(x.device)], tok[keep])
 
 
 def _mask_for(batch: BatchInfo, size: int, length: int) -> torch.Tensor | None:
