@@ -83,7 +83,7 @@ class TrainConfig:
     n_layers: int = 2
     n_heads: int = 4
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 8e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
     max_len: int = 128
@@ -419,30 +419,37 @@ def _cleanup_leftovers(parent: Path, name: str) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def _publish(tmp: Path, target: Path, cfg: TrainConfig, force: bool, may_replace: bool) -> None:
-    """Rename the finished ``tmp`` into ``target``; keep a valid copy another process published."""
-    try:
-        os.rename(tmp, target)  # atomic; also replaces an empty directory
-        return
-    except OSError:
-        if not target.exists() and not target.is_symlink():
-            raise
-    if not force and is_valid_zoo_dir(target, cfg):
-        return  # someone else finished first: keep theirs
-    if not may_replace:
-        raise InputError(
-            f"train_tiny_lm: out_dir {target} already exists and is not an actscope zoo model "
-            "directory, so it is left alone; pass a new or empty out_dir, or remove it.")
-    stale = target.parent / f"{_STALE_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(target, stale)
-    except FileNotFoundError:
-        pass
-    os.rename(tmp, target)
-    if stale.is_dir() and not stale.is_symlink():
-        shutil.rmtree(stale, ignore_errors=True)
-    elif stale.exists() or stale.is_symlink():
-        stale.unlink()
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, target: Path, cfg: TrainConfig, force: bool) -> None:
+    """Rename the finished ``tmp`` into ``target``; keep a valid copy another process published.
+
+    An invalid ``target`` (or any, with ``force``) is first renamed aside, so a reader sees
+    either the old directory, nothing, or the complete new one, never a mixture.
+    """
+    for _ in range(5):
+        try:
+            os.rename(tmp, target)  # atomic; also replaces an empty directory
+            return
+        except OSError:
+            if not (target.exists() or target.is_symlink()):
+                raise
+        if not force and is_valid_zoo_dir(target, cfg):
+            return  # another process finished first: keep its copy
+        force = False  # what appears after our replacement is a concurrent, equally good copy
+        stale = target.parent / f"{_STALE_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(target, stale)
+        except FileNotFoundError:
+            pass
+        _remove(stale)
+    raise InputError(f"train_tiny_lm: could not move the trained model into {target}: the "
+                     "path keeps being recreated by another process; pass a different out_dir.")
 
 
 def train_tiny_lm(activation: str = "relu", out_dir: str | os.PathLike | None = None,
@@ -477,11 +484,12 @@ def train_tiny_lm(activation: str = "relu", out_dir: str | os.PathLike | None = 
                          "pass out_dir to a writable directory.") from exc
     _cleanup_leftovers(parent, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published model is an ordinary directory
     threads = torch.get_num_threads()
     torch.set_num_threads(_TRAIN_THREADS)
     try:
         meta = _train_into(tmp, cfg)
-        _publish(tmp, target, cfg, force, may_replace=True)
+        _publish(tmp, target, cfg, force)
     finally:
         torch.set_num_threads(threads)
         if tmp.exists():
