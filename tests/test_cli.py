@@ -101,3 +101,17 @@ def test_console_script_runs_as_a_process(tmp_path):
     )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "nope.txt" in proc.stderr
+
+
+def test_profile_a_users_causal_lm_directory(tmp_path):
+    from actscope.zoo import held_out_corpus, tiny_lm
+
+    data = tmp_path / "held_out.txt"
+    data.write_text("\n".join(held_out_corpus(40)) + "\n")
+    out = tmp_path / "run"
+    result = invoke("profile", str(tiny_lm("relu")), "--data", str(data), "--sites", "blocks.*.mlp.post,logits", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    layers = {row["site"]: row for row in __import__("actscope").open_run(out).layer_summary()}
+    # A trained ReLU-gated model is sparse: few units are non-zero per token (Lazy Neuron).
+    assert layers["blocks.1.mlp.post"]["activation_ratio_abs_gt_0"] < 0.3
+    assert set(layers) == {"blocks.0.mlp.post", "blocks.1.mlp.post", "logits"}
