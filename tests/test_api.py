@@ -7,7 +7,7 @@ import sys
 import actscope
 
 DOCUMENTED = [
-    "load", "wrap", "observe", "capture", "profile", "open_run", "plan_sites", "Model", "Run",
+    "load", "wrap", "observe", "capture", "edit", "interventions", "profile", "open_run", "plan_sites", "Model", "Run",
     "Plan", "ProfileConfig", "ActscopeError", "InputError", "SiteError", "DataError", "ModelLoadError", "RunDirError",
 ]
 

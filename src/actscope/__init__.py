@@ -7,7 +7,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import interventions
 from .errors import ActscopeError, DataError, InputError, ModelLoadError, RunDirError, SiteError
+from .interventions import edit
 from .models import Model, load, wrap
 from .profiling import ProfileConfig, profile
 from .run import Run, open_run
@@ -27,6 +29,8 @@ __all__ = [
     "SiteError",
     "__version__",
     "capture",
+    "edit",
+    "interventions",
     "load",
     "observe",
     "open_run",

@@ -141,7 +141,7 @@ def flatten(site: Site, value: Any, batch: BatchInfo, module: torch.nn.Module | 
         return _select_units(site, _gather_tokens(values, flat_index, batch))
     x = value.detach()
     if layout == "auto":
-        layout = _auto_layout(x, module)
+        layout = auto_layout(x, module)
     if layout == "channels":
         x = x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])  # [batch, positions, channels]
     elif layout == "heads":
@@ -158,7 +158,7 @@ def flatten(site: Site, value: Any, batch: BatchInfo, module: torch.nn.Module | 
     return _select_units(site, _real_tokens(x, batch))
 
 
-def _auto_layout(x: torch.Tensor, module: torch.nn.Module | None) -> str:
+def auto_layout(x: torch.Tensor, module: torch.nn.Module | None) -> str:
     """Module sites: 4-D and larger tensors are feature maps [batch, channel, *spatial], as are
     the 3-D outputs of 1-D convolutions; everything else has units on the last axis."""
     is_conv = isinstance(module, torch.nn.modules.conv._ConvNd)

@@ -37,6 +37,7 @@ def split_heads(base: Reader, heads: Any = n_heads) -> Reader:
         count = heads(ctx.config)
         return x.reshape(*x.shape[:-1], count, x.shape[-1] // count)
 
+    read.view_of = base  # a pure reshape of base's tensor: edits can write back through it
     return read
 
 

@@ -1,0 +1,141 @@
+"""``edit``: apply interventions to sites for the duration of a ``with`` block.
+
+Each edited site gets one hook that reads the site's tensor, lets the intervention compute a
+replacement, and hands that to the model instead (a forward-pre-hook for input sites, a
+forward hook for output sites). Hooks live in an ExitStack: whatever happens inside, they are
+removed and the model's parameters, buffers and flags are never touched. Gradients flow
+through edits, so they also work inside training steps (clamping through training).
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from ..errors import SiteError
+from ..models.adapters.base import HookCall, ReadContext, read_input, read_output
+from ..sites import Site, plan_sites
+from ..trace import auto_layout
+
+Intervention = Callable[[torch.Tensor], torch.Tensor]
+PLAIN_READERS = (None, read_input, read_output)
+
+
+@dataclass(frozen=True)
+class Editor:
+    """What an ``edit`` block applies: (site, interventions) pairs in order."""
+
+    edits: tuple[tuple[Site, tuple[Intervention, ...]], ...]
+
+    @property
+    def sites(self) -> list[str]:
+        return [site.label for site, _ in self.edits]
+
+
+@contextmanager
+def edit(model: Any, edits: Mapping[str, Intervention | Sequence[Intervention]]) -> Iterator[Editor]:
+    """Apply ``{site selection: intervention(s)}`` to ``model`` inside the block.
+
+    Keys use the site grammar (globs, ranges, ``[units]``, ``[head=…]``, module sites); an
+    intervention receives only the selected units (or heads) and the rest pass unchanged.
+    Several interventions on one key apply in order; nested ``edit`` blocks compose.
+    """
+    from ..models.loading import wrap
+    from ..models.model import Model
+
+    model = model if isinstance(model, Model) else wrap(model)
+    editor = Editor(tuple(_planned(model, edits)))
+    with ExitStack() as stack:
+        for site, functions in editor.edits:
+            stack.callback(_register(model, site, functions).remove)
+        yield editor
+
+
+def _planned(model: Any, edits: Mapping[str, Any]) -> list[tuple[Site, tuple[Intervention, ...]]]:
+    planned = []
+    for key, value in edits.items():
+        functions = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if not functions or not all(callable(f) for f in functions):
+            raise SiteError(f"edit '{key}': give an intervention function (e.g. actscope.interventions.zero()), got {value!r}")
+        for site in plan_sites(model, key).sites:
+            _check_editable(site)
+            planned.append((site, functions))
+    return planned
+
+
+def _check_editable(site: Site) -> None:
+    layout, read = site.hook.layout, site.hook.read
+    if layout in ("pattern", "tokens"):
+        what = "attention probabilities" if layout == "pattern" else "recomputed MoE expert neurons"
+        raise SiteError(
+            f"{site.label}: {what} cannot be edited in place; edit attn.z (per-head outputs) or "
+            "the router instead"
+        )
+    if read not in PLAIN_READERS and getattr(read, "view_of", None) not in PLAIN_READERS[1:]:
+        raise SiteError(
+            f"{site.label} is computed from its module's tensor (a slice), so it cannot be written back; "
+            f"edit the module instead, e.g. 'module:{site.path}@{site.hook.at}'"
+        )
+
+
+def _register(model: Any, site: Site, functions: tuple[Intervention, ...]) -> Any:
+    module = model.module.get_submodule(site.path)
+    ctx = ReadContext(dict(site.index), model.config)
+
+    if site.hook.at == "input":
+        def pre_hook(mod, args, kwargs):
+            call = HookCall(mod, args, kwargs)
+            return _replace_input(args, kwargs, _edited(site, functions, call, ctx))
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(mod, args, kwargs, output):
+        return _replace_output(site, output, _edited(site, functions, HookCall(mod, args, kwargs, output), ctx))
+
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+def _edited(site: Site, functions: tuple[Intervention, ...], call: HookCall, ctx: ReadContext) -> torch.Tensor:
+    """The site's base tensor after the interventions, in the module's own shape."""
+    base = read_input(call, ctx) if site.hook.at == "input" else read_output(call, ctx)
+    view = site.hook.read(call, ctx) if site.hook.read is not None else base  # [..., units] or heads view
+    layout = auto_layout(view, call.module) if site.hook.layout == "auto" else site.hook.layout
+    if layout == "channels":
+        view = view.movedim(1, -1)  # feature maps: channels last for the intervention
+        return _apply(site, functions, view).movedim(-1, 1).reshape(base.shape)
+    return _apply(site, functions, view).reshape(base.shape)
+
+
+def _apply(site: Site, functions: tuple[Intervention, ...], view: torch.Tensor) -> torch.Tensor:
+    axis, chosen = (-2, site.heads) if site.heads is not None else (-1, site.units)
+    if chosen is not None and max(chosen) >= view.shape[axis]:
+        raise SiteError(f"{site.label}: index {max(chosen)} is out of range; the site has {view.shape[axis]}")
+    index = torch.tensor(chosen, device=view.device) if chosen is not None else None
+    part = view if index is None else view.index_select(axis, index)
+    for function in functions:
+        result = function(part)
+        if not isinstance(result, torch.Tensor) or result.shape != part.shape:
+            got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+            raise SiteError(f"{site.label}: an intervention must return a tensor of shape {tuple(part.shape)}, got {got}")
+        part = result
+    return part if index is None else view.index_copy(axis % view.dim(), index, part.to(view.dtype))
+
+
+def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    for position, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            return args[:position] + (new,) + args[position + 1:], kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return args, {**kwargs, key: new}
+
+
+def _replace_output(site: Site, output: Any, new: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    raise SiteError(f"{site.label}: the module returns {type(output).__name__}; edit a tensor-valued module instead")
