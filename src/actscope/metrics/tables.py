@@ -99,7 +99,7 @@ def examples_table(
         unit, rank, value, tok = stats[site.label].top.to_rows()
         doc, pos = split_token_id(torch.as_tensor(tok, dtype=torch.int64))
         names = np.asarray(site.units, dtype=np.int64) if site.units else None
-        texts = [context(int(d), int(p)) if context else ("", "", "") for d, p in zip(doc.tolist(), pos.tolist())]
+        texts = _contexts(context, doc.tolist(), pos.tolist())
         parts.append({
             "site": np.array([site.label] * len(unit), dtype=object),
             "layer": np.full(len(unit), _layer(site), dtype=np.int64),
@@ -113,6 +113,17 @@ def examples_table(
             "right": np.array([t[2] for t in texts], dtype=object),
         })
     return _concat(parts)
+
+
+def _contexts(context: Callable[[int, int], tuple[str, str, str]] | None, docs: list[int], positions: list[int]) -> list[tuple[str, str, str]]:
+    """Context text per example; tokens shared by many units' top lists are decoded once."""
+    if context is None:
+        return [("", "", "")] * len(docs)
+    cache: dict[tuple[int, int], tuple[str, str, str]] = {}
+    for key in zip(docs, positions):
+        if key not in cache:
+            cache[key] = context(*key)
+    return [cache[key] for key in zip(docs, positions)]
 
 
 def site_arrays(plan: Plan, stats: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -90,11 +90,13 @@ class TopExamples:
         """Keep the k best of the current state and the candidates ``[C, m]`` of ``units``
         (all units when None)."""
         if units is not None:
-            best_values, best_toks = self._values.clone(), self._tok.clone()
-            self._values, self._tok = self._values[units], self._tok[units]
+            # index_select/index_copy_, not x[units]: advanced indexing takes a slow parallel
+            # path on the CPU (tens of ms for a [U, k] table).
+            best_values, best_toks = self._values, self._tok
+            self._values, self._tok = best_values.index_select(0, units), best_toks.index_select(0, units)
             self._keep_best(values, toks)
-            best_values[units], best_toks[units] = self._values, self._tok
-            self._values, self._tok = best_values, best_toks
+            self._values = best_values.index_copy(0, units, self._values)
+            self._tok = best_toks.index_copy(0, units, self._tok)
             return
         values = torch.cat([self._values, values], dim=1)  # [U, k + m]
         toks = torch.cat([self._tok, toks], dim=1)
