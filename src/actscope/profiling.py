@@ -5,12 +5,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import DataError, InputError
-from .models import Model, load, wrap
+from .feeding import Source, as_model, feed, source_for
+from .models import Model
 from .run import Run
 from .sites import Plan, plan_sites
 from .trace import Observer
@@ -61,15 +62,16 @@ def profile(
     ``options`` are ProfileConfig fields (max_tokens, batch_size, max_length, k, eps, column).
     """
     config = (config or ProfileConfig(**options)).checked()
-    model = _as_model(model, device)
+    model = as_model(model, device)
     plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
-    source = _batches(model, data, config)
+    source = source_for(model, data, batch_size=config.batch_size, max_length=config.max_length, max_tokens=config.max_tokens, column=config.column)
     if out is not None:
         from .store import check_target
 
         check_target(Path(out), overwrite)
     started, clock = _now(), time.perf_counter()
-    observer, documents, tokens = _observe(model, plan, source, config, progress)
+    observer = Observer(model, plan, k=config.k, eps=config.eps)
+    documents, tokens = feed(observer, source, progress)
     seconds = time.perf_counter() - clock
     if tokens == 0:
         raise DataError("no tokens were observed; the data set produced no input (is it empty?)")
@@ -84,78 +86,7 @@ def profile(
     return Run(manifest, run.tables, run.arrays, path)
 
 
-def _as_model(model: Any, device: str | None) -> Model:
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, torch.nn.Module):
-        return wrap(model)
-    return load(model, device=device)
-
-
-@dataclass
-class _Source:
-    """Where batches come from: a tokenized corpus, or the user's own input dicts."""
-
-    batches: Iterable[Any]
-    corpus: Any = None
-    tokenizer: Any = None
-
-
-def _batches(model: Model, data: Any, config: ProfileConfig) -> _Source:
-    from .data import load_corpus, token_batches
-
-    if _is_text_source(data):
-        corpus = load_corpus(data, column=config.column)
-        if model.tokenizer is None:
-            raise DataError(
-                f"{model.name} has no tokenizer, so text data cannot be fed to it; load a model directory "
-                "that includes its tokenizer, pass actscope.wrap(module, tokenizer=...), or pass model-input dicts"
-            )
-        batches = token_batches(corpus, model.tokenizer, config.batch_size, config.max_length, config.max_tokens)
-        return _Source(batches, corpus, model.tokenizer)
-    return _Source(data)
-
-
-def _is_text_source(data: Any) -> bool:
-    from .data import Corpus
-
-    if data is None or isinstance(data, (str, os.PathLike, Corpus)):
-        return True
-    return isinstance(data, (list, tuple)) and (not data or isinstance(data[0], str))
-
-
-def _observe(model: Model, plan: Plan, source: _Source, config: ProfileConfig, progress: Progress | None):
-    observer = Observer(model, plan, k=config.k, eps=config.eps)
-    documents = tokens = 0
-    device = model.device
-    with torch.no_grad(), observer.attached():
-        for batch in source.batches:
-            inputs, count, examples = _unpack(batch, device)
-            observer.next_examples = examples
-            model(**inputs)
-            documents += len(examples) if examples is not None else 1
-            tokens += count
-            if progress is not None:
-                progress(documents, count)
-    return observer, documents, tokens
-
-
-def _unpack(batch: Any, device: torch.device) -> tuple[dict, int, torch.Tensor | None]:
-    from .data import Batch
-
-    if isinstance(batch, Batch):
-        inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
-        return inputs, batch.n_tokens, batch.doc_ids
-    if isinstance(batch, dict):
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        mask = inputs.get("attention_mask")
-        first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
-        count = int(mask.sum()) if isinstance(mask, torch.Tensor) else (first.shape[0] if first is not None else 1)
-        return inputs, count, None
-    raise DataError(f"cannot feed a {type(batch).__name__} to the model; pass text data or dicts of model inputs")
-
-
-def _assemble(model: Model, plan: Plan, source: _Source, observer: Observer, config: ProfileConfig, manifest: dict) -> Run:
+def _assemble(model: Model, plan: Plan, source: Source, observer: Observer, config: ProfileConfig, manifest: dict) -> Run:
     from .metrics import tables
 
     context = _context_fn(source, config)
@@ -171,7 +102,7 @@ def _assemble(model: Model, plan: Plan, source: _Source, observer: Observer, con
     return Run(manifest, _to_arrow(built), arrays)
 
 
-def _context_fn(source: _Source, config: ProfileConfig):
+def _context_fn(source: Source, config: ProfileConfig):
     if source.corpus is None:
         return None
     from .data import context_text

@@ -42,7 +42,8 @@ from .cett_objectives import (
     MaskedLMLoss,
     Objective,
 )
-from .cett_search import Bisection, Evaluation, Evaluator, as_model, bisect_settings, check_p
+from ..feeding import as_model
+from .cett_search import Bisection, Evaluation, Evaluator, bisect_settings, check_p
 from .cett_settings import CettSettings, FatSettings, TopkSettings
 from .cett_thresholds import CettThresholds, load_thresholds, thresholds_for
 from .result import TableResult

@@ -233,7 +233,7 @@ def record_cett_curves(
     strings, a text source or model-input dicts (:mod:`actscope.metrics.cett_data`).
     ``sites``: whole neuron sites (default every ``blocks.{i}.mlp.post``).
     """
-    from .cett_search import as_model
+    from ..feeding import as_model
 
     if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
         raise InputError(f"grid_points must be a whole number of at least 2, got {grid_points!r}; e.g. 128")

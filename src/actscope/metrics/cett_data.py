@@ -18,15 +18,15 @@ def input_batches(
     model: Any, data: Any, *, batch_size: int = 16, max_length: int = 128, max_tokens: int | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield the keyword arguments of each forward call, on the model's device."""
-    from ..profiling import ProfileConfig, _batches, _unpack  # the profile path's own batching
+    from ..feeding import calls, source_for
+    from ..profiling import ProfileConfig
 
     if data is None:
         raise DataError("no data given; pass a list of strings, a text file, or model-input dicts")
     config = ProfileConfig(batch_size=batch_size, max_length=max_length, max_tokens=max_tokens).checked()
-    source = _batches(model, [data] if isinstance(data, Mapping) else data, config)
-    for batch in source.batches:
-        inputs, _, _ = _unpack(batch, model.device)
-        yield inputs
+    source = source_for(model, data, batch_size=config.batch_size, max_length=config.max_length, max_tokens=config.max_tokens)
+    for call in calls(model, source):
+        yield call.inputs
 
 
 def materialised(model: Any, data: Any, *, batch_size: int, max_length: int, what: str) -> list[dict[str, torch.Tensor]]:

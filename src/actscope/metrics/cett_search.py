@@ -26,13 +26,6 @@ from ..sites import Plan, Site
 from ..trace import Tracer, flatten
 
 
-def as_model(model: Any) -> Any:
-    """A :class:`actscope.Model` from a Model, any ``nn.Module`` or a model directory."""
-    from ..profiling import _as_model
-
-    return _as_model(model, None)
-
-
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluation pass: the degradation and, per layer, non-zero and total activations."""

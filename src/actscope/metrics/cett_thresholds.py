@@ -115,7 +115,7 @@ def load_thresholds(path: str | os.PathLike, model: Any) -> tuple[CettThresholds
     from safetensors.torch import load_file
 
     from ..store import weight_hash
-    from .cett_search import as_model
+    from ..feeding import as_model
 
     source = Path(path).expanduser()
     header = _read_header(source)
@@ -176,7 +176,7 @@ def thresholds_for(curves: CettCurves, c: float, model: Any, *, index: Any = Non
     ``index``, −1 meaning ε = 0). ``model`` gives the output projections and the weight hash."""
     from ..store import weight_hash
     from .cett_curves import eps_of
-    from .cett_search import as_model
+    from ..feeding import as_model
 
     model = as_model(model)
     index = curves.index_for(c) if index is None else np.asarray(index, dtype=np.int64)

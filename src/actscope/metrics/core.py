@@ -251,12 +251,12 @@ def core_neurons(
     text is run on its own as that text's first tokens, and the full text is the curve's last
     point. Pass ``prefixes=()`` to skip the curve.
     """
-    from ..profiling import _as_model
+    from ..feeding import as_model
 
     _check_fraction("alpha", alpha)
     _check_fraction("beta", beta)
     texts, lengths = _checked_texts(texts), _checked_prefixes(prefixes)
-    model = _as_model(model, None)
+    model = as_model(model)
     ids = _tokenized(model, texts, max_length)
     plan = site if isinstance(site, Plan) else plan_sites(model, site)
     _refuse_patterns(plan)

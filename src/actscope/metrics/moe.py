@@ -37,7 +37,8 @@ import torch
 from ..errors import InputError
 from ..sites import Site
 from ..trace import Tracer, flatten
-from .outliers import as_model, feed
+from ..feeding import as_model
+from .outliers import feed
 from .result import TableResult
 from .tables import eps_column
 

@@ -186,28 +186,20 @@ def feed(tracer: Tracer, data: Any, *, batch_size: int = 8, max_length: int = 12
     excluded), any text source :func:`actscope.profile` takes, or model-input dicts (one dict
     or an iterable of them; padding excluded through their ``attention_mask``).
     """
-    from ..profiling import ProfileConfig, _batches, _unpack  # the profile path's own batching
+    from ..feeding import feed as feed_source, source_for
 
-    model = tracer.model
-    config = ProfileConfig(batch_size=batch_size, max_length=max_length, max_tokens=max_tokens).checked()
-    source = _batches(model, [data] if isinstance(data, Mapping) else data, config)
-    tokens = 0
-    with torch.no_grad(), tracer.attached():
-        for batch in source.batches:
-            inputs, count, examples = _unpack(batch, model.device)
-            tracer.next_examples = examples
-            model(**inputs)
-            tokens += count
+    source = source_for(tracer.model, data, **_checked_feeding(batch_size, max_length, max_tokens))
+    _, tokens = feed_source(tracer, source)
     if tokens == 0:
         raise DataError("no tokens were observed; the data produced no input (is it empty?)")
     return tokens
 
 
-def as_model(model: Any) -> Any:
-    """A :class:`actscope.Model` from a Model, any ``nn.Module`` or a model directory."""
-    from ..profiling import _as_model
+def _checked_feeding(batch_size: int, max_length: int, max_tokens: int | None) -> dict[str, Any]:
+    from ..profiling import ProfileConfig
 
-    return _as_model(model, None)
+    config = ProfileConfig(batch_size=batch_size, max_length=max_length, max_tokens=max_tokens).checked()
+    return {"batch_size": config.batch_size, "max_length": config.max_length, "max_tokens": config.max_tokens}
 
 
 class _ChannelTracer(Tracer):
@@ -352,6 +344,8 @@ def outlier_channels(
     """
     threshold = _check_threshold(threshold)
     bins = _check_bins(lo, hi, bins_per_decade)
+    from ..feeding import as_model
+
     tracer = _ChannelTracer(as_model(model), sites, bins)
     feed(tracer, data, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens)
     parts = [_channel_rows(site, tracer.stats[site.label]) for site in tracer.plan.sites if site.label in tracer.stats]

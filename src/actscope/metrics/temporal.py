@@ -239,19 +239,18 @@ def temporal_sparsity(
     (e.g. an MoE expert never given two neighbouring tokens) reports ``pairs = 0`` and NaN
     fractions; ``DataError`` when no site saw a token, ``SiteError`` when no site saw a pair.
     """
-    from ..profiling import ProfileConfig, _as_model, _batches, _unpack
+    from ..feeding import as_model, feed, source_for
+    from ..profiling import ProfileConfig
 
     thresholds = _checked_eps(eps)
     config = ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, column=column).checked()
-    model = _as_model(model, None)
+    model = as_model(model)
     plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
     _refuse_patterns(plan)
     tracer = _DeltaTracer(model, plan, thresholds)
-    with torch.no_grad(), tracer.attached():
-        for batch in _batches(model, data, config).batches:
-            inputs, _, examples = _unpack(batch, model.device)
-            tracer.next_examples = examples
-            model(**inputs)
+    source = source_for(model, data, batch_size=config.batch_size, max_length=config.max_length,
+                        max_tokens=config.max_tokens, column=config.column)
+    feed(tracer, source)
     entries = tuple(_freeze(site, tracer.counts.get(site.label), thresholds) for site in plan.sites)
     _check_measured(entries)
     return TemporalSparsity(thresholds, entries)
