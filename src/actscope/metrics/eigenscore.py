@@ -241,6 +241,10 @@ def eigenscore(
         raise InputError(f"k must be at least 2 answers (a covariance of one answer is empty), got {k}")
     _check_count("max_new_tokens", max_new_tokens)
     _check_sampling(temperature, top_p, top_k)
+    _check_alpha(alpha)  # the scoring options too, before any sampling work
+    _check_count("probes", probes)
+    if moments is not None:
+        _check_count("moments", moments)
     if pool not in POOLS:
         raise InputError(f"pool must be one of {POOLS}, got {pool!r}")
     model = _as_model(model, tokenizer)
