@@ -12,8 +12,8 @@ transformer trained with Adam on Bigram-Backcopy develops
 Thresholds, fixed before looking at the figures: sink score > 0.5 on non-trigger queries and
 < 0.5 on trigger queries; value ratio < 0.5; residual ratio > 2 (in some layer).
 
-Run:  PYTHONPATH=src python examples/bigram_backcopy.py [--layers 1] [--steps N] [--sgd]
-The model is trained once (about a minute on two cores) and cached under $ACTSCOPE_CACHE/zoo.
+Run:  PYTHONPATH=src python examples/bigram_backcopy.py [--layers 1] [--steps N] [--seed S] [--sgd]
+The model is trained once (20-45 s on one CPU thread) and cached under $ACTSCOPE_CACHE/zoo.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def report(path, label: str) -> dict[str, bool]:
     meta = read_meta(path)
     task = task_of(path)
     model = actscope.load(path)
+    model.module.set_attn_implementation("eager")  # as trained; pattern sites need it anyway
     data = held_out(task)
     quiet = extreme_tokens(model, data, token_filter=lambda ids: ~task.is_trigger(ids))  # non-trigger queries
     busy = extreme_tokens(model, data, token_filter=task.is_trigger)  # trigger queries
@@ -80,15 +81,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--steps", type=int, default=BackcopyConfig.steps)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (initial weights and batches)")
     parser.add_argument("--sgd", action="store_true", help="also train with SGD and show the contrast")
     args = parser.parse_args()
 
-    adam = report(train_backcopy(args.layers, steps=args.steps), "Adam")
+    adam = report(train_backcopy(args.layers, steps=args.steps, seed=args.seed), "Adam")
     print(f"{'PASS' if adam['sink'] else 'FAIL'}: attention sink on BOS (dormant on non-trigger queries, active on triggers)")
     print(f"{'PASS' if adam['drain'] else 'FAIL'}: value-state drain (BOS value norm < 0.5 x median)")
     print(f"{'PASS' if adam['peak'] else 'FAIL'}: residual-state peak (BOS residual norm > 2 x median)")
     if args.sgd:
-        sgd = report(train_backcopy(args.layers, optimizer="sgd", steps=args.steps), "SGD")
+        sgd = report(train_backcopy(args.layers, optimizer="sgd", steps=args.steps, seed=args.seed), "SGD")
         print(f"{'PASS' if not sgd['sink'] else 'FAIL'}: with SGD, no attention sink on BOS")
 
 

@@ -289,7 +289,9 @@ class _BatchMasks:
     others: torch.Tensor  # [batch, pos] bool: real tokens other than the sink that count
 
 
-def _batch_masks(inputs: Mapping[str, Any], pattern: torch.Tensor, sink_position: int, token_filter: TokenFilter | None) -> _BatchMasks:
+def _batch_masks(
+    inputs: Mapping[str, Any], pattern: torch.Tensor, sink_position: int, token_filter: TokenFilter | None
+) -> _BatchMasks:
     batch, _, queries, keys = pattern.shape  # [batch, head, q, k]
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
