@@ -8,8 +8,9 @@
  * `shift` (a value of each column) so that the variance does not cancel catastrophically.
  *
  * Exactness: eps_f[c] is the largest float <= eps[c], so (a > eps_f) == (a > eps) for every
- * float a. The histogram slot of |a| is slot_of_key[bits >> 16] plus one when |a| reaches the
- * next slot's first float (next_slot_at), which is exact because a key spans less than one bin.
+ * float a. The histogram slot of |a| is slot_of_key[bits >> key_shift] plus one when |a|
+ * reaches the next slot's first float (next_slot_at), which is exact because a key (exponent
+ * and top mantissa bits) spans less than one bin.
  * Slots: 0 zero, 1 underflow, 2.. bins, n_slots-2 overflow, n_slots-1 non-finite.
  */
 #include <pthread.h>
@@ -25,7 +26,8 @@ typedef struct {
     int64_t n, u, j0, j1;
     const float *eps_f;
     int32_t n_eps;
-    const int16_t *slot_of_key;
+    const int32_t *slot_of_key;
+    int32_t key_shift;
     const float *next_slot_at;
     int32_t n_slots;
     const double *shift;
@@ -48,6 +50,7 @@ static void block(work_t *w, int64_t j0, int64_t j1) {
     int32_t cnt[BLOCK], fired[MAX_CRITERIA][BLOCK];
     double sum[BLOCK], sq[BLOCK], shift[BLOCK];
     float lo[BLOCK], hi[BLOCK], kept_value[BLOCK], kept_mask[BLOCK];
+    int32_t slot[BLOCK];
     memset(cnt, 0, sizeof cnt);
     memset(fired, 0, sizeof fired);
     for (int64_t j = 0; j < width; j++) {
@@ -94,14 +97,15 @@ static void block(work_t *w, int64_t j0, int64_t j1) {
             }
             tf[c + 1] = above_row;
         }
+        /* Slots first (a gather-friendly loop the compiler vectorises), then the increments. */
         for (int64_t j = 0; j < width; j++) {
             const uint32_t b = bits_of(row[j]) & 0x7fffffffu;
             float a;
             memcpy(&a, &b, sizeof a);
-            int32_t s = w->slot_of_key[b >> 16];
-            s += a >= w->next_slot_at[s];
-            lanes[(j & 3) * w->n_slots + s]++;
+            const int32_t s0 = w->slot_of_key[b >> w->key_shift];
+            slot[j] = s0 + (a >= w->next_slot_at[s0]);
         }
+        for (int64_t j = 0; j < width; j++) lanes[(j & 3) * w->n_slots + slot[j]]++;
         int32_t *out = w->token_fired + i * criteria;
         for (int64_t c = 0; c < criteria; c++) out[c] += tf[c];
     }
@@ -128,7 +132,7 @@ static void *run(void *arg) {
 int actscope_site_partials(
     const float *x, int64_t n, int64_t u,
     const float *eps_f, int32_t n_eps,
-    const int16_t *slot_of_key, const float *next_slot_at, int32_t n_slots,
+    const int32_t *slot_of_key, int32_t key_shift, const float *next_slot_at, int32_t n_slots,
     const double *shift, int32_t threads,
     int64_t *count, int64_t *nonfinite, double *sum, double *sumsq, double *mn, double *mx,
     int64_t *fired,        /* [1 + n_eps][u] */
@@ -149,7 +153,7 @@ int actscope_site_partials(
     for (int32_t t = 0; t < threads; t++) {
         const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
         work[t] = (work_t){x, n, u, b0 * BLOCK, b1 * BLOCK < u ? b1 * BLOCK : u, eps_f, n_eps,
-                           slot_of_key, next_slot_at, n_slots, shift, count, nonfinite, sum, sumsq,
+                           slot_of_key, key_shift, next_slot_at, n_slots, shift, count, nonfinite, sum, sumsq,
                            mn, mx, fired, token_fired + t * n * criteria, thread_slots + t * n_slots, 0};
     }
     int started = 0;

@@ -90,7 +90,7 @@ def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor) -> dict[str,
     n, u = x.shape
     criteria = 1 + len(eps)
     shift = _shift(x)
-    slot_of_key, next_slot_at = slot_tables(tuple(edges.tolist()))
+    slot_of_key, key_shift, next_slot_at = slot_tables(tuple(edges.tolist()))
     n_slots = len(next_slot_at)
     out = {
         "count": torch.zeros(u, dtype=I64),
@@ -107,7 +107,7 @@ def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor) -> dict[str,
     status = library().actscope_site_partials(
         _ptr(x), ctypes.c_int64(n), ctypes.c_int64(u),
         _ptr(eps_f), ctypes.c_int32(len(eps)),
-        _ptr(slot_of_key), _ptr(next_slot_at), ctypes.c_int32(n_slots),
+        _ptr(slot_of_key), ctypes.c_int32(key_shift), _ptr(next_slot_at), ctypes.c_int32(n_slots),
         _ptr(shift), ctypes.c_int32(max(torch.get_num_threads(), 1)),
         *(_ptr(out[key]) for key in ("count", "nonfinite", "sum", "sumsq", "min", "max", "fired", "firing_hist", "raw_slots")),
     )
@@ -138,26 +138,31 @@ def float_thresholds(eps: tuple[float, ...]) -> Tensor:
 
 
 @lru_cache(maxsize=8)
-def slot_tables(edges: tuple[float, ...]) -> tuple[Tensor, Tensor]:
-    """Lookup tables for the exact histogram slot of a float32 |a| from its top 16 bits.
+def slot_tables(edges: tuple[float, ...]) -> tuple[Tensor, int, Tensor]:
+    """Lookup tables for the exact histogram slot of a float32 |a| from its top bits.
 
     Slots: 0 zero, 1 underflow (< edges[0]), 2… bins, then overflow (>= edges[-1]) and
-    non-finite. ``slot_of_key[k]`` is the slot of the smallest float whose top bits are k;
-    ``next_slot_at[s]`` is the first float of slot s + 1 (NaN: never). A key spans a ratio of
-    at most 1 + 2**-7, less than one bin, so the slot is the key's or the next one.
+    non-finite. A key is the exponent and the top ``m`` mantissa bits (``bits >> key_shift``);
+    ``m`` is the smallest that makes a key span a ratio (at most 1 + 2**-m) below one bin's, so
+    the slot is the key's first float's slot or the next one. ``slot_of_key[k]`` is that first
+    slot; ``next_slot_at[s]`` is the first float of slot s + 1 (NaN: never). Small tables stay
+    in the L1 cache.
     """
     edge = np.asarray(edges, dtype=np.float64)
     n_bins = len(edge) - 1
     nonfinite = n_bins + 3  # overflow (n_bins + 2) and non-finite never move up a slot
+    bin_ratio = float(np.min(edge[1:] / edge[:-1]))
+    mantissa_bits = next(m for m in range(1, 24) if 1 + 2.0**-m < bin_ratio)
+    key_shift = 23 - mantissa_bits
     with np.errstate(invalid="ignore"):  # the keys of NaN bit patterns
-        keys = (np.arange(1 << 15, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+        keys = (np.arange(1 << (31 - key_shift), dtype=np.uint32) << key_shift).view(np.float32).astype(np.float64)
         slot = np.searchsorted(edge, keys, side="right") + 1  # 1 below lo, 2 + bin, n_bins + 2 at hi
     slot[keys == 0] = 0
     slot[~np.isfinite(keys)] = nonfinite
     first = np.full(n_bins + 4, np.nan, dtype=np.float32)
     first[0] = np.float32(np.finfo(np.float32).smallest_subnormal)
     first[1 : n_bins + 2] = [_float_at_or_above(e) for e in edge]
-    return torch.from_numpy(slot.astype(np.int16)), torch.from_numpy(first)
+    return torch.from_numpy(slot.astype(np.int32)), key_shift, torch.from_numpy(first)
 
 
 def _float_at_or_above(value: float) -> np.float32:
