@@ -69,8 +69,20 @@ def _degradation_of_loss(loss: float, dense: float) -> float:
 
 
 # -- causal LM -----------------------------------------------------------------------------
+class _LossRatio:
+    """Objectives whose degradation is ``exp(L_sparse − L_dense) − 1`` of a loss over fixed
+    evaluation batches: subclasses give ``batches(model)`` and ``loss(model, batches)``."""
+
+    def reference(self, model: Any) -> _Reference:
+        batches = self.batches(model)
+        return _Reference(batches, self.loss(model, batches))
+
+    def degradation(self, model: Any, reference: _Reference) -> float:
+        return _degradation_of_loss(self.loss(model, reference.batches), reference.value)
+
+
 @dataclass(frozen=True)
-class CausalLMLoss:
+class CausalLMLoss(_LossRatio):
     """Perplexity ratio of a causal LM on ``data`` (strings, a text source or input dicts)."""
 
     name: ClassVar[str] = "causal_lm_loss"
@@ -92,17 +104,13 @@ class CausalLMLoss:
             raise DataError("the evaluation texts have no token followed by another; pass longer texts")
         return total / count
 
-    def reference(self, model: Any) -> _Reference:
-        batches = materialised(model, self.data, batch_size=self.batch_size, max_length=self.max_length, what="evaluation")
-        return _Reference(batches, self.loss(model, batches))
-
-    def degradation(self, model: Any, reference: _Reference) -> float:
-        return _degradation_of_loss(self.loss(model, reference.batches), reference.value)
+    def batches(self, model: Any) -> list[dict[str, torch.Tensor]]:
+        return materialised(model, self.data, batch_size=self.batch_size, max_length=self.max_length, what="evaluation")
 
 
 # -- masked LM -----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MaskedLMLoss:
+class MaskedLMLoss(_LossRatio):
     """Masked-LM loss ratio; ``mask_token_id`` defaults to the tokenizer's."""
 
     name: ClassVar[str] = "masked_lm_loss"
@@ -114,7 +122,7 @@ class MaskedLMLoss:
     batch_size: int = 16
     max_length: int = 128
 
-    def masked(self, model: Any) -> list[dict[str, torch.Tensor]]:
+    def batches(self, model: Any) -> list[dict[str, torch.Tensor]]:
         """The evaluation batches with masked inputs and ``labels`` (−100 = not scored)."""
         if not 0 < self.mask_fraction < 1:
             raise InputError(f"mask_fraction must be between 0 and 1, got {self.mask_fraction!r}; e.g. 0.15")
@@ -151,14 +159,6 @@ class MaskedLMLoss:
             total += float(torch.nn.functional.cross_entropy(logits[scored], labels[scored], reduction="sum"))
             count += int(scored.sum())
         return total / count
-
-    def reference(self, model: Any) -> _Reference:
-        batches = self.masked(model)
-        return _Reference(batches, self.loss(model, batches))
-
-    def degradation(self, model: Any, reference: _Reference) -> float:
-        return _degradation_of_loss(self.loss(model, reference.batches), reference.value)
-
 
 # -- embedding fidelity --------------------------------------------------------------------
 @dataclass(frozen=True)
