@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from actscope.data.corpus import Corpus
 from actscope.errors import DataError
@@ -62,7 +62,7 @@ def token_batches(
     encoded = _encoded_documents(corpus, tokenizer, limit, batch_size)
     if max_tokens is not None:
         encoded = _within_budget(encoded, max_tokens)
-    return _batches(encoded, batch_size, _pad_id(tokenizer))
+    return _batches(encoded, batch_size, pad_id(tokenizer))
 
 
 def context_text(
@@ -163,27 +163,37 @@ def _within_budget(
 
 
 def _batches(
-    encoded: Iterator[tuple[int, list[int]]], batch_size: int, pad_id: int
+    encoded: Iterator[tuple[int, list[int]]], batch_size: int, pad: int
 ) -> Iterator[Batch]:
     while rows := list(itertools.islice(encoded, batch_size)):
-        yield _make_batch(rows, pad_id)
+        yield _make_batch(rows, pad)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The id to pad with: the pad token, else the end-of-sequence token, else 0 (the mask
+    marks padding either way, and the tokenizer is never changed)."""
     for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if isinstance(candidate, int) and not isinstance(candidate, bool):
             return candidate
     return 0
 
 
-def _make_batch(rows: list[tuple[int, list[int]]], pad_id: int) -> Batch:
+def pad_right(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Token-id rows → right-padded ``input_ids`` and ``attention_mask`` ``[rows, width]``."""
     import torch
 
-    width = max(len(ids) for _, ids in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.int64)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for row, (_, ids) in enumerate(rows):
+    for row, ids in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
         attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def _make_batch(rows: list[tuple[int, list[int]]], pad: int) -> Batch:
+    import torch
+
+    input_ids, attention_mask = pad_right([ids for _, ids in rows], pad)
     doc_ids = torch.tensor([doc_id for doc_id, _ in rows], dtype=torch.int64)
     return Batch(input_ids, attention_mask, doc_ids, n_tokens=int(attention_mask.sum()))

@@ -320,16 +320,13 @@ def _run(model: Any, tracer: _CoreTracer, rows: list[list[int]], batch_size: int
     """Run every row (full texts, then prefixes) in right-padded batches; row number = example id."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a whole number ≥ 1, got {batch_size!r}")
-    pad = _pad_id(model.tokenizer)
+    from ..data import pad_id, pad_right
+
+    pad = pad_id(model.tokenizer)
     with torch.no_grad(), tracer.attached():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            width = max(len(row) for row in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.int64)
-            mask = torch.zeros((len(chunk), width), dtype=torch.int64)
-            for i, row in enumerate(chunk):
-                input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
-                mask[i, :len(row)] = 1
+            input_ids, mask = pad_right(chunk, pad)
             tracer.next_examples = torch.arange(start, start + len(chunk))
             model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device))
 
@@ -340,13 +337,6 @@ def _check_seen(plan: Plan, found: dict, rows: int) -> None:
         if missing:
             raise SiteError(f"{site.label} was not reached for input row {missing[0]} (of {rows}); the model's forward "
                             "pass does not run that module on these inputs; choose another site")
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(candidate, int) and not isinstance(candidate, bool):
-            return candidate
-    return 0
 
 
 def _text_core(text: int, site: Site, row: _RowCore, beta: float) -> TextCore:

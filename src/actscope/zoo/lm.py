@@ -175,14 +175,9 @@ def encode_documents(tokenizer, docs: Sequence[str], max_len: int = 128) -> list
 
 
 def _pad_batch(rows: Sequence[Sequence[int]], pad_id: int):
-    import torch
+    from actscope.data import pad_right
 
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    input_ids, mask = pad_right(rows, pad_id)
     labels = input_ids.masked_fill(mask == 0, -100)
     return input_ids, mask, labels
 
