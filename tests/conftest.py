@@ -41,3 +41,18 @@ def model_state(module: torch.nn.Module) -> tuple:
         module.training,
         getattr(config, "_attn_implementation", None),
     )
+
+
+def word_tokenizer(tokens: list[str], *, bos: str | None = None, **special_tokens: str):
+    """A word-level tokenizer over ``tokens`` (ids in list order, whitespace split); ``bos``
+    is put in front of every text when given. ``special_tokens``: pad_token=…, unk_token=…"""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=special_tokens.get("unk_token")))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos is not None:
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+        special_tokens["bos_token"] = bos
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)

@@ -12,6 +12,8 @@ import actscope
 from actscope.errors import DataError, InputError, SiteError
 from actscope.metrics.core import ceil_fraction, core_neurons, sentence_core, token_core
 
+import conftest
+
 WORDS = "the a cat dog sat ran on under mat rug . and big small red blue".split()
 TEXTS = [
     "the cat sat on the mat .",
@@ -51,14 +53,7 @@ def naive_overlap(a: set, b: set) -> tuple[float, float]:
 
 # -- a tiny model with a tokenizer ----------------------------------------------------------------
 def word_tokenizer():
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<unk>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>")
+    return conftest.word_tokenizer(["<pad>", "<bos>", "<unk>", *WORDS], bos="<bos>", pad_token="<pad>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from actscope.errors import InputError
 from actscope.metrics.eigenscore import EigenScore, eigenscore, eigenscore_efficient, eigenscore_exact
 from actscope.zoo.tiny import tiny_model
 
+import conftest
+
 ALPHA = 1e-3
 
 
@@ -141,13 +143,8 @@ def _zoo_dir():
 
 
 def _word_tokenizer(size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, size)}}
-    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="<pad>")
+    words = [f"w{i}" for i in range(2, size)]
+    return conftest.word_tokenizer(["<pad>", "<unk>", *words], pad_token="<pad>", unk_token="<unk>", eos_token="<pad>")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from actscope.errors import InputError
 from actscope.metrics.sensitivity import Sensitivity, neuron_sensitivity, sensitive_mask, sensitivity_from_trajectory
 from actscope.zoo.tiny import tiny_model
 
+import conftest
+
 WORDS = [f"w{i}" for i in range(40)]
 TEXTS = ["w1 w2 w3 w4 w5", "w7 w8 w9", "w10 w11 w12 w13 w14 w15 w16 w17", "w3 w30"]  # different lengths: padding
 
@@ -71,13 +73,7 @@ def test_sensitive_mask_rounds_half_up_and_breaks_ties_by_index():
 
 # -- checkpoints --------------------------------------------------------------------------
 def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, **{word: i + 2 for i, word in enumerate(WORDS)}}
-    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>")
+    return conftest.word_tokenizer(["<pad>", "<unk>", *WORDS], pad_token="<pad>", unk_token="<unk>")
 
 
 def perturbed_llama(step: int) -> torch.nn.Module:

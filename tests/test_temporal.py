@@ -11,6 +11,8 @@ import actscope
 from actscope.errors import DataError, InputError, SiteError
 from actscope.metrics.temporal import TemporalSparsity, delta_l1_loss, temporal_sparsity
 
+import conftest
+
 EPS = (0.0, 1e-3, 1e-2, 1e-1, 0.5)
 SITES = "blocks.*.mlp.post,blocks.0.resid.post[1,5,7]"
 WORDS = "the a cat dog sat ran on under mat rug . and big small red blue".split()
@@ -32,14 +34,7 @@ def relu_llama(dtype=torch.float32, tokenizer=None):
 
 def word_tokenizer():
     """A hand-built word-level tokenizer: <pad>=0, <bos> in front of every text."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<unk>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>")
+    return conftest.word_tokenizer(["<pad>", "<bos>", "<unk>", *WORDS], bos="<bos>", pad_token="<pad>", unk_token="<unk>")
 
 
 def padded_batches():
