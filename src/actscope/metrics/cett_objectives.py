@@ -69,16 +69,23 @@ def _degradation_of_loss(loss: float, dense: float) -> float:
 
 
 # -- causal LM -----------------------------------------------------------------------------
-class _LossRatio:
-    """Objectives whose degradation is ``exp(L_sparse − L_dense) − 1`` of a loss over fixed
-    evaluation batches: subclasses give ``batches(model)`` and ``loss(model, batches)``."""
+class _Evaluated:
+    """An objective measured on fixed evaluation batches: the dense reference keeps the
+    batches and the dense value of ``measure(model, batches)``, which subclasses define."""
+
+    def batches(self, model: Any) -> list[dict[str, torch.Tensor]]:
+        return materialised(model, self.data, batch_size=self.batch_size, max_length=self.max_length, what="evaluation")
 
     def reference(self, model: Any) -> _Reference:
         batches = self.batches(model)
-        return _Reference(batches, self.loss(model, batches))
+        return _Reference(batches, self.measure(model, batches))
+
+
+class _LossRatio(_Evaluated):
+    """Objectives whose degradation is ``exp(L_sparse − L_dense) − 1`` of the loss ``measure``."""
 
     def degradation(self, model: Any, reference: _Reference) -> float:
-        return _degradation_of_loss(self.loss(model, reference.batches), reference.value)
+        return _degradation_of_loss(self.measure(model, reference.batches), reference.value)
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ class CausalLMLoss(_LossRatio):
     batch_size: int = 16
     max_length: int = 128
 
-    def loss(self, model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    def measure(self, model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         """Mean next-token cross-entropy (nats) over real tokens that have a real successor."""
         total, count = 0.0, 0
         for inputs in batches:
@@ -103,9 +110,6 @@ class CausalLMLoss(_LossRatio):
         if count == 0:
             raise DataError("the evaluation texts have no token followed by another; pass longer texts")
         return total / count
-
-    def batches(self, model: Any) -> list[dict[str, torch.Tensor]]:
-        return materialised(model, self.data, batch_size=self.batch_size, max_length=self.max_length, what="evaluation")
 
 
 # -- masked LM -----------------------------------------------------------------------------
@@ -148,7 +152,7 @@ class MaskedLMLoss(_LossRatio):
         return int(mask_id), tuple(int(s) for s in special)
 
     @staticmethod
-    def loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    def measure(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         """Mean cross-entropy over the masked positions of all batches."""
         total, count = 0.0, 0
         for batch in batches:
@@ -160,9 +164,10 @@ class MaskedLMLoss(_LossRatio):
             count += int(scored.sum())
         return total / count
 
+
 # -- embedding fidelity --------------------------------------------------------------------
 @dataclass(frozen=True)
-class EmbeddingFidelity:
+class EmbeddingFidelity(_Evaluated):
     """``1 − mean cosine(sparse, dense)`` of mean-pooled sentence embeddings."""
 
     name: ClassVar[str] = "embedding_fidelity"
@@ -171,7 +176,7 @@ class EmbeddingFidelity:
     max_length: int = 128
 
     @staticmethod
-    def embed(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def measure(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
         """``[N, d_model]`` float64: mean of the last hidden state over each text's real tokens."""
         rows = []
         for inputs in batches:
@@ -182,12 +187,8 @@ class EmbeddingFidelity:
             rows.append((hidden.to(torch.float64) * mask).sum(1) / mask.sum(1).clamp_min(1))
         return torch.cat(rows)
 
-    def reference(self, model: Any) -> _Reference:
-        batches = materialised(model, self.data, batch_size=self.batch_size, max_length=self.max_length, what="evaluation")
-        return _Reference(batches, self.embed(model, batches))
-
     def degradation(self, model: Any, reference: _Reference) -> float:
-        cosine = torch.nn.functional.cosine_similarity(self.embed(model, reference.batches), reference.value, dim=-1)
+        cosine = torch.nn.functional.cosine_similarity(self.measure(model, reference.batches), reference.value, dim=-1)
         return 1.0 - float(cosine.mean())
 
 
@@ -200,7 +201,7 @@ def _rows(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 @dataclass(frozen=True)
-class ClassifierKL:
+class ClassifierKL(_Evaluated):
     """``exp(mean KL(dense ‖ sparse)) − 1`` over examples (or real tokens)."""
 
     name: ClassVar[str] = "classifier_kl"
@@ -209,23 +210,20 @@ class ClassifierKL:
     max_length: int = 128
 
     @staticmethod
-    def log_probs(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    def measure(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per batch, ``[rows, classes]`` log-probabilities in float64."""
         return [torch.log_softmax(_rows(_logits(_forward(model, b)), b).double(), dim=-1) for b in batches]
-
-    def reference(self, model: Any) -> _Reference:
-        batches = materialised(model, self.data, batch_size=self.batch_size, max_length=self.max_length, what="evaluation")
-        return _Reference(batches, self.log_probs(model, batches))
 
     def degradation(self, model: Any, reference: _Reference) -> float:
         total, count = 0.0, 0
-        for dense, sparse in zip(reference.value, self.log_probs(model, reference.batches)):
+        for dense, sparse in zip(reference.value, self.measure(model, reference.batches)):
             total += float((dense.exp() * (dense - sparse)).sum())
             count += dense.shape[0]
         return math.exp(total / count) - 1.0
 
 
 @dataclass(frozen=True)
-class ClassifierAccuracy:
+class ClassifierAccuracy(_Evaluated):
     """``1 − accuracy_sparse / accuracy_dense`` against ``labels`` (one per logits row)."""
 
     name: ClassVar[str] = "classifier_accuracy"
@@ -234,7 +232,7 @@ class ClassifierAccuracy:
     batch_size: int = 16
     max_length: int = 128
 
-    def accuracy(self, model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    def measure(self, model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         predicted = torch.cat([_rows(_logits(_forward(model, b)), b).argmax(-1).cpu() for b in batches])
         labels = torch.as_tensor(list(self.labels))
         if predicted.shape != labels.shape:
@@ -244,11 +242,10 @@ class ClassifierAccuracy:
         return float((predicted == labels).double().mean())
 
     def reference(self, model: Any) -> _Reference:
-        batches = materialised(model, self.data, batch_size=self.batch_size, max_length=self.max_length, what="evaluation")
-        dense = self.accuracy(model, batches)
-        if dense == 0:
+        reference = super().reference(model)
+        if reference.value == 0:
             raise InputError("the dense model gets every example wrong, so an accuracy ratio means nothing; use ClassifierKL")
-        return _Reference(batches, dense)
+        return reference
 
     def degradation(self, model: Any, reference: _Reference) -> float:
-        return 1.0 - self.accuracy(model, reference.batches) / reference.value
+        return 1.0 - self.measure(model, reference.batches) / reference.value
