@@ -13,7 +13,7 @@ STAMP := $(VENV)/.actscope-installed
 .PHONY: demo test setup clean bench
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/actscope profile --out runs/demo --overwrite
+	HF_HUB_OFFLINE=1 $(VENV)/bin/actscope profile --metrics all --out runs/demo --overwrite
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -52,6 +52,9 @@ def profile(
     config: ProfileConfig | None = None,
     progress: Progress | None = None,
     device: str | None = None,
+    metrics: str | Sequence[str] | None = None,
+    measure_config: Any = None,
+    on_metric: Callable[[str], None] | None = None,
     **options: Any,
 ) -> Run:
     """Observe ``sites`` of ``model`` over ``data`` and return (and optionally save) a Run.
@@ -60,11 +63,15 @@ def profile(
     MiniLM. ``data``: a path (text, jsonl, csv, tsv, parquet, a saved HF dataset), a list of
     strings, None for the built-in corpus, or an iterable of ready model-input dicts.
     ``options`` are ProfileConfig fields (max_tokens, batch_size, max_length, k, eps, column).
+    ``metrics``: measurements to run after profiling and save beside its tables (``"all"`` or
+    names from :data:`actscope.measure.MEASUREMENTS`; text data only); ``measure_config`` a
+    :class:`actscope.measure.MeasureConfig`; ``on_metric(name)`` is called as each one starts.
     """
     config = (config or ProfileConfig(**options)).checked()
     model = as_model(model, device)
     plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
     source = source_for(model, data, batch_size=config.batch_size, max_length=config.max_length, max_tokens=config.max_tokens, column=config.column)
+    chosen = _chosen_metrics(metrics, source)
     if out is not None:
         from .store import check_target
 
@@ -77,13 +84,15 @@ def profile(
         raise DataError("no tokens were observed; the data set produced no input (is it empty?)")
     manifest = _manifest(model, plan, source, config, documents, tokens, started, seconds)
     run = _assemble(model, plan, source, observer, config, manifest)
+    if chosen:
+        run = _with_measurements(run, model, source, chosen, measure_config, on_metric)
     if out is None:
         return run
     from .store import write_run
 
     state = {label: stat.state_dict() for label, stat in observer.stats.items()}
-    path = write_run(out, manifest=manifest, tables=run.tables, arrays=run.arrays, state=state, overwrite=overwrite)
-    return Run(manifest, run.tables, run.arrays, path)
+    path = write_run(out, manifest=dict(run.manifest), tables=run.tables, arrays=run.arrays, state=state, overwrite=overwrite)
+    return Run(run.manifest, run.tables, run.arrays, path)
 
 
 def _assemble(model: Model, plan: Plan, source: Source, observer: Observer, config: ProfileConfig, manifest: dict) -> Run:
@@ -100,6 +109,35 @@ def _assemble(model: Model, plan: Plan, source: Source, observer: Observer, conf
         built["heads"] = heads
     arrays = tables.site_arrays(plan, observer.stats)
     return Run(manifest, _to_arrow(built), arrays)
+
+
+def _chosen_metrics(metrics: str | Sequence[str] | None, source: Source) -> list[str]:
+    """Validate the measurement names before the (long) profiling pass starts."""
+    if not metrics:
+        return []
+    from .measure import resolve_metrics
+
+    chosen = [m.name for m in resolve_metrics(metrics)]
+    if source.corpus is None:
+        raise InputError("measurements need text data (a file or a list of strings), not ready model inputs; drop metrics= or pass text")
+    return chosen
+
+
+def _with_measurements(run: Run, model: Model, source: Source, chosen: list[str], config: Any, on_metric: Any) -> Run:
+    """The run with each measurement's tables added and its outcome in ``manifest['measurements']``."""
+    from .measure import measure
+
+    results = measure(model, source.corpus.documents, chosen, config, progress=on_metric)
+    tables = dict(run.tables)
+    tables.update(_to_arrow({name: _numpy_columns(cols) for r in results for name, cols in r.tables.items()}))
+    outcome = {r.name: {"summary": list(r.summary), "skipped": r.skipped, "tables": list(r.tables)} for r in results}
+    return Run({**run.manifest, "measurements": outcome}, tables, run.arrays)
+
+
+def _numpy_columns(columns: Any) -> dict[str, Any]:
+    import numpy as np
+
+    return {key: np.asarray(value) for key, value in columns.items()}
 
 
 def _context_fn(source: Source, config: ProfileConfig):

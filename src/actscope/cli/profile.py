@@ -12,6 +12,8 @@ from rich.table import Table
 
 from .common import console, friendly_errors, quiet_libraries
 
+_METRIC_NAMES = "cett, temporal, core, codes, extreme, outliers, memory, moe"
+
 
 def profile(
     model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model directory (default: the embedded MiniLM)."),
@@ -25,6 +27,7 @@ def profile(
     max_length: int = typer.Option(128, "--max-length", help="Truncate documents to this many tokens."),
     top_k: int = typer.Option(8, "--top-k", help="Top-activating examples kept per unit."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: where the model loads)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Measurements to add to the run: 'all' or a comma list of " + _METRIC_NAMES + "."),
 ) -> None:
     """Stream per-neuron statistics of chosen sites into a run directory and summarise them."""
     quiet_libraries()
@@ -37,7 +40,8 @@ def profile(
         corpus = load_corpus(data, column=column)
         target = out or _default_out(model.name)
         with _progress(len(corpus)) as advance:
-            run = actscope.profile(model, corpus, sites=plan, out=target, overwrite=overwrite, config=config, progress=advance)
+            run = actscope.profile(model, corpus, sites=plan, out=target, overwrite=overwrite, config=config, progress=advance,
+                                   metrics=metrics, on_metric=_announce)
         _summary(run)
 
 
@@ -93,4 +97,20 @@ def _summary(run) -> None:
             str(row["dead_units"]),
         )
     console.print(table)
+    _measurements(run.manifest.get("measurements", {}))
     console.print(f"Run directory: [bold]{run.path}[/]")
+
+
+def _announce(name: str) -> None:
+    console.print(f"[dim]measuring {name}…[/]")
+
+
+def _measurements(outcome: dict) -> None:
+    """One block per measurement: its summary lines, or why it was skipped."""
+    for name, result in outcome.items():
+        if result["skipped"]:
+            console.print(f"[bold]{name}[/]: [dim]skipped — {escape(result['skipped'])}[/]")
+            continue
+        console.print(f"[bold]{name}[/] → tables {', '.join(result['tables'])}")
+        for line in result["summary"]:
+            console.print(f"  {escape(line)}", highlight=False)
