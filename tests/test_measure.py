@@ -68,7 +68,7 @@ def test_saved_measurements_equal_the_metric_functions(minilm, tmp_path):
     _same_columns(saved.table("outliers"), outlier_channels(minilm, TEXTS, batch_size=8).to_table())
     outcome = saved.manifest["measurements"]
     assert outcome["moe"]["skipped"] == "the model is not a supported mixture of experts"
-    assert "checkpoints" in outcome["sensitivity"]["skipped"] and outcome["sensitivity"]["tables"] == []
+    assert "--checkpoints" in outcome["sensitivity"]["skipped"] and outcome["sensitivity"]["tables"] == []
     assert outcome["temporal"]["tables"] == ["temporal"] and outcome["temporal"]["skipped"] is None
     assert any("redundancy ratio" in line for line in outcome["codes"]["summary"])
     assert set(run.tables) == set(saved.tables)
@@ -115,8 +115,8 @@ def test_measurements_that_do_not_apply_say_why():
     assert "no tokenizer" in results["memory"].skipped and "MLP neuron" in results["cett"].skipped
     from actscope.measure import _is_moe
 
-    assert _is_moe(actscope.wrap(tiny_model("mixtral")[0])) is None
-    assert _is_moe(actscope.wrap(tiny_model("bert")[0])) == "the model is not a supported mixture of experts"
+    assert _is_moe(actscope.wrap(tiny_model("mixtral")[0]), MeasureConfig()) is None
+    assert _is_moe(actscope.wrap(tiny_model("bert")[0]), MeasureConfig()) == "the model is not a supported mixture of experts"
 
 
 def test_cli_profile_metrics(tmp_path):
@@ -129,3 +129,42 @@ def test_cli_profile_metrics(tmp_path):
     assert good.exit_code == 0, good.output
     assert "temporal → tables temporal" in good.output and "moe: skipped" in good.output
     assert "temporal" in actscope.open_run(tmp_path / "run").tables
+
+
+def test_sensitivity_over_given_checkpoints_ends_with_this_model(tmp_path):
+    from actscope.metrics.sensitivity import neuron_sensitivity
+    from actscope.zoo.tiny import tiny_model
+
+    texts = ["a b c d", "c d e f g", "b a d"]
+    module = tiny_model("llama")[0]
+    tokenizer = _tiny_tokenizer(module.config.vocab_size)
+    earlier = []
+    for step in range(2):  # two "earlier checkpoints": the model with perturbed weights
+        torch.manual_seed(step)
+        copy = type(module)(module.config).eval()
+        copy.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in module.state_dict().items()})
+        copy.save_pretrained(tmp_path / f"ckpt{step}")
+        earlier.append(str(tmp_path / f"ckpt{step}"))
+    model = actscope.wrap(module.eval(), tokenizer)
+    (result,) = measure(model, texts, "sensitivity", MeasureConfig(checkpoints=tuple(earlier)))
+    direct = neuron_sensitivity([*earlier, model], texts, tokenizer=tokenizer)
+    np.testing.assert_allclose(result.tables["sensitivity"]["sensitivity"], direct.sensitivity, rtol=1e-12)
+    assert "over 3 checkpoints" in result.summary[0]
+
+
+def _tiny_tokenizer(vocab_size: int):
+    from conftest import word_tokenizer
+
+    words = ["<pad>", "<unk>", "<s>", *"abcdefg"] + [f"w{i}" for i in range(vocab_size - 10)]
+    return word_tokenizer(words, bos="<s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_cli_passes_checkpoints_to_sensitivity(tmp_path):
+    runner = CliRunner(env={"COLUMNS": "160"})
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(TEXTS[:6]) + "\n")
+    missing = runner.invoke(app, ["profile", "--data", str(data), "--metrics", "sensitivity", "--checkpoints",
+                                  str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
+    assert missing.exit_code == 2 and not (tmp_path / "run").exists()
+    assert f"checkpoint directory not found: {tmp_path / 'nope'}" in " ".join(missing.output.split())
+    assert "6/6 docs" not in missing.output  # refused before the profiling pass

@@ -31,12 +31,18 @@ class MeasureConfig:
     max_documents: int = 128
     batch_size: int = 16
     max_length: int = 128
+    checkpoints: tuple[str, ...] = ()  # earlier checkpoints of the model, in training order (SeND)
 
     def checked(self) -> "MeasureConfig":
         if not 0 < self.held_out < 1:
             raise InputError(f"held_out must be a fraction between 0 and 1, got {self.held_out!r}; e.g. 0.25")
         if self.max_documents < 2:
             raise InputError(f"max_documents must be at least 2, got {self.max_documents!r}")
+        from pathlib import Path
+
+        missing = [c for c in self.checkpoints if isinstance(c, str) and not Path(c).is_dir()]
+        if missing:
+            raise InputError(f"checkpoint directory not found: {', '.join(missing)}; give existing model directories in training order")
         return self
 
 
@@ -54,7 +60,7 @@ class Measured:
 class Measurement:
     name: str
     what: str
-    applies: Callable[[Any], str | None]  # model → None, or why it does not apply
+    applies: Callable[[Any, MeasureConfig], str | None]  # (model, config) → None, or why it does not apply
     run: Callable[[Any, Sequence[str], MeasureConfig], Measured]
 
 
@@ -73,7 +79,7 @@ def measure(model: Any, texts: Sequence[str], metrics: str | Sequence[str] = ALL
     model = as_model(model)
     results = []
     for entry in chosen:
-        reason = entry.applies(model)
+        reason = entry.applies(model, config)
         if reason is not None:
             results.append(Measured(entry.name, skipped=reason))
             continue
@@ -105,8 +111,11 @@ def _checked_texts(texts: Sequence[str]) -> list[str]:
 
 
 # -- when a measurement applies -------------------------------------------------------------
-def _has_sites(selection: str, what: str) -> Callable[[Any], str | None]:
-    def applies(model: Any) -> str | None:
+Check = Callable[[Any, MeasureConfig], "str | None"]
+
+
+def _has_sites(selection: str, what: str) -> Check:
+    def applies(model: Any, config: MeasureConfig) -> str | None:
         try:
             from .sites import plan_sites
 
@@ -118,25 +127,28 @@ def _has_sites(selection: str, what: str) -> Callable[[Any], str | None]:
     return applies
 
 
-def _all_of(*checks: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    def applies(model: Any) -> str | None:
-        return next((reason for reason in (check(model) for check in checks) if reason), None)
+def _all_of(*checks: Check) -> Check:
+    def applies(model: Any, config: MeasureConfig) -> str | None:
+        return next((reason for reason in (check(model, config) for check in checks) if reason), None)
 
     return applies
 
 
-def _has_tokenizer(model: Any) -> str | None:
+def _has_tokenizer(model: Any, config: MeasureConfig) -> str | None:
     return None if model.tokenizer is not None else "the model has no tokenizer (text measurements need one)"
 
 
-def _is_moe(model: Any) -> str | None:
+def _is_moe(model: Any, config: MeasureConfig) -> str | None:
     from .metrics.moe import RENORMALISE
 
     return None if model.family in RENORMALISE else "the model is not a supported mixture of experts"
 
 
-def _needs(what: str) -> Callable[[Any], str | None]:
-    return lambda model: what
+def _has_checkpoints(model: Any, config: MeasureConfig) -> str | None:
+    if config.checkpoints:
+        return None
+    return ("needs earlier checkpoints of the model (--checkpoints DIR,DIR,… in training order); the Efficient "
+            "EigenScore of sampled generations is Python-only: actscope.metrics.eigenscore")
 
 
 # -- the measurements ------------------------------------------------------------------------
@@ -274,6 +286,21 @@ def _moe(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
     return Measured("moe", {"moe_experts": table}, lines)
 
 
+def _sensitivity(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+    from .metrics.sensitivity import neuron_sensitivity
+
+    checkpoints = [*config.checkpoints, model]  # training order, this model last (our choice)
+    result = neuron_sensitivity(checkpoints, _head(texts, config)[:64], tokenizer=model.tokenizer, batch_size=config.batch_size)
+    lines = (f"sensitive neurons at {result.site} over {result.n_checkpoints} checkpoints: the top {result.top:.0%} "
+             f"({int(result.is_sensitive.sum())} units) hold {_share(result):.1%} of the total sensitivity",)
+    return Measured("sensitivity", {"sensitivity": result.to_table()}, lines)
+
+
+def _share(result: Any) -> float:
+    total = float(result.sensitivity.sum())
+    return float(result.sensitivity[result.is_sensitive].sum()) / total if total > 0 else float("nan")
+
+
 MEASUREMENTS: dict[str, Measurement] = {m.name: m for m in (
     Measurement("cett", "CETT-PPL-p% sparsity, its sparsity-versus-p curve and Top-k / FAT-ε beside it (Sparsing Law)",
                 _all_of(_has_sites(NEURONS, "MLP neuron"), _has_tokenizer), _cett),
@@ -288,7 +315,6 @@ MEASUREMENTS: dict[str, Measurement] = {m.name: m for m in (
                 _all_of(_has_sites("blocks.*.resid.post", "residual stream"), _has_tokenizer), _outliers),
     Measurement("memory", "activation memory per layer for one batch", _has_tokenizer, _memory),
     Measurement("moe", "per-expert routing frequency and neuron activation ratio", _all_of(_is_moe, _has_tokenizer), _moe),
-    Measurement("sensitivity", "sensitive neurons (SeND) and the Efficient EigenScore",
-                _needs("needs a list of checkpoints or sampled generations: use actscope.metrics.sensitivity and "
-                       "actscope.metrics.eigenscore from Python"), lambda *a: Measured("sensitivity")),
+    Measurement("sensitivity", "sensitive neurons (SeND) across earlier checkpoints and this model",
+                _all_of(_has_checkpoints, _has_tokenizer), _sensitivity),
 )}

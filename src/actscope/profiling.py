@@ -72,6 +72,8 @@ def profile(
     plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
     source = source_for(model, data, batch_size=config.batch_size, max_length=config.max_length, max_tokens=config.max_tokens, column=config.column)
     chosen = _chosen_metrics(metrics, source)
+    if chosen and measure_config is not None:
+        measure_config.checked()
     if out is not None:
         from .store import check_target
 

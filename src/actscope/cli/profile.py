@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .common import console, friendly_errors, quiet_libraries
 
-_METRIC_NAMES = "cett, temporal, core, codes, extreme, outliers, memory, moe"
+_METRIC_NAMES = "cett, temporal, core, codes, extreme, outliers, memory, moe, sensitivity"
 
 
 def profile(
@@ -28,6 +28,7 @@ def profile(
     top_k: int = typer.Option(8, "--top-k", help="Top-activating examples kept per unit."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: where the model loads)."),
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Measurements to add to the run: 'all' or a comma list of " + _METRIC_NAMES + "."),
+    checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Earlier checkpoint directories, comma-separated, in training order (for --metrics sensitivity)."),
 ) -> None:
     """Stream per-neuron statistics of chosen sites into a run directory and summarise them."""
     quiet_libraries()
@@ -41,7 +42,7 @@ def profile(
         target = out or _default_out(model.name)
         with _progress(len(corpus)) as advance:
             run = actscope.profile(model, corpus, sites=plan, out=target, overwrite=overwrite, config=config, progress=advance,
-                                   metrics=metrics, on_metric=_announce)
+                                   metrics=metrics, measure_config=_measure_config(checkpoints), on_metric=_announce)
         _summary(run)
 
 
@@ -99,6 +100,12 @@ def _summary(run) -> None:
     console.print(table)
     _measurements(run.manifest.get("measurements", {}))
     console.print(f"Run directory: [bold]{run.path}[/]")
+
+
+def _measure_config(checkpoints: Optional[str]):
+    from actscope.measure import MeasureConfig
+
+    return MeasureConfig(checkpoints=tuple(c.strip() for c in (checkpoints or "").split(",") if c.strip()))
 
 
 def _announce(name: str) -> None:
