@@ -647,3 +647,21 @@ def test_fused_histogram_and_ladder_are_exact_at_edges(stats_path):
     assert site.hist.underflow == int((finite & (a > 0) & (a < 1e-6)).sum())
     for j, e in enumerate(eps):
         assert_exact(site.ladder.abs_gt[j], (finite & (a > e)).sum(0))
+
+
+@pytest.mark.parametrize("sizes", [(1, 7, 3, 2, 5), ()], ids=["chunks", "one-batch"])
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_site_top_examples_equal_a_naive_sort(k, sizes, stats_path):
+    # Small integers: many ties at every rank; batches of 1 to 7 rows, some smaller than k.
+    generator = torch.Generator().manual_seed(k)
+    x = torch.randint(-3, 4, (60, 9), generator=generator).to(torch.float32)
+    x[5, 2], x[17, 4], x[30, 4] = math.inf, math.nan, -math.inf  # never examples
+    tok = torch.arange(60, dtype=torch.int64) * 7 + 3  # increasing, as the stream's token ids are
+    site = feed(SiteStats(9, k=k), x, tok, sizes=sizes)
+    for unit in range(9):
+        column = [(float(v), int(t)) for v, t in zip(x[:, unit], tok) if math.isfinite(float(v))]
+        best = sorted(column, key=lambda pair: (-pair[0], pair[1]))[:k]  # naive: value desc, then token
+        padding = k - len(best)
+        assert site.top.values[unit].tolist() == [v for v, _ in best] + [-math.inf] * padding
+        if stats_path == "fused":  # torch.topk may keep any of the tokens tied at the k-th value
+            assert site.top.tok[unit].tolist() == [t for _, t in best] + [-1] * padding

@@ -12,6 +12,12 @@
  * reaches the next slot's first float (next_slot_at), which is exact because a key (exponent
  * and top mantissa bits) spans less than one bin.
  * Slots: 0 zero, 1 underflow, 2.. bins, n_slots-2 overflow, n_slots-1 non-finite.
+ *
+ * Top-k candidates (when topk > 0): per unit, the batch's finite values that beat the unit's
+ * current k-th best (`kth`, -inf while fewer than k were kept), at most topk of them, with their
+ * row. A value must beat the larger of kth and the smallest kept candidate, so after the first
+ * batches almost every value is rejected by one vectorised comparison. On equal values the
+ * earlier row is kept, as the stream's earlier token ids are.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -36,6 +42,10 @@ typedef struct {
     int64_t *fired;          /* [1 + n_eps][u] */
     int32_t *token_fired;    /* [n][1 + n_eps], this worker's own */
     int64_t *slots;          /* [n_slots], this worker's own */
+    const float *kth;        /* [u] */
+    int32_t topk;
+    float *cand_val;         /* [u][topk], -inf where empty */
+    int64_t *cand_row;       /* [u][topk], -1 where empty */
     int failed;
 } work_t;
 
@@ -45,13 +55,44 @@ static inline uint32_t bits_of(float v) {
     return b;
 }
 
+/* Put row i's value v into unit g's candidates (v beats the unit's floor); returns the new floor. */
+static float keep_candidate(work_t *w, int64_t g, int32_t *filled, float v, int64_t i) {
+    const int32_t k = w->topk;
+    float *val = w->cand_val + g * k;
+    int64_t *row = w->cand_row + g * k;
+    if (*filled < k) {
+        val[*filled] = v; row[*filled] = i; (*filled)++;
+        if (*filled < k) return w->kth[g];
+    } else {
+        int32_t m = 0;  /* the smallest candidate; among equals the latest row goes first */
+        for (int32_t s = 1; s < k; s++)
+            if (val[s] < val[m] || (val[s] == val[m] && row[s] > row[m])) m = s;
+        val[m] = v; row[m] = i;
+    }
+    float low = val[0];
+    for (int32_t s = 1; s < k; s++) low = val[s] < low ? val[s] : low;
+    return low > w->kth[g] ? low : w->kth[g];
+}
+
+static void candidates(work_t *w, const float *row, int64_t i, int64_t j0, int64_t width, float *floor_, int32_t *filled) {
+    int32_t any = 0;
+    for (int64_t j = 0; j < width; j++) any |= (row[j] > floor_[j]) & (row[j] < __builtin_inff());
+    if (!any) return;
+    for (int64_t j = 0; j < width; j++)
+        if (row[j] > floor_[j] && row[j] < __builtin_inff()) floor_[j] = keep_candidate(w, j0 + j, &filled[j], row[j], i);
+}
+
 static void block(work_t *w, int64_t j0, int64_t j1) {
     const int64_t width = j1 - j0, criteria = w->n_eps + 1;
     int32_t cnt[BLOCK], fired[MAX_CRITERIA][BLOCK];
     double sum[BLOCK], sq[BLOCK], shift[BLOCK];
     float lo[BLOCK], hi[BLOCK], kept_value[BLOCK], kept_mask[BLOCK];
-    int32_t slot[BLOCK];
+    int32_t slot[BLOCK], filled[BLOCK];
+    float floor_[BLOCK];
     memset(cnt, 0, sizeof cnt);
+    memset(filled, 0, sizeof filled);
+    if (w->topk > 0)
+        for (int64_t j = 0; j < width; j++) floor_[j] = w->kth[j0 + j];
     memset(fired, 0, sizeof fired);
     for (int64_t j = 0; j < width; j++) {
         sum[j] = 0.0; sq[j] = 0.0; shift[j] = w->shift[j0 + j];
@@ -106,6 +147,7 @@ static void block(work_t *w, int64_t j0, int64_t j1) {
             slot[j] = s0 + (a >= w->next_slot_at[s0]);
         }
         for (int64_t j = 0; j < width; j++) lanes[(j & 3) * w->n_slots + slot[j]]++;
+        if (w->topk > 0) candidates(w, row, i, j0, width, floor_, filled);
         int32_t *out = w->token_fired + i * criteria;
         for (int64_t c = 0; c < criteria; c++) out[c] += tf[c];
     }
@@ -134,6 +176,8 @@ int actscope_site_partials(
     const float *eps_f, int32_t n_eps,
     const int32_t *slot_of_key, int32_t key_shift, const float *next_slot_at, int32_t n_slots,
     const double *shift, int32_t threads,
+    const float *kth, int32_t topk,  /* [u] current k-th best per unit; topk 0: no candidates */
+    float *cand_val, int64_t *cand_row,  /* [u][topk] */
     int64_t *count, int64_t *nonfinite, double *sum, double *sumsq, double *mn, double *mx,
     int64_t *fired,        /* [1 + n_eps][u] */
     int64_t *firing_hist,  /* [1 + n_eps][u + 1] */
@@ -154,7 +198,8 @@ int actscope_site_partials(
         const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
         work[t] = (work_t){x, n, u, b0 * BLOCK, b1 * BLOCK < u ? b1 * BLOCK : u, eps_f, n_eps,
                            slot_of_key, key_shift, next_slot_at, n_slots, shift, count, nonfinite, sum, sumsq,
-                           mn, mx, fired, token_fired + t * n * criteria, thread_slots + t * n_slots, 0};
+                           mn, mx, fired, token_fired + t * n * criteria, thread_slots + t * n_slots,
+                           kth, topk, cand_val, cand_row, 0};
     }
     int started = 0;
     for (int32_t t = 1; t < threads; t++) {

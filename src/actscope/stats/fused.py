@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -63,12 +64,12 @@ def _cache_dir() -> Path:
     return path
 
 
-def _build(compiler: str, source: bytes, target: Path) -> bool:
+def _build(compiler: str, source: bytes, target: Path, flag_sets: tuple = FLAG_SETS) -> bool:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / SOURCE
         src.write_bytes(source)
         out = Path(tmp) / target.name
-        for flags in FLAG_SETS:
+        for flags in flag_sets:
             command = [compiler, *flags, "-fPIC", "-shared", "-o", str(out), str(src), "-lm"]
             if subprocess.run(command, capture_output=True).returncode == 0:
                 os.replace(out, target)  # atomic: a half-written library is never loaded
@@ -81,10 +82,13 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor) -> dict[str, Tensor]:
+def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor, kth: Tensor | None = None, k: int = 0) -> dict[str, Tensor]:
     """Per-batch counts and sums of ``x`` ``[N, U]``, for SiteStats to merge.
 
-    Histogram slots come back as ``[zero, underflow, overflow, nonfinite, bins…]``.
+    Histogram slots come back as ``[zero, underflow, overflow, nonfinite, bins…]``. With
+    ``k > 0`` and ``kth`` (``[U]``, each unit's current k-th best, -inf while fewer), also the
+    top-k candidates: ``cand_val`` ``[U, k]`` (float32, -inf where empty, unordered) and
+    ``cand_row`` ``[U, k]`` (the row of each, -1 where empty) of the finite values beating kth.
     """
     x = x.detach().to(torch.float32).contiguous()
     n, u = x.shape
@@ -102,13 +106,17 @@ def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor) -> dict[str,
         "fired": torch.zeros(criteria, u, dtype=I64),
         "firing_hist": torch.zeros(criteria, u + 1, dtype=I64),
         "raw_slots": torch.zeros(n_slots, dtype=I64),
+        "cand_val": torch.full((u, k), -math.inf, dtype=torch.float32),
+        "cand_row": torch.full((u, k), -1, dtype=I64),
     }
+    kth_f = (kth if kth is not None else torch.full((u,), -math.inf)).to(torch.float32).contiguous()  # exact: float32 data
     eps_f = float_thresholds(eps)
     status = library().actscope_site_partials(
         _ptr(x), ctypes.c_int64(n), ctypes.c_int64(u),
         _ptr(eps_f), ctypes.c_int32(len(eps)),
         _ptr(slot_of_key), ctypes.c_int32(key_shift), _ptr(next_slot_at), ctypes.c_int32(n_slots),
         _ptr(shift), ctypes.c_int32(max(torch.get_num_threads(), 1)),
+        _ptr(kth_f), ctypes.c_int32(k), _ptr(out["cand_val"]), _ptr(out["cand_row"]),
         *(_ptr(out[key]) for key in ("count", "nonfinite", "sum", "sumsq", "min", "max", "fired", "firing_hist", "raw_slots")),
     )
     if status != 0:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import math
 
 import torch
 from torch import Tensor
@@ -69,15 +68,12 @@ class SiteStats:
         return shaped and matched and fused.usable(x)
 
     def _update_fused(self, x: Tensor, tok: Tensor) -> None:
-        """The CPU fast path: one C pass for moments, ladder and histogram, then top-k."""
-        x = x.detach()
-        part = fused.site_partials(x, self.ladder.eps, self.hist._edges)
+        """The CPU fast path: one C pass for moments, ladder, histogram and top-k candidates."""
+        part = fused.site_partials(x.detach(), self.ladder.eps, self.hist._edges, kth=self.top._values[:, -1], k=self.top.k)
         self.moments._absorb(part)
         self.ladder._absorb(part)
         self.hist._absorb(part)
-        if int(part["nonfinite"].sum()):
-            x = torch.where(torch.isfinite(x), x, -math.inf)
-        self.top._update_values(x, tok.to(torch.int64), batch_max=part["max"])
+        self.top._absorb(part["cand_val"], part["cand_row"], tok.to(torch.int64))
 
     def merge(self, other: SiteStats) -> SiteStats:
         """Add ``other``'s statistics (in place; same setup required); returns self."""
