@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import typer
 
+from . import decode as decode_command
 from . import env as env_command
+from . import examples as examples_command
 from . import profile as profile_command
 from . import sites as sites_command
 
@@ -17,6 +19,8 @@ app = typer.Typer(
 app.command("profile")(profile_command.profile)
 app.command("sites")(sites_command.sites)
 app.command("env")(env_command.env)
+app.command("decode")(decode_command.decode)
+app.command("examples")(examples_command.examples)
 
 
 def main() -> None:

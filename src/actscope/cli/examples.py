@@ -1,0 +1,34 @@
+"""``actscope examples``: a run's top-activating examples of chosen units, token highlighted."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .common import console, friendly_errors, quiet_libraries
+
+
+def examples(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `actscope profile --out`."),
+    site: str = typer.Option(..., "--site", "-s", help="Site as profiled, a glob, and units: 'blocks.3.mlp.post[17]'."),
+    unit: Optional[List[int]] = typer.Option(None, "--unit", "-u", help="Unit index (repeat for several)."),
+    top: Optional[int] = typer.Option(None, "--top", help="Examples per unit (default: all the run kept)."),
+    limit: int = typer.Option(50, "--limit", help="Rows printed at most."),
+) -> None:
+    """Print the top-activating tokens of units in their context, the token highlighted."""
+    quiet_libraries()
+    with friendly_errors():
+        from actscope.explain.examples import top_examples
+
+        shown = top_examples(run_dir, site, unit, top=top)
+        table = Table(title=f"top-activating examples · {escape(site)}", title_justify="left")
+        for column in ("site", "unit", "rank", "value", "doc", "context"):
+            table.add_column(column, justify="right" if column in ("unit", "rank", "value", "doc") else "left", overflow="fold")
+        for row in range(min(limit, len(shown.unit))):
+            table.add_row(escape(shown.site[row]), str(shown.unit[row]), str(shown.rank[row]), f"{shown.value[row]:.4g}", str(shown.doc[row]), shown.rich_text(row))
+        console.print(table)
+        if len(shown.unit) > limit:
+            console.print(f"… {len(shown.unit) - limit} more rows (raise --limit)")
