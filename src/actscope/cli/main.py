@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import typer
 
+from . import contrast as contrast_command
 from . import decode as decode_command
 from . import env as env_command
 from . import examples as examples_command
@@ -21,6 +22,7 @@ app.command("sites")(sites_command.sites)
 app.command("env")(env_command.env)
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)
+app.command("contrast")(contrast_command.contrast)
 
 
 def main() -> None:

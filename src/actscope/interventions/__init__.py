@@ -1,8 +1,10 @@
 """Interventions: pure tensor → tensor functions (``zero``, ``scale``, ``set_value``, ``clamp``,
 ``add``, ``mean``, ``resample``, ``patch``, ``topk``, ``threshold``), ``edit``, the context that
-applies them to sites, and ``replace_activation``, the context that swaps an MLP's activation
-function (both nest and compose)."""
+applies them to sites, ``replace_activation``, the context that swaps an MLP's activation
+function, and ``experts``, the context that switches MoE experts off or on (all nest and
+compose)."""
 from .context import Editor, edit
+from .experts import ExpertEdit, experts
 from .functions import (
     add,
     clamp,
@@ -20,9 +22,11 @@ from .functions import (
 
 __all__ = [
     "Editor",
+    "ExpertEdit",
     "add",
     "clamp",
     "edit",
+    "experts",
     "mean",
     "means_from",
     "patch",

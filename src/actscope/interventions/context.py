@@ -66,6 +66,13 @@ def _planned(model: Any, edits: Mapping[str, Any]) -> list[tuple[Site, tuple[Int
 
 
 def _check_editable(site: Site) -> None:
+    if site.name.endswith(".moe.router"):
+        # transformers 5.x routers return (logits, top-k weights, top-k indices) and the block
+        # routes by the latter two, so an edit of the logits would silently change nothing.
+        raise SiteError(
+            f"{site.label}: editing router logits does not change routing; switch experts off or on with "
+            "actscope.interventions.experts(model, off={layer: [expert, ...]}, on=...)"
+        )
     layout, read = site.hook.layout, site.hook.read
     if layout in ("pattern", "tokens"):
         what = "attention probabilities" if layout == "pattern" else "recomputed MoE expert neurons"
