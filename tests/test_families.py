@@ -16,7 +16,7 @@ MOE = {"mixtral", "qwen2_moe", "olmoe"}
 ENCODERS = {"bert", "roberta", "vit"}  # bare encoders: no head, so no logits site
 BLOCK_SITES = {
     "resid.pre", "resid.mid", "resid.post",
-    "attn.pattern", "attn.v", "attn.z", "attn.out",
+    "attn.pattern", "attn.v", "attn.z", "attn.z_norm", "attn.out",
     "mlp.pre", "mlp.post", "mlp.out",
 }
 LEFT_OUT = {"gpt_neox": {"resid.mid"}}  # parallel residual: there is no stream between the sub-blocks
@@ -170,6 +170,7 @@ def test_captured_shapes(family):
     expected = {
         "blocks.0.attn.pattern": (batch, heads, pos, pos),
         "blocks.0.attn.z": (batch, pos, heads, d_head(config)),
+        "blocks.0.attn.z_norm": (batch, pos, heads),
         "blocks.0.attn.v": (batch, pos, n_kv(config), d_head(config)),
         "blocks.0.attn.out": (batch, pos, hidden),
         "blocks.0.resid.pre": (batch, pos, hidden),
@@ -189,6 +190,9 @@ def test_captured_shapes(family):
     with torch.no_grad(), actscope.capture(module, list(expected)) as captured:
         module(**inputs)
     assert {site: tuple(captured.tensor(site).shape) for site in expected} == expected
+    # attn.z_norm: one unit per head, the L2 norm of that head's output
+    z = captured.tensor("blocks.0.attn.z").double()
+    torch.testing.assert_close(captured.tensor("blocks.0.attn.z_norm").double(), z.pow(2).sum(-1).sqrt(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

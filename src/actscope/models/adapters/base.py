@@ -118,3 +118,26 @@ class Adapter:
     sites: Mapping[str, Hook]
     experts: Callable[[Any], int] = field(default=lambda config: 0)
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", with_derived_sites(self.sites))
+
+
+def with_derived_sites(sites: Mapping[str, Hook]) -> dict[str, Hook]:
+    """The table plus the sites every family gets from its own: ``attn.z_norm``, the L2 norm of
+    each head's output ``attn.z`` (``[batch, pos, head]``: one unit per head, so a run keeps
+    per-head statistics and top-activating tokens)."""
+    derived = dict(sites)
+    for name, hook in sites.items():
+        if name.endswith(".attn.z") and hook.layout == "heads":
+            derived.setdefault(name + "_norm", Hook(hook.path, hook.at, head_norms(hook.reader()), "units", hook.needs_eager))
+    return derived
+
+
+def head_norms(split: Reader) -> Reader:
+    """``[batch, pos, head, d_head]`` from ``split`` → ``[batch, pos, head]`` L2 norms."""
+
+    def read(call: HookCall, ctx: ReadContext) -> torch.Tensor:
+        return torch.linalg.vector_norm(split(call, ctx), dim=-1)
+
+    return read
