@@ -29,7 +29,7 @@ def checksum(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-dim buffers too
     return digest.hexdigest()
 
 
