@@ -10,13 +10,22 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.actscope-installed
 
-.PHONY: demo test setup clean bench
+.PHONY: demo test setup clean bench chromium
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/actscope profile --metrics all --out runs/demo --overwrite
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The report's browser tests drive Debian's chromium; install it when none is on PATH (best
+# effort: without it those tests skip and say how to install it).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  echo "installing Debian's chromium for the report's browser tests"; \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; } \
+	    || echo "could not install chromium; the browser tests will be skipped"; }
 
 setup: $(STAMP)
 

@@ -8,6 +8,8 @@ from . import decode as decode_command
 from . import env as env_command
 from . import examples as examples_command
 from . import profile as profile_command
+from . import query as query_command
+from . import report as report_command
 from . import sites as sites_command
 
 app = typer.Typer(
@@ -23,6 +25,8 @@ app.command("env")(env_command.env)
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)
 app.command("contrast")(contrast_command.contrast)
+app.command("report")(report_command.report)
+app.command("query")(query_command.query)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ def profile(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: where the model loads)."),
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Measurements to add to the run: 'all' or a comma list of " + _METRIC_NAMES + "."),
     checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Earlier checkpoint directories, comma-separated, in training order (for --metrics sensitivity)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write RUN_DIR/report.html (charts + neuron browser) at the end."),
 ) -> None:
     """Stream per-neuron statistics of chosen sites into a run directory and summarise them."""
     quiet_libraries()
@@ -44,6 +45,10 @@ def profile(
             run = actscope.profile(model, corpus, sites=plan, out=target, overwrite=overwrite, config=config, progress=advance,
                                    metrics=metrics, measure_config=_measure_config(checkpoints), on_metric=_announce)
         _summary(run)
+        if report:
+            from actscope.report import write_report
+
+            console.print(f"Report: [bold]{escape(str(write_report(run)))}[/]", highlight=False, soft_wrap=True)
 
 
 def _default_out(name: str) -> Path:

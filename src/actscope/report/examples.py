@@ -1,0 +1,123 @@
+"""Top-activating examples and decoded tokens, linked to neuron rows for the unit cards.
+
+The page holds one list of distinct contexts (a (doc, pos) token with its left/right text) and,
+per neuron row, how many examples it has; the browser turns the counts into offsets. Contexts
+repeat across units (one strong token fires many units), so sharing them keeps the page small.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .columns import encode_column, round_floats
+
+# How many examples the page may hold in all; above it each unit keeps only its strongest
+# ranks (the full set stays in examples.parquet). 100k units × 4 ranks fits in ~20 MB.
+MAX_EXAMPLES = 400_000
+# Characters of context shown on each side of the token: what one line of a card shows.
+CONTEXT_CHARS = 48
+
+
+def row_index(neurons: Any, other: Any) -> np.ndarray:
+    """For each row of ``other`` (site, unit columns), the row of ``neurons`` with the same
+    (site, unit), or -1 when the unit is not in ``neurons``."""
+    sites = {s: i for i, s in enumerate(dict.fromkeys(_strings(neurons, "site")))}
+    n_key = _keys(sites, _strings(neurons, "site"), _ints(neurons, "unit"))  # [n_neurons]
+    o_key = _keys(sites, _strings(other, "site"), _ints(other, "unit"))  # [n_other]
+    order = np.argsort(n_key, kind="stable")
+    found = np.searchsorted(n_key[order], o_key).clip(0, len(order) - 1)
+    hit = (n_key[order][found] == o_key) if len(order) else np.zeros(len(o_key), bool)
+    return np.where(hit, order[found] if len(order) else -1, -1)
+
+
+def examples_payload(neurons: Any, examples: Any, keep: int | None = None) -> dict[str, Any]:
+    """Per neuron row its strongest examples: ``cnt`` per row, then ``ctx`` (context index)
+    and ``val`` per example in row order, and the distinct ``contexts``. ``keep`` caps the
+    ranks kept per unit (besides the MAX_EXAMPLES cap)."""
+    n = neurons.num_rows
+    rank = _ints(examples, "rank")
+    keep = min(_ranks_to_keep(n, int(rank.max()) + 1 if len(rank) else 0), keep or len(rank))
+    row = row_index(neurons, examples)
+    chosen = np.flatnonzero((row >= 0) & (rank < keep))
+    chosen = chosen[np.lexsort((rank[chosen], row[chosen]))]  # by row, then rank
+    doc, pos = _ints(examples, "doc")[chosen], _ints(examples, "pos")[chosen]
+    key = doc * (int(pos.max(initial=0)) + 1) + pos
+    _, first, ctx = np.unique(key, return_index=True, return_inverse=True)
+    taken = chosen[first]  # one example row per distinct context
+    return {
+        "keep": keep,
+        "k": int(rank.max()) + 1 if len(rank) else 0,
+        "cnt": encode_column(np.bincount(row[chosen], minlength=n)),
+        "ctx": ctx.reshape(-1).astype(np.int64).tolist(),
+        "val": round_floats(_floats(examples, "value")[chosen]),
+        "contexts": {
+            "doc": doc[first].tolist(),
+            "pos": pos[first].tolist(),
+            "left": [_clip_left(t) for t in _texts(examples, "left", taken)],
+            "token": _texts(examples, "token", taken),
+            "right": [_clip_right(t) for t in _texts(examples, "right", taken)],
+        },
+    }
+
+
+def decoded_payload(neurons: Any, decoded: Any) -> dict[str, Any]:
+    """Per neuron row its decoded tokens: ``cnt`` per row, then token, score and direction."""
+    row = row_index(neurons, decoded)
+    rank = _ints(decoded, "rank") if "rank" in decoded.column_names else np.zeros(decoded.num_rows, np.int64)
+    direction = np.array([str(d) for d in decoded.column("direction").to_pylist()], dtype=object)
+    chosen = np.flatnonzero(row >= 0)
+    chosen = chosen[np.lexsort((rank[chosen], direction[chosen], row[chosen]))]
+    return {
+        "cnt": encode_column(np.bincount(row[chosen], minlength=neurons.num_rows)),
+        "token": encode_column(np.array(_texts(decoded, "token", chosen), dtype=object)),
+        "score": round_floats(_floats(decoded, "score")[chosen]),
+        "dir": encode_column(direction[chosen]),
+    }
+
+
+def _clip_left(text: str) -> str:
+    """The last CONTEXT_CHARS characters, starting at a word when it can, marked with '…'."""
+    if len(text) <= CONTEXT_CHARS:
+        return text
+    tail = text[-CONTEXT_CHARS:]
+    space = tail.find(" ")
+    return "…" + (tail[space:] if 0 <= space < CONTEXT_CHARS // 2 else tail)
+
+
+def _clip_right(text: str) -> str:
+    if len(text) <= CONTEXT_CHARS:
+        return text
+    head = text[:CONTEXT_CHARS]
+    space = head.rfind(" ")
+    return (head[:space] if space > CONTEXT_CHARS // 2 else head) + "…"
+
+
+def _ranks_to_keep(units: int, k: int) -> int:
+    if units * k <= MAX_EXAMPLES:
+        return k
+    return max(1, MAX_EXAMPLES // max(units, 1))
+
+
+def _keys(sites: dict[str, int], site: list[str], unit: np.ndarray) -> np.ndarray:
+    codes = np.array([sites.get(s, -1) for s in site], dtype=np.int64)  # unknown site → no match
+    return np.where(codes >= 0, codes * (1 << 32) + unit, -1 - np.arange(len(codes)))
+
+
+def _strings(table: Any, name: str) -> list[str]:
+    return [str(v) for v in table.column(name).to_pylist()]
+
+
+def _texts(table: Any, name: str, rows: np.ndarray) -> list[str]:
+    if name not in table.column_names:
+        return [""] * len(rows)
+    picked = table.column(name).take(rows).to_pylist()
+    return ["" if v is None else str(v) for v in picked]
+
+
+def _ints(table: Any, name: str) -> np.ndarray:
+    return np.asarray(table.column(name).to_numpy(), dtype=np.int64)
+
+
+def _floats(table: Any, name: str) -> np.ndarray:
+    return np.asarray(table.column(name).to_numpy(), dtype=np.float64)
