@@ -6,6 +6,7 @@ import typer
 from . import contrast as contrast_command
 from . import decode as decode_command
 from . import env as env_command
+from . import patch as patch_command
 from . import examples as examples_command
 from . import profile as profile_command
 from . import query as query_command
@@ -25,6 +26,7 @@ app.command("env")(env_command.env)
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)
 app.command("contrast")(contrast_command.contrast)
+app.command("patch")(patch_command.patch)
 app.command("report")(report_command.report)
 app.command("query")(query_command.query)
 
