@@ -86,6 +86,32 @@ def test_per_epoch_is_the_mean_of_its_steps():
         assert row.dnr == pytest.approx(chosen.dnr.mean(), rel=1e-12)
 
 
+def test_plot_draws_one_line_per_site_through_every_step(tmp_path):
+    import re
+    import xml.etree.ElementTree as ET
+
+    model = mlp()
+    with DeadNeuronTracker(model, RELU_SITES) as dnr:
+        train(model, data(), dnr, epochs=2)
+    rates = dnr.result()
+    svg = rates.plot(tmp_path / "dnr.svg")
+    assert (tmp_path / "dnr.svg").read_text(encoding="utf-8") == svg
+    root = ET.fromstring(svg)  # well-formed, standalone SVG
+    lines = root.findall(".//{http://www.w3.org/2000/svg}polyline")
+    sites = list(dict.fromkeys(rates.site.tolist()))
+    assert len(lines) == len(sites) == 3
+    assert any(len(set(rates.dnr[rates.site == site].tolist())) > 1 for site in sites)  # the checks below bite
+    steps = len(set(rates.step.tolist()))
+    for line, site in zip(lines, sites):
+        points = [tuple(map(float, p.split(","))) for p in line.get("points").split()]
+        assert len(points) == steps
+        # y grows downwards: a higher DNR is drawn higher up, so the order of y is the order of -DNR
+        dnr = rates.dnr[rates.site == site]
+        assert all(a < b for (a, _), (b, _) in zip(points, points[1:]))  # steps left to right
+        assert (min(dnr) == max(dnr)) or (points[int(np.argmax(dnr))][1] < points[int(np.argmin(dnr))][1])
+    assert re.search(r"dynamic dead neuron rate \(a &gt; 0\)", svg)
+
+
 def test_gradients_and_outputs_identical_with_and_without_tracker():
     plain, tracked = mlp(), mlp()
     batches = data()

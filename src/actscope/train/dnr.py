@@ -29,8 +29,10 @@ the table is read), so tracking adds one device synchronisation per 256 steps to
 """
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
@@ -86,6 +88,18 @@ class DeadNeuronRates(TableResult):
             "step": self.step, "epoch": self.epoch, "site": self.site,
             "pairs": self.pairs, "zero_pairs": self.zero_pairs, "dnr": self.dnr,
         }
+
+    def plot(self, path: str | os.PathLike | None = None) -> str:
+        """The DNR per step, one line per site (and the pooled ``all``), as a standalone SVG
+        that any browser opens; also written to ``path`` when given."""
+        from ..report.charts import lines
+
+        sites = dict.fromkeys(self.site.tolist())
+        series = {site: (self.step[self.site == site].tolist(), self.dnr[self.site == site].tolist()) for site in sites}
+        svg = lines("dnr", series, title=f"dynamic dead neuron rate ({self.criterion})", x_label="step", y_label="DNR")
+        if path is not None:
+            Path(path).write_text(svg, encoding="utf-8")
+        return svg
 
     def per_epoch(self) -> EpochDeadNeuronRates:
         """Mean of the per-step DNRs within each epoch, per site (sites in first-seen order)."""
