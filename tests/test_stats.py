@@ -665,3 +665,131 @@ def test_site_top_examples_equal_a_naive_sort(k, sizes, stats_path):
         assert site.top.values[unit].tolist() == [v for v, _ in best] + [-math.inf] * padding
         if stats_path == "fused":  # torch.topk may keep any of the tokens tied at the k-th value
             assert site.top.tok[unit].tolist() == [t for _, t in best] + [-1] * padding
+
+
+# -- the fused kernel's histogram slot paths --------------------------------------------------
+# _fused.c finds a value's slot from a register window (AVX-512) or from two tables (any CPU),
+# and counts slots one by one or per pair of neighbours (blocks of at least 4 * n_slots**2
+# values, n_slots <= 181). Each build below must bin exactly as float64 comparisons do.
+SLOT_BUILDS = {
+    "native": (["-O3", "-march=native"],),  # the window wherever the CPU has AVX-512
+    "tables": (["-O3", "-march=native", "-DACTSCOPE_TABLE_SLOTS"], ["-O3", "-DACTSCOPE_TABLE_SLOTS"]),
+    "portable": (["-O3", "-march=native", "-mno-avx512f"],),  # as compiled on a CPU without AVX-512
+}
+HIST_SETUPS = {
+    "default": {},  # 8 bins per decade: a 133-key window
+    "bpd3": {"lo": 1e-3, "hi": 1e2, "bins_per_decade": 3},  # few slots: pair counters even in small batches
+    "bpd16": {"bins_per_decade": 16},  # a 266-key window (9 register pairs)
+    "bpd50": {"bins_per_decade": 50},  # window too large and too many slots for pairs: tables, lanes
+    "wide": {"lo": 1e-30, "hi": 1e30, "bins_per_decade": 1},  # window too large
+}
+
+
+@pytest.fixture(scope="module")
+def slot_builds(tmp_path_factory):
+    """The kernel compiled as SLOT_BUILDS says; None for a build this machine cannot make."""
+    import ctypes
+    import shutil
+    import subprocess
+    from importlib import resources
+
+    from actscope.stats import fused
+
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        pytest.skip("no C compiler: the fused kernel cannot be built here")
+    folder = tmp_path_factory.mktemp("kernels")
+    libs = {}
+    with resources.as_file(resources.files("actscope.stats").joinpath(fused.SOURCE)) as source:
+        for name, flag_sets in SLOT_BUILDS.items():
+            libs[name] = None
+            for flags in flag_sets:
+                target = folder / f"{name}.so"
+                command = [compiler, *flags, "-fPIC", "-shared", "-o", str(target), str(source), "-lm"]
+                if subprocess.run(command, capture_output=True).returncode == 0:
+                    libs[name] = ctypes.CDLL(str(target))
+                    break
+    return libs
+
+
+def cpu_has_avx512f():
+    """Whether the CPU lists avx512f (Linux); None where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return "avx512f" in info.read().split()
+    except OSError:
+        return None
+
+
+def slot_probe_values(hist):
+    """float32 |a| probes: every edge's nearest float and its neighbours, the floats around each
+    key boundary (first, last and middle float of every key) from below lo to above hi,
+    subnormals, zero, far outside [lo, hi), ±inf, NaNs with other payloads, and log-uniform
+    values; each with both signs. [M] float32."""
+    from actscope.stats import fused
+
+    f32 = np.float32
+    near = hist.edges.numpy().astype(f32)
+    edges = np.concatenate([near, np.nextafter(near, f32(0)), np.nextafter(near, f32(np.inf))])
+    _, key_shift, _ = fused.slot_tables(tuple(hist.edges.tolist()))
+    key_lo, key_hi = (int(np.asarray(v, dtype=f32).view(np.uint32)) >> key_shift for v in (hist.lo, hist.hi))
+    keys = np.arange(key_lo - 3, key_hi + 4, dtype=np.int64)
+    starts = keys << key_shift
+    boundary = np.concatenate([starts, starts - 1, starts + (1 << (key_shift - 1))]).astype(np.uint32).view(f32)
+    tiny = np.finfo(f32).tiny
+    special = np.array(
+        [0.0, np.finfo(f32).smallest_subnormal, 1e-40, np.nextafter(tiny, f32(0)), tiny, 1e-20,
+         hist.lo / 1e3, hist.hi * 1e3, 1e20, np.finfo(f32).max, np.inf, np.nan], dtype=f32)
+    nans = np.array([0x7F800001, 0x7FC00001, 0x7FFFFFFF], dtype=np.uint32).view(f32)  # other NaN payloads
+    rng = np.random.default_rng(0)
+    spread = (10 ** rng.uniform(math.log10(hist.lo) - 2, math.log10(hist.hi) + 2, 4000)).astype(f32)
+    magnitudes = np.concatenate([edges, boundary, special, nans, spread])
+    return np.concatenate([magnitudes, -magnitudes])
+
+
+def naive_slots(x, edges):
+    """[zero, underflow, overflow, nonfinite, bins…] of |x| by float64 comparisons."""
+    with np.errstate(invalid="ignore"):  # the signalling NaN probe
+        a = np.abs(x.astype(np.float64)).ravel()
+    finite = np.isfinite(a)
+    lo, hi = edges[0], edges[-1]
+    inside = finite & (a >= lo) & (a < hi)
+    bins = np.bincount(np.searchsorted(edges, a[inside], side="right") - 1, minlength=len(edges) - 1)
+    head = [(a == 0).sum(), (finite & (a > 0) & (a < lo)).sum(), (finite & (a >= hi)).sum(), (~finite).sum()]
+    return np.concatenate([np.array(head), bins])
+
+
+@pytest.mark.parametrize("setup", list(HIST_SETUPS))
+@pytest.mark.parametrize("build", list(SLOT_BUILDS))
+def test_fused_slot_paths_bin_probes_exactly(build, setup, slot_builds, monkeypatch):
+    from actscope.stats import fused
+
+    lib = slot_builds[build]
+    if lib is None:
+        pytest.skip(f"this compiler cannot make the {build} build")
+    monkeypatch.setattr(fused, "library", lambda: lib)
+    hist = AbsHistogram(**HIST_SETUPS[setup])
+    values = slot_probe_values(hist)
+    rng = np.random.default_rng(1)
+    # Small: one short block (single counters unless n_slots is small); large: blocks of 256 and
+    # 45 columns (odd: a value left over from the pairs), long enough for the pair counters.
+    for rows, units in ((math.ceil(len(values) / 13), 13), (1200, 301)):
+        x = rng.permutation(np.resize(values, rows * units)).reshape(rows, units)  # [N, U]
+        assert set(values.view(np.uint32)) <= set(x.ravel().view(np.uint32))  # every probe is in
+        slots = fused.site_partials(torch.from_numpy(x), (0.0,), hist._edges)["slots"]
+        expected = naive_slots(x, hist.edges.numpy())
+        assert_exact(slots, expected)
+        assert (expected > 0).all()  # every slot and bin was exercised
+
+
+def test_fused_slot_builds_take_the_intended_path(slot_builds):
+    from actscope.stats import fused
+
+    assert slot_builds["tables"].actscope_window_slots() == 0
+    if slot_builds["portable"] is not None:
+        assert slot_builds["portable"].actscope_window_slots() == 0
+    if slot_builds["native"] is not None and cpu_has_avx512f() is not None:
+        assert slot_builds["native"].actscope_window_slots() == int(cpu_has_avx512f())
+    edges = {name: tuple(AbsHistogram(**kw).edges.tolist()) for name, kw in HIST_SETUPS.items()}
+    windows = {name: len(fused.slot_window(values)[0]) for name, values in edges.items()}
+    assert windows == {"default": 133, "bpd3": 34, "bpd16": 266, "bpd50": 0, "wide": 0}

@@ -94,7 +94,9 @@ def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor, kth: Tensor 
     n, u = x.shape
     criteria = 1 + len(eps)
     shift = _shift(x)
-    slot_of_key, key_shift, next_slot_at = slot_tables(tuple(edges.tolist()))
+    edge_values = tuple(edges.tolist())
+    slot_of_key, key_shift, next_slot_at = slot_tables(edge_values)
+    window, key_lo = slot_window(edge_values)  # empty: the kernel uses the tables
     n_slots = len(next_slot_at)
     out = {
         "count": torch.zeros(u, dtype=I64),
@@ -115,6 +117,7 @@ def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor, kth: Tensor 
         _ptr(x), ctypes.c_int64(n), ctypes.c_int64(u),
         _ptr(eps_f), ctypes.c_int32(len(eps)),
         _ptr(slot_of_key), ctypes.c_int32(key_shift), _ptr(next_slot_at), ctypes.c_int32(n_slots),
+        _ptr(window if len(window) else slot_of_key), ctypes.c_int32(key_lo), ctypes.c_int32(len(window)),
         _ptr(shift), ctypes.c_int32(max(torch.get_num_threads(), 1)),
         _ptr(kth_f), ctypes.c_int32(k), _ptr(out["cand_val"]), _ptr(out["cand_row"]),
         *(_ptr(out[key]) for key in ("count", "nonfinite", "sum", "sumsq", "min", "max", "fired", "firing_hist", "raw_slots")),
@@ -171,6 +174,35 @@ def slot_tables(edges: tuple[float, ...]) -> tuple[Tensor, int, Tensor]:
     first[0] = np.float32(np.finfo(np.float32).smallest_subnormal)
     first[1 : n_bins + 2] = [_float_at_or_above(e) for e in edge]
     return torch.from_numpy(slot.astype(np.int32)), key_shift, torch.from_numpy(first)
+
+
+MAX_WINDOW = 384  # keys the AVX-512 path holds in registers (MAX_CHUNKS * 32 in _fused.c)
+
+
+@lru_cache(maxsize=8)
+def slot_window(edges: tuple[float, ...]) -> tuple[Tensor, int]:
+    """The register table of the AVX-512 slot path: ``(window, key_lo)``.
+
+    ``window[i]`` (uint32 bits in an int32 tensor) is for the key ``key_lo + i``, the keys from
+    lo's first float to hi's: ``(slot << key_shift) + 2**key_shift - t``, with slot the key's
+    first slot (as ``slot_of_key``) and t the offset inside the key (its low ``key_shift``
+    bits) of the next slot's first float, ``2**key_shift`` when that lies in a later key. A
+    value whose low bits reach t thus carries into the next slot. Keys below the window are
+    zero or underflow, above it overflow or non-finite. Empty (the kernel then uses the
+    tables) when the window exceeds MAX_WINDOW keys or an entry does not fit 32 bits.
+    """
+    slot_of_key, key_shift, next_slot_at = slot_tables(edges)
+    key_lo = int(_float_at_or_above(edges[0]).view(np.uint32)) >> key_shift  # lo's first float
+    key_hi = int(_float_at_or_above(edges[-1]).view(np.uint32)) >> key_shift
+    keys = np.arange(key_lo, key_hi + 1, dtype=np.int64)
+    first = slot_of_key.numpy()[keys].astype(np.int64)
+    step = next_slot_at.numpy()[first].view(np.uint32).astype(np.int64)  # NaN: a later key
+    inside = (step >> key_shift) == keys
+    t = np.where(inside, step & ((1 << key_shift) - 1), 1 << key_shift)
+    entry = (first << key_shift) + (1 << key_shift) - t
+    fits = len(keys) <= MAX_WINDOW and (int(first.max()) + 2) << key_shift <= 1 << 32
+    window = entry.astype(np.uint32).view(np.int32) if fits else np.zeros(0, dtype=np.int32)
+    return torch.from_numpy(window.copy()), key_lo
 
 
 def _float_at_or_above(value: float) -> np.float32:
