@@ -56,3 +56,60 @@ def word_tokenizer(tokens: list[str], *, bos: str | None = None, **special_token
         backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
         special_tokens["bos_token"] = bos
     return PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)
+
+
+def logits(module: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """One no-grad forward: the logits, or the last hidden state of a model without a head."""
+    with torch.no_grad():
+        out = module(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A random-init tiny Llama and its inputs (one per test module)."""
+    from actscope.zoo.tiny import tiny_model
+
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """A random-init tiny BERT and its inputs (one per test module)."""
+    from actscope.zoo.tiny import tiny_model
+
+    return tiny_model("bert")
+
+
+def clean_and_corrupted(family: str = "gpt2") -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny model, its clean input ids ``[2, 6]`` and a corrupted copy differing only at position 2."""
+    from actscope.zoo.tiny import tiny_model
+
+    module, inputs = tiny_model(family)
+    clean = inputs["input_ids"]  # [2, 6]
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 11) % module.config.vocab_size
+    return module, clean, corrupted
+
+
+def pre_hooked_logits(module: torch.nn.Module, ids: torch.Tensor, hooks=()) -> torch.Tensor:
+    """No-grad logits with raw PyTorch pre-hooks: ``hooks`` are (submodule, function replacing its first input)."""
+    handles = [m.register_forward_pre_hook(lambda mod, args, f=f: (f(args[0]),) + args[1:]) for m, f in hooks]
+    try:
+        with torch.no_grad():
+            return module(input_ids=ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def first_input_of(module: torch.nn.Module, target: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """What ``target`` receives as its first input in a no-grad forward of ``ids`` (a copy)."""
+    seen = []
+    handle = target.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            module(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen[0]

@@ -12,8 +12,7 @@ import torch
 from actscope.errors import InputError
 from actscope.explain.attribution import attribution_patching, compare_effects
 from actscope.explain.patching import activation_patching, logit_difference
-from actscope.zoo.tiny import tiny_model
-from conftest import model_state
+from conftest import clean_and_corrupted, first_input_of, model_state, pre_hooked_logits
 
 CORRECT, WRONG = 3, 5
 EPS = 1e-5
@@ -21,33 +20,12 @@ EPS = 1e-5
 
 @pytest.fixture(scope="module")
 def gpt2():
-    module, inputs = tiny_model("gpt2")
-    clean = inputs["input_ids"]
-    corrupted = clean.clone()
-    corrupted[:, 2] = (clean[:, 2] + 11) % module.config.vocab_size
-    return module, clean, corrupted
+    return clean_and_corrupted("gpt2")
 
 
 def metric_value(module, ids, hooks=()) -> float:
-    handles = [m.register_forward_pre_hook(lambda mod, args, f=f: (f(args[0]),) + args[1:]) for m, f in hooks]
-    try:
-        with torch.no_grad():
-            logits = module(input_ids=ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    logits = pre_hooked_logits(module, ids, hooks)
     return float((logits[:, -1, CORRECT] - logits[:, -1, WRONG]).mean())
-
-
-def input_of(module, target, ids) -> torch.Tensor:
-    seen = []
-    handle = target.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
-    try:
-        with torch.no_grad():
-            module(input_ids=ids)
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def directional_derivative(module, corrupted, target, delta, mask) -> float:
@@ -66,8 +44,8 @@ def test_estimates_equal_finite_difference_derivatives(gpt2):
     base = metric_value(module64, corrupted)
     assert result.metric_corrupt == pytest.approx(base, rel=1e-9)
     c_proj, down = module64.transformer.h[1].attn.c_proj, module64.transformer.h[0].mlp.c_proj
-    z_delta = input_of(module64, c_proj, clean) - input_of(module64, c_proj, corrupted)  # [2, 6, 32]
-    post_delta = input_of(module64, down, clean) - input_of(module64, down, corrupted)  # [2, 6, 64]
+    z_delta = first_input_of(module64, c_proj, clean) - first_input_of(module64, c_proj, corrupted)  # [2, 6, 32]
+    post_delta = first_input_of(module64, down, clean) - first_input_of(module64, down, corrupted)  # [2, 6, 64]
     expected = {}
     for head in range(4):
         mask = torch.zeros_like(z_delta)

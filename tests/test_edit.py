@@ -9,23 +9,7 @@ import torch
 import actscope
 from actscope import interventions as iv
 from actscope.zoo.tiny import tiny_model
-from conftest import model_state
-
-
-def logits(module, inputs):
-    with torch.no_grad():
-        out = module(**inputs)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return tiny_model("bert")
+from conftest import logits, model_state
 
 
 def test_zero_units_equals_zeroed_down_proj_columns(llama):

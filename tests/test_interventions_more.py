@@ -3,6 +3,7 @@
 every context, also after an exception; they work in ``generate`` and in training steps."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -11,25 +12,9 @@ import torch
 import actscope
 from actscope import interventions as iv
 from actscope.zoo.tiny import tiny_model
-from conftest import model_state
+from conftest import logits, model_state
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def logits(module, inputs):
-    with torch.no_grad():
-        out = module(**inputs)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return tiny_model("bert")
 
 
 def other_inputs(inputs, seed=1):
@@ -37,10 +22,32 @@ def other_inputs(inputs, seed=1):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def replace_down_input(module, layer, new_input):
+@contextlib.contextmanager
+def down_input_replaced(module, layer, new_input):
     """By hand: a plain forward-pre-hook on down_proj that swaps its input for new_input(x)."""
     down = module.model.layers[layer].mlp.down_proj
-    return down.register_forward_pre_hook(lambda mod, args: (new_input(args[0]),))
+    handle = down.register_forward_pre_hook(lambda mod, args: (new_input(args[0]),))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def units_set_to(units, values):
+    """By hand: a new_input that overwrites ``units`` (the last axis) of a copy with ``values``."""
+    def new_input(x):
+        x = x.clone()
+        x[..., units] = values
+        return x
+    return new_input
+
+
+def assert_edit_reproduces(module, inputs, edits, expected):
+    """``actscope.edit(module, edits)`` gives ``expected`` and does change the logits."""
+    with actscope.edit(module, edits):
+        edited = logits(module, inputs)
+    torch.testing.assert_close(edited, expected, **TOL)
+    assert not torch.allclose(edited, logits(module, inputs), atol=1e-5)
 
 
 # -- mean ----------------------------------------------------------------------------------
@@ -85,15 +92,9 @@ def test_clamp_equals_clamping_the_activations_by_hand(llama, bounds):
         x = x if low is None else torch.where(x < low, torch.as_tensor(low), x)
         return x if high is None else torch.where(x > high, torch.as_tensor(high), x)
 
-    handle = replace_down_input(module, 1, by_hand)
-    try:
+    with down_input_replaced(module, 1, by_hand):
         expected = logits(module, inputs)
-    finally:
-        handle.remove()
-    with actscope.edit(module, {"blocks.1.mlp.post": iv.clamp(**bounds)}):
-        edited = logits(module, inputs)
-    torch.testing.assert_close(edited, expected, **TOL)
-    assert not torch.allclose(edited, logits(module, inputs), atol=1e-5)
+    assert_edit_reproduces(module, inputs, {"blocks.1.mlp.post": iv.clamp(**bounds)}, expected)
 
 
 def test_clamp_needs_a_bound():
@@ -111,21 +112,9 @@ def test_resample_equals_rows_drawn_by_hand(llama):
     source = cap.tensor("blocks.0.mlp.post[2,9]")  # [n, 2]
     generator = torch.Generator().manual_seed(5)
     rows = torch.randint(source.shape[0], inputs["input_ids"].shape, generator=generator)  # [batch, pos]
-
-    def by_hand(x):
-        x = x.clone()
-        x[..., [2, 9]] = source[rows]
-        return x
-
-    handle = replace_down_input(module, 0, by_hand)
-    try:
+    with down_input_replaced(module, 0, units_set_to([2, 9], source[rows])):
         expected = logits(module, inputs)
-    finally:
-        handle.remove()
-    with actscope.edit(module, {"blocks.0.mlp.post[2,9]": iv.resample(source, seed=5)}):
-        edited = logits(module, inputs)
-    torch.testing.assert_close(edited, expected, **TOL)
-    assert not torch.allclose(edited, logits(module, inputs), atol=1e-5)
+    assert_edit_reproduces(module, inputs, {"blocks.0.mlp.post[2,9]": iv.resample(source, seed=5)}, expected)
 
 
 def test_resample_checks_its_source():
@@ -150,21 +139,9 @@ def test_patch_units_from_a_clean_run_equals_patching_by_hand(llama):
     with torch.no_grad(), actscope.capture(module, "blocks.1.mlp.post") as cap:
         module(**inputs)
     clean = cap.tensor("blocks.1.mlp.post")  # [batch, pos, d_mlp]
-
-    def by_hand(x):
-        x = x.clone()
-        x[..., [1, 4]] = clean[..., [1, 4]]
-        return x
-
-    handle = replace_down_input(module, 1, by_hand)
-    try:
+    with down_input_replaced(module, 1, units_set_to([1, 4], clean[..., [1, 4]])):
         expected = logits(module, corrupted)
-    finally:
-        handle.remove()
-    with actscope.edit(module, {"blocks.1.mlp.post[1,4]": iv.patch(clean[..., [1, 4]])}):
-        edited = logits(module, corrupted)
-    torch.testing.assert_close(edited, expected, **TOL)
-    assert not torch.allclose(edited, logits(module, corrupted), atol=1e-5)
+    assert_edit_reproduces(module, corrupted, {"blocks.1.mlp.post[1,4]": iv.patch(clean[..., [1, 4]])}, expected)
 
 
 def test_patch_shape_mismatch_is_a_clear_error_and_restores_the_model(llama):
@@ -291,11 +268,8 @@ def test_training_step_gradients_equal_the_hand_made_change(llama):
     module, inputs = llama
     module.train()
     try:
-        handle = replace_down_input(module, 0, lambda x: torch.clamp(x, max=0.02))
-        try:
+        with down_input_replaced(module, 0, lambda x: torch.clamp(x, max=0.02)):
             expected = grads(module, inputs)
-        finally:
-            handle.remove()
         with actscope.edit(module, {"blocks.0.mlp.post": iv.clamp(max=0.02)}):
             clamped = grads(module, inputs)
         by_hand = swapped(module, ["model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"], torch.nn.ReLU())

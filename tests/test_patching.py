@@ -9,19 +9,14 @@ import torch
 import actscope
 from actscope.errors import InputError, SiteError
 from actscope.explain.patching import activation_patching, logit_difference
-from actscope.zoo.tiny import tiny_model
-from conftest import model_state
+from conftest import clean_and_corrupted, first_input_of, model_state, pre_hooked_logits
 
 CORRECT, WRONG = 3, 5
 
 
 @pytest.fixture(scope="module")
 def gpt2():
-    module, inputs = tiny_model("gpt2")
-    clean = inputs["input_ids"]  # [2, 6]
-    corrupted = clean.clone()
-    corrupted[:, 2] = (clean[:, 2] + 11) % module.config.vocab_size
-    return module, clean, corrupted
+    return clean_and_corrupted("gpt2")
 
 
 def hand_metric(logits: torch.Tensor) -> float:
@@ -30,24 +25,7 @@ def hand_metric(logits: torch.Tensor) -> float:
 
 def hand_run(module, ids, hooks=()) -> float:
     """Forward with raw PyTorch pre-hooks (module, function replacing the first input)."""
-    handles = [m.register_forward_pre_hook(lambda mod, args, f=f: (f(args[0]),) + args[1:]) for m, f in hooks]
-    try:
-        with torch.no_grad():
-            return hand_metric(module(input_ids=ids).logits)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def clean_input_of(module, target, ids) -> torch.Tensor:
-    seen = []
-    handle = target.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
-    try:
-        with torch.no_grad():
-            module(input_ids=ids)
-    finally:
-        handle.remove()
-    return seen[0]
+    return hand_metric(pre_hooked_logits(module, ids, hooks))
 
 
 def test_patching_a_site_with_its_clean_value_recovers_exactly_everything(gpt2):
@@ -76,7 +54,7 @@ def test_reference_metrics_and_recovered_fraction_by_hand(gpt2):
 def test_head_patch_equals_clean_columns_substituted_by_hand(gpt2):
     module, clean, corrupted = gpt2
     c_proj = module.transformer.h[1].attn.c_proj  # its input is attn.z: [batch, pos, head·d_head]
-    clean_z = clean_input_of(module, c_proj, clean)
+    clean_z = first_input_of(module, c_proj, clean)
     d_head = clean_z.shape[-1] // 4
     result = activation_patching(module, clean, corrupted, logit_difference(CORRECT, WRONG), sites="blocks.1.attn.z", per="head")
     for head in range(4):
@@ -94,7 +72,7 @@ def test_head_patch_equals_clean_columns_substituted_by_hand(gpt2):
 def test_unit_and_position_patches_equal_hand_substitution(gpt2):
     module, clean, corrupted = gpt2
     down = module.transformer.h[0].mlp.c_proj  # its input is mlp.post: [batch, pos, d_mlp]
-    clean_post = clean_input_of(module, down, clean)
+    clean_post = first_input_of(module, down, clean)
     metric = logit_difference(CORRECT, WRONG)
     units = activation_patching(module, clean, corrupted, metric, sites="blocks.0.mlp.post[3,17,40]", per="unit")
     np.testing.assert_array_equal(units.unit, [3, 17, 40])

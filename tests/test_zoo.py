@@ -363,3 +363,42 @@ def test_out_dir_and_argument_checks(tmp_path):
         train_tiny_lm("relu", out_dir=tmp_path / "x", steps=0)
     with pytest.raises(InputError, match="held-out"):
         train_tiny_lm("relu", out_dir=tmp_path / "x", seed=zoo_lm.HELD_OUT_SEED)
+
+
+def test_shared_cache_helper_refuses_reuses_replaces_and_restores_threads(tmp_path):
+    """zoo.cache.train_cached, which every zoo trainer uses, on a toy model (no training)."""
+    from actscope.zoo import cache
+
+    threads_seen: list[int] = []
+
+    def train_into(tmp: Path) -> None:
+        threads_seen.append(torch.get_num_threads())
+        (tmp / "weights.bin").write_text("w")
+        cache.write_meta(tmp, {"version": "t"})
+
+    def valid(path: Path) -> bool:
+        return cache.read_meta(path) == {"version": "t"} and (path / "weights.bin").is_file()
+
+    def run(out_dir=None, **kw) -> Path:
+        return cache.train_cached(out_dir, tmp_path / "zoo" / "toy", train_into, valid, caller="toy_trainer",
+                                  what="a toy model", **kw)
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match=r"^toy_trainer: .*mine exists and is not a toy model, so it is left alone"):
+        run(mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and threads_seen == []
+
+    torch.set_num_threads(2)
+    try:
+        target = run()
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(1)
+    assert target == tmp_path / "zoo" / "toy" and valid(target) and threads_seen == [1]
+    assert run() == target and threads_seen == [1]  # valid: reused, not retrained
+    (target / cache.ZOO_JSON).write_text(json.dumps({"version": "old"}))  # stale: replaced
+    assert run() == target and valid(target) and threads_seen == [1, 1]
+    assert run(force=True) == target and threads_seen == [1, 1, 1]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["toy"]  # no temp or stale copy left

@@ -24,10 +24,7 @@ complete). It has no tokenizer: feed it ``BackcopyTask.inputs(...)`` dicts.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -37,15 +34,14 @@ from typing import Any
 import torch
 
 from actscope.errors import InputError
+from actscope.zoo.cache import (holds_model, meta_of_kind, read_meta, save_quietly, train_cached, training_meta,
+                                 write_meta, zoo_dir)
 
 VERSION = "1"
-ZOO_JSON = "actscope_zoo.json"
 BOS = 0
 ACTIVATIONS = ("softmax",)
 OPTIMIZERS = ("adam", "sgd")
-_TMP_PREFIX = ".tmp-"
 _LOGIT_SCALE = 2.0  # peakedness of the bigram rows: learnable, but far from deterministic
-_TRAIN_THREADS = 1  # tiny model: a second thread only adds barrier waits on a shared machine
 
 
 @dataclass(frozen=True)
@@ -154,40 +150,18 @@ def _check_config(cfg: BackcopyConfig) -> None:
 
 
 # -- paths ----------------------------------------------------------------------------
-def cache_root() -> Path:
-    """``$ACTSCOPE_CACHE`` (default ``~/.cache/actscope``), expanded."""
-    return Path(os.environ.get("ACTSCOPE_CACHE", "~/.cache/actscope")).expanduser()
-
-
 def default_dir(cfg: BackcopyConfig) -> Path:
     """``<cache>/zoo/backcopy-L<layers>-H<heads>-<activation>-<optimizer>-s<steps>-seed<seed>-v<VERSION>``
     (other settings are stored in ``actscope_zoo.json`` and checked on reuse)."""
     name = f"backcopy-L{cfg.n_layers}-H{cfg.n_heads}-{cfg.activation}-{cfg.optimizer}-s{cfg.steps}-seed{cfg.seed}-v{VERSION}"
-    return cache_root() / "zoo" / name
-
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``actscope_zoo.json`` of a trained backcopy directory, or None if unreadable."""
-    try:
-        with open(Path(path) / ZOO_JSON, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
+    return zoo_dir(name)
 
 
 def task_of(path: str | os.PathLike) -> BackcopyTask:
     """The task a trained backcopy directory was trained on."""
-    meta = read_meta(path)
-    if meta is None or meta.get("kind") != "backcopy":
-        raise InputError(f"{path} is not a trained backcopy model (no valid {ZOO_JSON}); train one with train_backcopy().")
+    meta = meta_of_kind(path, "backcopy", "a trained backcopy model", "train_backcopy")
     return BackcopyTask(*meta["config"]["task"])
 
-
-def _is_valid(path: Path, cfg: BackcopyConfig) -> bool:
-    meta = read_meta(path)
-    return (meta is not None and meta.get("version") == VERSION and meta.get("config") == cfg.to_dict()
-            and (path / "config.json").is_file() and (path / "model.safetensors").is_file())
 
 
 # -- training -------------------------------------------------------------------------
@@ -226,8 +200,6 @@ def evaluate(model: Any, task: BackcopyTask, n_sequences: int = 256, length: int
 
 
 def _train_into(directory: Path, cfg: BackcopyConfig) -> dict[str, Any]:
-    import transformers
-
     started = time.perf_counter()
     task = cfg.make_task()
     model = _llama(cfg)
@@ -243,28 +215,10 @@ def _train_into(directory: Path, cfg: BackcopyConfig) -> dict[str, Any]:
         if (step + 1) % max(cfg.steps // 20, 1) == 0 or step + 1 == cfg.steps:
             loss_log.append([step + 1, round(float(loss.detach()), 5)])
     model.eval()
-    meta = {
-        "version": VERSION, "kind": "backcopy", "config": cfg.to_dict(), "loss_log": loss_log,
-        "held_out": evaluate(model, task), "train_seconds": round(time.perf_counter() - started, 2),
-        "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-    }
-    _save_quietly(model, directory)
-    with open(directory / ZOO_JSON, "w", encoding="utf-8") as f:  # written last: marks the model complete
-        json.dump(meta, f, indent=2)
+    meta = training_meta("backcopy", VERSION, cfg.to_dict(), loss_log, evaluate(model, task), started)
+    save_quietly(model, directory)
+    write_meta(directory, meta)  # last: marks the model complete
     return meta
-
-
-def _save_quietly(model: Any, directory: Path) -> None:
-    """``save_pretrained`` without its progress bar (the caller's setting is restored)."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(directory)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 def train_backcopy(
@@ -288,44 +242,9 @@ def train_backcopy(
     """
     cfg = BackcopyConfig(n_layers=n_layers, n_heads=n_heads, activation=activation, optimizer=optimizer, steps=steps, seed=seed)
     _check_config(cfg)
-    target = Path(out_dir).expanduser() if out_dir is not None else default_dir(cfg)
-    if not force and _is_valid(target, cfg):
-        return target
-    if target.exists() and read_meta(target) is None and not (target.is_dir() and not any(target.iterdir())):
-        raise InputError(f"train_backcopy: {target} exists and is not a backcopy model directory, so it is left alone; "
-                         "pass a new or empty out_dir, or remove it.")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"train_backcopy: cannot create {target.parent} ({exc}); set ACTSCOPE_CACHE or pass out_dir "
-                         "to a writable directory.") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_TRAIN_THREADS)
-    try:
-        _train_into(tmp, cfg)
-        _publish(tmp, target, cfg, force)
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _publish(tmp: Path, target: Path, cfg: BackcopyConfig, force: bool) -> None:
-    """Rename ``tmp`` into place; a stale ``target`` (any, with ``force``) is moved aside first, a
-    valid one that a concurrent process published is kept (ours is then discarded by the caller)."""
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
-        if _is_valid(target, cfg) and not force:
-            return
-        stale = target.with_name(f".stale-{target.name}-{os.getpid()}")
-        os.rename(target, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.rename(tmp, target)  # atomic; replaces an empty directory
-    except OSError:
-        if not _is_valid(target, cfg):
-            raise
+    return train_cached(out_dir, default_dir(cfg), lambda tmp: _train_into(tmp, cfg),
+                        lambda path: holds_model(path, VERSION, cfg.to_dict()),
+                        force=force, caller="train_backcopy", what="a backcopy model directory")
 
 
 __all__ = ["BOS", "BackcopyConfig", "BackcopyTask", "default_dir", "evaluate", "read_meta", "task_of", "train_backcopy"]

@@ -17,10 +17,7 @@ complete).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +26,10 @@ from typing import Any
 import torch
 
 from actscope.errors import InputError
+from actscope.zoo.cache import holds_model, read_meta, save_quietly, train_cached, training_meta, write_meta, zoo_dir
 
 VERSION = "1"
-ZOO_JSON = "actscope_zoo.json"
 BOS = 0
-_TRAIN_THREADS = 1  # tiny model: more threads only add barrier waits on a shared machine
 
 
 @dataclass(frozen=True)
@@ -115,8 +111,6 @@ def _attention_parameters(model: Any) -> list[torch.nn.Parameter]:
 
 
 def _train_into(directory: Path, cfg: InductionConfig) -> dict[str, Any]:
-    import transformers
-
     started = time.perf_counter()
     model = _llama(cfg)
     model.train()
@@ -137,48 +131,16 @@ def _train_into(directory: Path, cfg: InductionConfig) -> dict[str, Any]:
     held_out = sequences(cfg, 256, seed=999_983)
     with torch.no_grad():
         metrics = copy_metrics(model(input_ids=held_out).logits, held_out, cfg.seq_len)
-    meta = {"version": VERSION, "kind": "induction", "config": asdict(cfg), "loss_log": log, "held_out": metrics,
-            "train_seconds": round(time.perf_counter() - started, 2),
-            "torch_version": torch.__version__, "transformers_version": transformers.__version__}
-    _save_quietly(model, directory)
-    (directory / ZOO_JSON).write_text(json.dumps(meta, indent=2), encoding="utf-8")  # last: marks it complete
+    meta = training_meta("induction", VERSION, asdict(cfg), log, metrics, started)
+    save_quietly(model, directory)
+    write_meta(directory, meta)  # last: marks the model complete
     return meta
-
-
-def _save_quietly(model: Any, directory: Path) -> None:
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(directory)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ACTSCOPE_CACHE", "~/.cache/actscope")).expanduser()
 
 
 def default_dir(cfg: InductionConfig) -> Path:
     name = f"induction-L{cfg.n_layers}-H{cfg.n_heads}-d{cfg.d_model}-s{cfg.steps}-seed{cfg.seed}-v{VERSION}"
-    return cache_root() / "zoo" / name
+    return zoo_dir(name)
 
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``actscope_zoo.json`` of a trained directory, or None."""
-    try:
-        meta = json.loads((Path(path) / ZOO_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def _is_valid(path: Path, cfg: InductionConfig) -> bool:
-    meta = read_meta(path)
-    return (meta is not None and meta.get("version") == VERSION and meta.get("config") == asdict(cfg)
-            and (path / "model.safetensors").is_file())
 
 
 def train_induction(cfg: InductionConfig | None = None, *, out_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -189,38 +151,9 @@ def train_induction(cfg: InductionConfig | None = None, *, out_dir: str | os.Pat
     """
     cfg = cfg or InductionConfig()
     _check(cfg)
-    target = Path(out_dir).expanduser() if out_dir is not None else default_dir(cfg)
-    if not force and _is_valid(target, cfg):
-        return target
-    if target.exists() and read_meta(target) is None and any(target.iterdir()):
-        raise InputError(f"train_induction: {target} exists and is not a trained induction model, so it is left alone; "
-                         "pass a new or empty out_dir, or remove it")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"train_induction: cannot create {target.parent} ({error}); set ACTSCOPE_CACHE or pass out_dir") from error
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_TRAIN_THREADS)
-    try:
-        _train_into(tmp, cfg)
-        _publish(tmp, target, cfg, force)
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _publish(tmp: Path, target: Path, cfg: InductionConfig, force: bool) -> None:
-    """Rename into place; a valid model another process published meanwhile is kept."""
-    if target.exists() and any(target.iterdir()):
-        if _is_valid(target, cfg) and not force:
-            return
-        stale = target.with_name(f".stale-{target.name}-{os.getpid()}")
-        os.rename(target, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.rename(tmp, target)  # atomic; replaces an empty directory
+    return train_cached(out_dir, default_dir(cfg), lambda tmp: _train_into(tmp, cfg),
+                        lambda path: holds_model(path, VERSION, asdict(cfg), files=("model.safetensors",)),
+                        force=force, caller="train_induction", what="a trained induction model")
 
 
 __all__ = ["BOS", "InductionConfig", "copy_metrics", "copy_targets", "default_dir", "read_meta", "sequences", "train_induction"]

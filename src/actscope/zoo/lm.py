@@ -26,15 +26,13 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from actscope.errors import InputError
+from actscope.zoo.cache import STALE_PREFIX, TMP_PREFIX, ZOO_JSON, cache_root, read_meta, train_cached, write_meta, zoo_dir
 from actscope.zoo.synthetic import generate_corpus, unigram_entropy
 
 __all__ = [
@@ -57,18 +55,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 VERSION = "1"
-ZOO_JSON = "actscope_zoo.json"
 ACTIVATIONS = ("relu", "silu")
 HELD_OUT_SEED = 1_000_003  # the held-out corpus; training corpora use the training seed
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   ZOO_JSON)
-_TMP_PREFIX = ".tmp-"
-_STALE_PREFIX = ".stale-"
-_TMP_MAX_AGE_S = 24 * 3600  # leftover temp dirs older than this are removed
-# One intra-op thread: the model is so small that a second thread gains ~25 % on an idle
-# two-core machine, but when other processes share the cores the threads' barrier waits make
-# each step up to ~40x slower. One thread also keeps the result independent of the machine.
-_TRAIN_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -105,11 +95,6 @@ _DEFAULTS = TrainConfig()
 # --------------------------------------------------------------------------------------------
 
 
-def cache_root() -> Path:
-    """``$ACTSCOPE_CACHE`` (default ``~/.cache/actscope``), expanded."""
-    return Path(os.environ.get("ACTSCOPE_CACHE", "~/.cache/actscope")).expanduser()
-
-
 def default_dir(cfg: TrainConfig) -> Path:
     """Where the cache keeps the model for ``cfg``.
 
@@ -120,16 +105,7 @@ def default_dir(cfg: TrainConfig) -> Path:
     if cfg.without_activation() != _DEFAULTS.without_activation():
         blob = json.dumps(cfg.without_activation(), sort_keys=True).encode()
         name += "-" + hashlib.sha256(blob).hexdigest()[:10]
-    return cache_root() / "zoo" / name
-
-
-def _read_zoo_json(path: Path) -> dict | None:
-    try:
-        with open(path / ZOO_JSON, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
+    return zoo_dir(name)
 
 
 def zoo_dir_problem(path: str | os.PathLike, cfg: TrainConfig | None = None) -> str | None:
@@ -137,9 +113,9 @@ def zoo_dir_problem(path: str | os.PathLike, cfg: TrainConfig | None = None) -> 
     path = Path(path)
     if not path.is_dir():
         return f"{path} is not a directory"
-    if path.name.startswith((_TMP_PREFIX, _STALE_PREFIX)):
+    if path.name.startswith((TMP_PREFIX, STALE_PREFIX)):
         return f"{path} is a temporary directory of an unfinished or replaced training run"
-    meta = _read_zoo_json(path)
+    meta = read_meta(path)
     if meta is None:
         return f"{path / ZOO_JSON} is missing or not valid JSON"
     if meta.get("version") != VERSION:
@@ -389,62 +365,8 @@ def _train_into(directory: Path, cfg: TrainConfig) -> dict:
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
-    # Written last: a directory without it never counts as a model.
-    with open(directory / ZOO_JSON, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
+    write_meta(directory, meta)  # last: a directory without it never counts as a model
     return meta
-
-
-def _cleanup_leftovers(parent: Path, name: str) -> None:
-    """Remove replaced copies and temp dirs of killed runs (old ones only: a run may be live)."""
-    now = time.time()
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name.startswith(f"{_STALE_PREFIX}{name}-"):
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name.startswith(f"{_TMP_PREFIX}{name}-"):
-            try:
-                old = now - entry.stat().st_mtime > _TMP_MAX_AGE_S
-            except OSError:
-                continue
-            if old:
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)
-
-
-def _publish(tmp: Path, target: Path, cfg: TrainConfig, force: bool) -> None:
-    """Rename the finished ``tmp`` into ``target``; keep a valid copy another process published.
-
-    An invalid ``target`` (or any, with ``force``) is first renamed aside, so a reader sees
-    either the old directory, nothing, or the complete new one, never a mixture.
-    """
-    for _ in range(5):
-        try:
-            os.rename(tmp, target)  # atomic; also replaces an empty directory
-            return
-        except OSError:
-            if not (target.exists() or target.is_symlink()):
-                raise
-        if not force and is_valid_zoo_dir(target, cfg):
-            return  # another process finished first: keep its copy
-        force = False  # what appears after our replacement is a concurrent, equally good copy
-        stale = target.parent / f"{_STALE_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(target, stale)
-        except FileNotFoundError:
-            pass
-        _remove(stale)
-    raise InputError(f"train_tiny_lm: could not move the trained model into {target}: the "
-                     "path keeps being recreated by another process; pass a different out_dir.")
 
 
 def train_tiny_lm(activation: str = "relu", out_dir: str | os.PathLike | None = None,
@@ -458,40 +380,16 @@ def train_tiny_lm(activation: str = "relu", out_dir: str | os.PathLike | None = 
     model is trained into a temporary sibling directory and renamed into place when complete.
     Training uses one CPU thread (the caller's thread setting is restored afterwards).
     """
-    import torch
-
     cfg = _make_config(activation, steps, seed, d_model, d_ff, n_layers)
-    target = Path(out_dir).expanduser() if out_dir is not None else default_dir(cfg)
-    if not force and is_valid_zoo_dir(target, cfg):
-        return target
-    in_cache = out_dir is None
-    if target.exists() and not in_cache:
-        is_empty_dir = target.is_dir() and not any(target.iterdir())
-        if not (is_empty_dir or (target / ZOO_JSON).is_file()):
-            raise InputError(
-                f"train_tiny_lm: out_dir {target} already exists and is not an actscope zoo "
-                "model directory, so it is left alone; pass a new or empty out_dir, or remove it.")
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"train_tiny_lm: cannot create {parent} ({exc}); set ACTSCOPE_CACHE or "
-                         "pass out_dir to a writable directory.") from exc
-    _cleanup_leftovers(parent, target.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published model is an ordinary directory
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_TRAIN_THREADS)
-    try:
-        meta = _train_into(tmp, cfg)
-        _publish(tmp, target, cfg, force)
-    finally:
-        torch.set_num_threads(threads)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("tiny-lm-%s: held-out loss %.4f (unigram entropy %.4f) in %.1fs -> %s",
-             activation, meta["held_out_loss"], meta["unigram_entropy"], meta["train_seconds"],
-             target)
+    trained: list[dict] = []  # the run's actscope_zoo.json record, when it trained
+    # The cache directory is ours to replace; an out_dir is refused unless it looks like a zoo model.
+    target = train_cached(out_dir, default_dir(cfg), lambda tmp: trained.append(_train_into(tmp, cfg)),
+                          lambda path: is_valid_zoo_dir(path, cfg), force=force, caller="train_tiny_lm",
+                          what="an actscope zoo model directory", guard=out_dir is not None,
+                          looks_like_model=lambda path: (path / ZOO_JSON).is_file())
+    for meta in trained:
+        log.info("tiny-lm-%s: held-out loss %.4f (unigram entropy %.4f) in %.1fs -> %s",
+                 activation, meta["held_out_loss"], meta["unigram_entropy"], meta["train_seconds"], target)
     return target
 
 

@@ -20,10 +20,7 @@ It has no tokenizer: feed it :meth:`TwoTasks.inputs` dicts; :func:`task_of` give
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -33,15 +30,14 @@ from typing import Any
 import torch
 
 from actscope.errors import InputError
+from actscope.zoo.cache import (holds_model, meta_of_kind, read_meta, save_quietly, train_cached, training_meta,
+                                 write_meta, zoo_dir)
 
 VERSION = "1"
-ZOO_JSON = "actscope_zoo.json"
 BOS, MARK_A, MARK_B, SEP = 0, 1, 2, 3
 FIRST_SYMBOL = 4
 TASKS = ("A", "B")
 EVAL_SEED = 999_983  # held-out sequences; training draws from other seeds
-_TMP_PREFIX = ".tmp-"
-_TRAIN_THREADS = 1  # tiny model: a second thread only adds barrier waits on a shared machine
 
 
 @dataclass(frozen=True)
@@ -123,6 +119,12 @@ def evaluate(model: Any, tasks: TwoTasks, task: str, n: int = 512, seed: int = E
     return {"loss": float(loss), "accuracy": float(hits.float().mean())}
 
 
+def task_of(path: str | os.PathLike) -> TwoTasks:
+    """The tasks a trained directory was trained on."""
+    meta = meta_of_kind(path, "moe-tasks", "a trained two-task MoE model", "train_moe_tasks")
+    return TwoTasks(*meta["config"]["task"])
+
+
 @dataclass(frozen=True)
 class MoETasksConfig:
     """Everything that determines a trained two-task MoE model (apart from library versions)."""
@@ -176,8 +178,6 @@ def _check_config(cfg: MoETasksConfig) -> None:
 
 
 def _train_into(directory: Path, cfg: MoETasksConfig) -> dict[str, Any]:
-    import transformers
-
     started = time.perf_counter()
     tasks = cfg.make_tasks()
     model = _mixtral(cfg)
@@ -199,65 +199,21 @@ def _train_into(directory: Path, cfg: MoETasksConfig) -> dict[str, Any]:
             loss_log.append([step + 1, round(sum(window) / len(window), 5)])  # mean since the last entry
             window = []
     model.eval()
-    meta = {
-        "version": VERSION, "kind": "moe-tasks", "config": cfg.to_dict(), "loss_log": loss_log,
-        "held_out": {task: evaluate(model, tasks, task) for task in TASKS},
-        "train_seconds": round(time.perf_counter() - started, 2),
-        "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-    }
-    _save_quietly(model, directory)
-    with open(directory / ZOO_JSON, "w", encoding="utf-8") as f:  # written last: marks the model complete
-        json.dump(meta, f, indent=2)
+    held_out = {task: evaluate(model, tasks, task) for task in TASKS}
+    meta = training_meta("moe-tasks", VERSION, cfg.to_dict(), loss_log, held_out, started)
+    save_quietly(model, directory)
+    write_meta(directory, meta)  # last: marks the model complete
     return meta
 
 
-def _save_quietly(model: Any, directory: Path) -> None:
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(directory)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-
-
 # -- cache ----------------------------------------------------------------------------
-def cache_root() -> Path:
-    """``$ACTSCOPE_CACHE`` (default ``~/.cache/actscope``), expanded."""
-    return Path(os.environ.get("ACTSCOPE_CACHE", "~/.cache/actscope")).expanduser()
-
 
 def default_dir(cfg: MoETasksConfig) -> Path:
     """``<cache>/zoo/moe-tasks-L<layers>-E<experts>k<top_k>-s<steps>-seed<seed>-v<VERSION>``
     (other settings are stored in ``actscope_zoo.json`` and checked on reuse)."""
     name = f"moe-tasks-L{cfg.n_layers}-E{cfg.n_experts}k{cfg.top_k}-s{cfg.steps}-seed{cfg.seed}-v{VERSION}"
-    return cache_root() / "zoo" / name
+    return zoo_dir(name)
 
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``actscope_zoo.json`` of a trained directory, or None if unreadable."""
-    try:
-        with open(Path(path) / ZOO_JSON, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def task_of(path: str | os.PathLike) -> TwoTasks:
-    """The tasks a trained directory was trained on."""
-    meta = read_meta(path)
-    if meta is None or meta.get("kind") != "moe-tasks":
-        raise InputError(f"{path} is not a trained two-task MoE model (no valid {ZOO_JSON}); train one with train_moe_tasks().")
-    return TwoTasks(*meta["config"]["task"])
-
-
-def _is_valid(path: Path, cfg: MoETasksConfig) -> bool:
-    meta = read_meta(path)
-    return (meta is not None and meta.get("version") == VERSION and meta.get("config") == cfg.to_dict()
-            and (path / "config.json").is_file() and (path / "model.safetensors").is_file())
 
 
 def train_moe_tasks(
@@ -273,44 +229,9 @@ def train_moe_tasks(
     """
     cfg = MoETasksConfig(n_layers=n_layers, n_experts=n_experts, top_k=top_k, steps=steps, seed=seed)
     _check_config(cfg)
-    target = Path(out_dir).expanduser() if out_dir is not None else default_dir(cfg)
-    if not force and _is_valid(target, cfg):
-        return target
-    if target.exists() and read_meta(target) is None and not (target.is_dir() and not any(target.iterdir())):
-        raise InputError(f"train_moe_tasks: {target} exists and is not a trained model directory, so it is left alone; "
-                         "pass a new or empty out_dir, or remove it.")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"train_moe_tasks: cannot create {target.parent} ({exc}); set ACTSCOPE_CACHE or pass out_dir "
-                         "to a writable directory.") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_TRAIN_THREADS)
-    try:
-        _train_into(tmp, cfg)
-        _publish(tmp, target, cfg, force)
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _publish(tmp: Path, target: Path, cfg: MoETasksConfig, force: bool) -> None:
-    """Rename ``tmp`` into place; a stale ``target`` (any, with ``force``) is moved aside first, a
-    valid one that a concurrent process published is kept (ours is then discarded by the caller)."""
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
-        if _is_valid(target, cfg) and not force:
-            return
-        stale = target.with_name(f".stale-{target.name}-{os.getpid()}")
-        os.rename(target, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.rename(tmp, target)  # atomic; replaces an empty directory
-    except OSError:
-        if not _is_valid(target, cfg):
-            raise
+    return train_cached(out_dir, default_dir(cfg), lambda tmp: _train_into(tmp, cfg),
+                        lambda path: holds_model(path, VERSION, cfg.to_dict()),
+                        force=force, caller="train_moe_tasks", what="a trained model directory")
 
 
 __all__ = ["MoETasksConfig", "TwoTasks", "default_dir", "evaluate", "read_meta", "task_of", "scored_loss", "task_loss", "train_moe_tasks"]
