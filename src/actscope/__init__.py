@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import interventions, train
+from . import interventions, sparse, train
 from .errors import ActscopeError, DataError, InputError, ModelLoadError, RunDirError, SiteError
 from .interventions import edit
 from .models import Model, load, wrap
@@ -35,6 +35,7 @@ __all__ = [
     "observe",
     "open_run",
     "profile",
+    "sparse",
     "train",
     "plan_sites",
     "wrap",

@@ -6,12 +6,14 @@ import typer
 from . import contrast as contrast_command
 from . import decode as decode_command
 from . import env as env_command
-from . import patch as patch_command
 from . import examples as examples_command
+from . import generate as generate_command
+from . import patch as patch_command
 from . import profile as profile_command
 from . import query as query_command
 from . import report as report_command
 from . import sites as sites_command
+from . import sparsify as sparsify_command
 
 app = typer.Typer(
     name="actscope",
@@ -20,15 +22,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# see and measure
 app.command("profile")(profile_command.profile)
+app.command("report")(report_command.report)
+app.command("query")(query_command.query)
 app.command("sites")(sites_command.sites)
-app.command("env")(env_command.env)
+# explain and edit
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)
 app.command("contrast")(contrast_command.contrast)
 app.command("patch")(patch_command.patch)
-app.command("report")(report_command.report)
-app.command("query")(query_command.query)
+# exploit sparsity
+app.command("sparsify")(sparsify_command.sparsify)
+app.command("generate")(generate_command.generate)
+app.command("env")(env_command.env)
 
 
 def main() -> None:

@@ -1,0 +1,84 @@
+"""``actscope sparsify``: calibrate sparse MLP execution, save it, and report what it costs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import console, friendly_errors, quiet_libraries
+
+HELD_OUT_SHARE = 0.2  # of --data, evaluated but never calibrated on, when --eval-data is absent
+
+
+def sparsify(
+    model_dir: Path = typer.Argument(..., help="Hugging Face causal-LM directory (with its tokenizer)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Calibration text: .txt, .jsonl, .csv, .tsv, .parquet or a saved dataset."),
+    out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="cats | teal | cett | core (default: cett with --p, cats with --sparsity)."),
+    p: Optional[float] = typer.Option(None, "--p", help="CETT: allowed perplexity increase in percent (1 = 1 %)."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="cats/teal/core: target sparsity in [0, 1)."),
+    alpha: float = typer.Option(0.4, "--alpha", help="core: token-wise core fraction α."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the perplexity report (default: the last 20 % of --data, not calibrated on)."),
+    column: Optional[str] = typer.Option(None, "--column", help="Text column of a table-shaped data file."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Documents per forward pass."),
+    max_length: int = typer.Option(128, "--max-length", help="Truncate documents to this many tokens."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at --out."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: where the model loads)."),
+) -> None:
+    """Calibrate what the MLP blocks may skip; print expected sparsity per layer and dense vs sparse perplexity."""
+    quiet_libraries()
+    with friendly_errors():
+        import actscope
+        from actscope.data import load_corpus
+        from actscope.errors import InputError
+        from actscope.sparse import calibrate, evaluate
+
+        chosen = method or ("cett" if p is not None else "cats")
+        if out.exists() and not overwrite:
+            raise InputError(f"{out} already exists; pass --overwrite or choose another --out")
+        calibration_docs, held_out = _split(load_corpus(data, column=column).documents, eval_data, column)
+        model = actscope.load(model_dir, device=device)
+        model.module.eval()
+        calibration = calibrate(model, list(calibration_docs), method=chosen, sparsity=sparsity,
+                                p=None if p is None else p / 100, alpha=alpha, batch_size=batch_size, max_length=max_length)
+        calibration.save(out, overwrite=overwrite)
+        _layers(calibration)
+        _quality(evaluate(model, calibration, list(held_out), batch_size=batch_size, max_length=max_length))
+        console.print(f"wrote {out}")
+
+
+def _split(documents: tuple[str, ...], eval_data: Optional[Path], column: Optional[str]) -> tuple:
+    from actscope.data import load_corpus
+    from actscope.errors import DataError
+
+    if eval_data is not None:
+        return documents, load_corpus(eval_data, column=column).documents
+    if len(documents) < 2:
+        raise DataError(f"--data has {len(documents)} document; pass at least 2 (some are held out) or --eval-data")
+    cut = len(documents) - max(1, round(HELD_OUT_SHARE * len(documents)))
+    return documents[:cut], documents[cut:]
+
+
+SHORT_NAMES = {"expected_sparsity": "sparsity", "expected_weight_skipped": "weights skipped",
+               "expected_in_sparsity": "in sparsity", "expected_down_sparsity": "down sparsity"}
+
+
+def _layers(calibration) -> None:
+    frame = calibration.to_pandas()
+    table = Table(title=f"{calibration.method} calibration of {calibration.model_name}: expected per layer", title_justify="left")
+    for name in frame.columns:
+        table.add_column(SHORT_NAMES.get(name, name.replace("threshold_", "t_")), justify="right")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+def _quality(report) -> None:
+    console.print(
+        f"perplexity on held-out text ({report.setting}; {report.tokens:,} tokens scored, {report.scored}): "
+        f"dense {report.dense_ppl:.4f} → sparse {report.sparse_ppl:.4f} ({report.increase:+.2%}); "
+        f"realised sparsity {report.realised_sparsity:.2%}, weights skipped {report.weight_skipped:.2%}",
+        soft_wrap=True, highlight=False,
+    )

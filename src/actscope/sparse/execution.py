@@ -1,0 +1,189 @@
+"""``sparsify(model, calibration)``: run every MLP block sparsely for the duration of a context.
+
+On entry the weights are laid out (:mod:`~actscope.sparse.layout`) and each block's MLP forward
+is swapped for :class:`~actscope.sparse.forwards.SparseMlp` by setting the module's ``forward``
+attribute; one root pre-hook reads each call's padding mask and prefill/decoding state. On
+exit (normal or by an exception) the forwards are restored exactly as they were and the hook
+is removed: parameters, buffers and hooks are untouched, so the model is what it was.
+
+OPT keeps ``fc1``/``activation_fn``/``fc2`` on the decoder layer, with no MLP module: there
+``fc1`` and the activation pass their input through and ``fc2`` runs the whole sparse MLP.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..metrics.result import TableResult
+from .calibration import KINDS, Calibration
+from .calls import CallTracker
+from .families import MlpBlock, mlp_blocks
+from .forwards import SparseMlp, Tally
+from .layout import lay_out
+
+
+@dataclass(frozen=True, eq=False)
+class RealisedSparsity(TableResult):
+    """Measured per layer over the real tokens the context ran: ``sparsity`` (share of the
+    skippable activations inactive, as ``Calibration.expected_sparsity``), ``weight_skipped``
+    (share of the MLP's weights a token did not need), ``read`` (share of the MLP's weights the
+    kernels read, averaged over calls: a batch reads the union of its tokens' rows). The
+    ``decode_`` columns count only the tokens of decoding calls (a KV cache in use), which is
+    where CoreInfer skips anything: its prefill runs dense."""
+
+    table_name: ClassVar[str] = "sparse_realised"
+    layers: np.ndarray
+    tokens: np.ndarray
+    sparsity: np.ndarray
+    weight_skipped: np.ndarray
+    read: np.ndarray
+    decode_tokens: np.ndarray
+    decode_sparsity: np.ndarray
+    decode_weight_skipped: np.ndarray
+
+    def to_table(self) -> dict[str, np.ndarray]:
+        return {"layer": self.layers, "tokens": self.tokens, "sparsity": self.sparsity,
+                "weight_skipped": self.weight_skipped, "read": self.read, "decode_tokens": self.decode_tokens,
+                "decode_sparsity": self.decode_sparsity, "decode_weight_skipped": self.decode_weight_skipped}
+
+
+class SparseHandle:
+    """What ``sparsify`` yields: the calibration and the realised sparsity so far."""
+
+    def __init__(self, calibration: Calibration, tracker: CallTracker) -> None:
+        self.calibration, self._tracker = calibration, tracker
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the counts (e.g. after a warm-up)."""
+        n = len(self.calibration.layers)
+        # [phase, layer]: phase 0 = every call, 1 = decoding calls only
+        self._tokens = np.zeros((2, n), dtype=np.int64)
+        self._sparsity, self._skipped = np.zeros((2, n)), np.zeros((2, n))
+        self._read, self._calls = np.zeros(n), np.zeros(n, dtype=np.int64)
+        self._position = {layer: i for i, layer in enumerate(self.calibration.layers)}
+
+    def record(self, layer: int, tally: Tally, n: int) -> None:
+        info = self._tracker.current
+        rows = info.rows(n) if info is not None else None
+        real = rows[1].to(tally.sparsity.device) if rows is not None else torch.ones(n, dtype=torch.bool, device=tally.sparsity.device)
+        i = self._position[layer]
+        phases = (0,) if info is None or info.prefill else (0, 1)
+        for phase in phases:
+            self._tokens[phase, i] += int(real.sum())
+            self._sparsity[phase, i] += float(tally.sparsity[real].sum())
+            self._skipped[phase, i] += float(tally.weight_skipped[real].sum())
+        self._read[i] += tally.read
+        self._calls[i] += 1
+
+    def realised(self) -> RealisedSparsity:
+        tokens = np.maximum(self._tokens, 1)
+        sparsity, skipped = self._sparsity / tokens, self._skipped / tokens
+        return RealisedSparsity(np.array(self.calibration.layers), self._tokens[0].copy(), sparsity[0], skipped[0],
+                                self._read / np.maximum(self._calls, 1), self._tokens[1].copy(), sparsity[1], skipped[1])
+
+    @property
+    def sparsity(self) -> np.ndarray:
+        """``[layers]`` realised sparsity so far."""
+        return self.realised().sparsity
+
+
+@contextmanager
+def sparsify(model: Any, calibration: Calibration, *, check_weights: bool = True) -> Iterator[SparseHandle]:
+    """Run ``model``'s MLP blocks sparsely with ``calibration`` while the block runs.
+
+    ``check_weights``: compare the model's weight hash with the calibration's (reads every
+    weight once; pass False only for a calibration you just loaded for this model).
+    """
+    from ..feeding import as_model
+
+    model = as_model(model)
+    blocks = mlp_blocks(model)
+    check_match(model, blocks, calibration, check_weights)
+    tracker = CallTracker()
+    handle = SparseHandle(calibration, tracker)
+    cores: dict[int, torch.Tensor] = {}
+    with ExitStack() as stack:
+        stack.enter_context(tracker.attached(model.module))
+        for block in blocks:
+            # OPT's activation module is bypassed below, so the runner keeps its own forward.
+            act = _own_forward(block.act) if block.spec.chained else block.act
+            runner = SparseMlp(block, lay_out(block, calibration.method == "teal"), calibration.method,
+                               _thresholds(calibration, block), dict(calibration.settings), tracker, cores, handle.record, act)
+            _install(stack, block, runner)
+        yield handle
+
+
+def check_match(model: Any, blocks: list[MlpBlock], calibration: Calibration, check_weights: bool) -> None:
+    """Refuse a calibration made for another model (shapes always; weights when asked)."""
+    if not isinstance(calibration, Calibration):
+        raise InputError(f"calibration must be an actscope.sparse.Calibration, got {type(calibration).__name__}; "
+                         "use actscope.sparse.calibrate or load_calibration")
+    if model.module.training:
+        raise InputError(f"{model.name} is in training mode; sparse execution is for inference: call model.eval()")
+    shapes = (tuple(b.layer for b in blocks), tuple(b.units for b in blocks))
+    if calibration.family != model.family or (calibration.layers, calibration.units) != shapes:
+        raise InputError(
+            f"the calibration is for model '{calibration.model_name}' ({calibration.family}, {len(calibration.layers)} MLP layers "
+            f"of {sorted(set(calibration.units))} units), not for model '{model.name}' ({model.family}, {len(blocks)} layers of "
+            f"{sorted(set(shapes[1]))} units); calibrate this model"
+        )
+    if check_weights:
+        from ..store import weight_hash
+
+        actual = weight_hash(model.module)
+        if actual != calibration.weight_hash:
+            raise InputError(
+                f"the calibration is for model '{calibration.model_name}' (weight hash {calibration.weight_hash[:12]}…), not for "
+                f"model '{model.name}' (weight hash {actual[:12]}…); thresholds are only valid for the weights they were "
+                "calibrated on: calibrate this model"
+            )
+
+
+def _thresholds(calibration: Calibration, block: MlpBlock) -> dict[str, torch.Tensor]:
+    """The block's thresholds in the dtype and on the device of its weights."""
+    weight = block.down.weight
+    return {kind: calibration.threshold(block.layer, kind).to(dtype=weight.dtype, device=weight.device)
+            for kind in KINDS[calibration.method]}
+
+
+def _install(stack: ExitStack, block: MlpBlock, runner: SparseMlp) -> None:
+    if not block.spec.chained:
+        swap_forward(stack, block.container, runner)
+        return
+    if not isinstance(block.act, torch.nn.Module):
+        raise InputError(f"block {block.layer}'s activation is not a module, so its forward cannot be bypassed")
+    swap_forward(stack, block.first, _passthrough)
+    swap_forward(stack, block.act, _passthrough)
+    swap_forward(stack, block.down, runner)
+
+
+def _own_forward(module: Any) -> Callable:
+    """The forward ``module`` has now, kept before it is swapped (functions pass as they are)."""
+    if not isinstance(module, torch.nn.Module):
+        return module
+    return module.__dict__.get("forward") or type(module).forward.__get__(module)
+
+
+def _passthrough(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x
+
+
+def swap_forward(stack: ExitStack, module: torch.nn.Module, forward: Callable) -> None:
+    """Set ``module.forward`` until ``stack`` closes, then restore exactly what was there
+    (an instance attribute some other tool set, or nothing: the class's method)."""
+    had, old = "forward" in module.__dict__, module.__dict__.get("forward")
+
+    def restore() -> None:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
+
+    module.forward = forward
+    stack.callback(restore)

@@ -1,0 +1,197 @@
+"""Row-selective matrix products: the two primitives sparse MLP execution is built from.
+
+Weights are laid out once (at calibration time) so that every unit that can be skipped owns one
+contiguous row; a product then reads only the rows of the active units.
+
+* ``dot_rows(x, w, index)``  → ``x @ w[index].T``   — outputs of the selected units only
+  (up/gate projections with the unit as output; ``w`` is ``[units, d_in]``).
+* ``axpy_rows(h, w, index)`` → ``h @ w[index]``     — a sum of selected rows weighted by ``h``
+  (down projections, or any projection whose *input* is sparse; ``w`` is ``[units, d_out]``,
+  i.e. the transposed weight).
+
+Two implementations with the same signatures and results (to float rounding):
+
+* ``reference_dot_rows`` / ``reference_axpy_rows``: plain PyTorch, which gathers (copies) the
+  selected rows and multiplies. Any dtype, device and autograd.
+* A C kernel (``_kernels.c``) compiled on first use with the system C compiler (``-O3
+  -march=native``: it is built on the machine that runs it) and cached under
+  ``$ACTSCOPE_CACHE/kernels``, with the build helper of ``actscope.stats.fused``. It reads the
+  selected rows in place, each once per block of up to 8 tokens, on ``torch.get_num_threads()``
+  threads (a persistent pthreads pool that never waits for a descheduled thread; see the C
+  file). Its results equal the reference to float32 rounding (summation order differs) and
+  are deterministic.
+
+``dot_rows`` / ``axpy_rows`` take the C kernel when it applies and pays: CPU float32, rows
+contiguous in memory (``w.stride(1) == 1``), no autograd, and few tokens (``n <=
+MAX_KERNEL_TOKENS``, decoding; for prefill-sized batches torch's GEMM on the gathered rows is
+faster, as measured by ``benchmarks/sparse_decode.py --kernels``). Everything else — bf16/fp16,
+GPU tensors, transposed weight views, long prompts, no C compiler, or ``ACTSCOPE_SPARSE_KERNEL=0``
+— takes the reference path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from actscope.errors import InputError
+
+log = logging.getLogger("actscope")
+
+SOURCE = "_kernels.c"
+# Up to this many tokens the C kernel beats gather + GEMM: it reads each row once per 8 tokens,
+# so its traffic grows with n, while the gather copies every row once. Measured on a 2-core
+# AVX-512 machine with benchmarks/sparse_decode.py --kernels: C ahead at 16 tokens in every run
+# (up to 2x), at 32-64 in some runs and behind in others. Longer prompts take the GEMM.
+MAX_KERNEL_TOKENS = 16
+# -O3 -march=native: the library is built on the machine that runs it (the CPU's flags are part
+# of its cache name); the plainer sets are for compilers that refuse -march=native.
+FLAG_SETS = (["-pthread", "-O3", "-march=native"], ["-pthread", "-O3"], ["-pthread", "-O2"])
+_FUNCTIONS = ("actscope_dot_rows", "actscope_axpy_rows")
+
+
+# ---- reference (plain PyTorch: gathers the rows) -------------------------------------------
+
+def reference_dot_rows(x: Tensor, w: Tensor, index: Tensor) -> Tensor:
+    """``x [n, d_in]``, ``w [units, d_in]``, ``index [k]`` (int64) → ``[n, k]``."""
+    return x @ w.index_select(0, index).T
+
+
+def reference_axpy_rows(h: Tensor, w: Tensor, index: Tensor) -> Tensor:
+    """``h [n, k]``, ``w [units, d_out]``, ``index [k]`` (int64) → ``[n, d_out]``."""
+    return h @ w.index_select(0, index)
+
+
+# ---- public primitives ---------------------------------------------------------------------
+
+def dot_rows(x: Tensor, w: Tensor, index: Tensor) -> Tensor:
+    """``x [n, d_in]``, ``w [units, d_in]``, ``index [k]`` (int64) → ``x @ w[index].T``, ``[n, k]``."""
+    if not _kernel_applies(x, w, index):
+        return reference_dot_rows(x, w, index)
+    if x.shape[1] != w.shape[1]:
+        raise _shape_error("dot_rows", x, w, index, "w.shape[1] (d_in)", w.shape[1])
+    out = torch.empty((x.shape[0], index.shape[0]), dtype=torch.float32)
+    _call(_library.actscope_dot_rows, _rows_contiguous(x), w, index, out, w.shape[1])
+    return out
+
+
+def axpy_rows(h: Tensor, w: Tensor, index: Tensor) -> Tensor:
+    """``h [n, k]``, ``w [units, d_out]``, ``index [k]`` (int64) → ``h @ w[index]``, ``[n, d_out]``."""
+    if not _kernel_applies(h, w, index):
+        return reference_axpy_rows(h, w, index)
+    if h.shape[1] != index.shape[0]:
+        raise _shape_error("axpy_rows", h, w, index, "index.shape[0] (k)", index.shape[0])
+    out = torch.empty((h.shape[0], w.shape[1]), dtype=torch.float32)
+    _call(_library.actscope_axpy_rows, _rows_contiguous(h), w, index, out, w.shape[1])
+    return out
+
+
+def kernel_enabled() -> bool:
+    """True when the C kernel is switched on (``ACTSCOPE_SPARSE_KERNEL`` is not ``0``) and built."""
+    return os.environ.get("ACTSCOPE_SPARSE_KERNEL", "1") != "0" and library() is not None
+
+
+_F32, _I64 = torch.float32, torch.int64
+_library: Any = None  # set by library(); read directly on the hot path
+
+
+def _kernel_applies(a: Tensor, w: Tensor, index: Tensor) -> bool:
+    # This runs once per projection per decoded token, so it is a single cheap expression.
+    return (
+        a.dtype is _F32 and w.dtype is _F32 and index.dtype is _I64
+        and a.is_cpu and w.is_cpu and index.is_cpu
+        and a.dim() == 2 and w.dim() == 2 and index.dim() == 1
+        and 0 < a.shape[0] <= MAX_KERNEL_TOKENS
+        and w.stride(1) == 1 and w.stride(0) >= w.shape[1]  # rows readable in place
+        and not ((a.requires_grad or w.requires_grad) and torch.is_grad_enabled())
+        and kernel_enabled()
+    )
+
+
+def _shape_error(name: str, a: Tensor, w: Tensor, index: Tensor, inner_name: str, inner: int) -> InputError:
+    return InputError(
+        f"{name}: the input has {a.shape[1]} columns (shape {tuple(a.shape)}) but {inner_name} is "
+        f"{inner} (w {tuple(w.shape)}, index {tuple(index.shape)}); pass matching shapes"
+    )
+
+
+def _rows_contiguous(a: Tensor) -> Tensor:
+    """The kernel reads rows with a leading stride; a small activation block is copied otherwise."""
+    return a if a.stride(1) == 1 and a.stride(0) >= a.shape[1] else a.contiguous()
+
+
+def _call(function: Any, a: Tensor, w: Tensor, index: Tensor, out: Tensor, width: int) -> None:
+    if not index.is_contiguous():
+        index = index.contiguous()
+    status = function(
+        a.data_ptr(), a.shape[0], a.stride(0), w.data_ptr(), w.shape[0], w.stride(0), width,
+        index.data_ptr(), index.shape[0], out.data_ptr(), torch.get_num_threads(),
+    )
+    if status == -3:
+        bad = index[(index < 0) | (index >= w.shape[0])][:5].tolist()
+        raise InputError(
+            f"{function.__name__[9:]}: index values {bad} are outside the {w.shape[0]} rows of w; "
+            f"pass indices in [0, {w.shape[0]})"
+        )
+    if status != 0:
+        raise RuntimeError(f"sparse kernel {function.__name__} failed with status {status}")
+
+
+# ---- build and load ------------------------------------------------------------------------
+
+def kernel_info() -> str:
+    """How the kernel runs here, for reports: e.g. 'C, pthreads pool' or 'unavailable'."""
+    if os.environ.get("ACTSCOPE_SPARSE_KERNEL", "1") == "0":
+        return "off (ACTSCOPE_SPARSE_KERNEL=0): torch gather"
+    return "C, pthreads pool" if library() is not None else "unavailable (no C compiler): torch gather"
+
+
+@lru_cache(maxsize=1)
+def library() -> Any:
+    """The compiled kernel, building it into the cache on first use; None when impossible."""
+    from actscope.stats import fused  # the shared build helper and kernel cache directory
+
+    source = resources.files("actscope.sparse").joinpath(SOURCE).read_bytes()
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.info("actscope: no C compiler found; sparse products use the pure-torch gather")
+        return None
+    # -march=native: the CPU's flags go into the name, so a cache shared between machines
+    # never loads a library built for another instruction set
+    digest = hashlib.sha256(source + compiler.encode() + _cpu_flags()).hexdigest()[:16]
+    target = fused._cache_dir() / f"sparse_rows-{digest}.so"
+    if not target.exists() and not fused._build(compiler, source, target, FLAG_SETS):
+        log.info("actscope: could not compile the sparse kernel; sparse products use the pure-torch gather")
+        return None
+    try:
+        global _library
+        _library = _declare(ctypes.CDLL(str(target)))
+        return _library
+    except OSError as error:
+        log.info("actscope: the sparse kernel does not load (%s); using the pure-torch gather", error)
+        return None
+
+
+def _declare(lib: Any) -> Any:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name in _FUNCTIONS:
+        function = getattr(lib, name)
+        function.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int32]
+        function.restype = ctypes.c_int
+    return lib
+
+
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as info:
+            return next((line for line in info if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""

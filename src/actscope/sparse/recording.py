@@ -1,0 +1,74 @@
+"""One dense pass over calibration data that keeps |values| of chosen MLP tensors per layer.
+
+What a calibration method reads, per block (real tokens only, padding excluded):
+
+* ``act``: ``|act(pre-activation)|``, the gate of gated MLPs (CATS);
+* ``in``: ``|x|``, the MLP input that the gate/up (or first) projection reads (TEAL);
+* ``down``: ``|a|``, the neuron, i.e. the input of the output projection (TEAL).
+
+Large calibrations are subsampled *(our choice)*: when the data holds more than ``max_values``
+entries of a tensor per layer, each entry is kept with the same probability
+``max_values / entries`` (seeded), so quantiles stay unbiased and memory stays bounded.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .calls import CallTracker
+from .families import MlpBlock
+
+DEFAULT_MAX_VALUES = 1 << 22
+
+
+def record_abs(
+    model: Any, blocks: Sequence[MlpBlock], batches: list[dict], kinds: Sequence[str], *, max_values: int = DEFAULT_MAX_VALUES, seed: int = 0
+) -> dict[tuple[int, str], np.ndarray]:
+    """``{(layer, kind): float32 |values| [m]}`` over the real tokens of ``batches``."""
+    tokens = sum(int(_real(inputs).sum()) for inputs in batches)
+    generator = torch.Generator().manual_seed(seed)
+    kept: dict[tuple[int, str], list[np.ndarray]] = {(b.layer, k): [] for b in blocks for k in kinds}
+    tracker = CallTracker()
+
+    def keep(layer: int, kind: str, values: torch.Tensor) -> None:
+        rows = values.reshape(-1, values.shape[-1])  # [n, width]
+        found = tracker.current.rows(rows.shape[0]) if tracker.current is not None else None
+        if found is not None:
+            rows = rows[found[1].to(rows.device)]
+        flat = rows.detach().abs().float().reshape(-1).cpu()
+        rate = min(1.0, max_values / max(tokens * values.shape[-1], 1))
+        if rate < 1.0:
+            flat = flat[torch.rand(flat.shape, generator=generator) < rate]
+        kept[(layer, kind)].append(flat.numpy())
+
+    with torch.no_grad(), ExitStack() as stack:
+        stack.enter_context(tracker.attached(model.module))
+        for block in blocks:
+            for kind in kinds:
+                stack.callback(_hook(block, kind, keep).remove)
+        for inputs in batches:
+            model.module(**inputs)
+    return {key: np.concatenate(parts) if parts else np.zeros(0, np.float32) for key, parts in kept.items()}
+
+
+def _hook(block: MlpBlock, kind: str, keep: Any) -> Any:
+    layer = block.layer
+    if kind == "in":
+        return block.first.register_forward_pre_hook(lambda mod, args: keep(layer, kind, args[0]))
+    if kind == "down":
+        return block.down.register_forward_pre_hook(lambda mod, args: keep(layer, kind, args[0]))
+
+    def on_first(mod: Any, args: Any, output: torch.Tensor) -> None:
+        pre = output.chunk(2, dim=-1)[0] if block.spec.fused else output  # [gate | up]: the gate
+        keep(layer, kind, block.act(pre))
+
+    return block.first.register_forward_hook(on_first)
+
+
+def _real(inputs: dict) -> torch.Tensor:
+    from ..metrics.cett_data import real_token_mask
+
+    return real_token_mask(inputs)

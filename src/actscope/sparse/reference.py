@@ -1,0 +1,97 @@
+"""``dense_with_thresholds(model, calibration)``: the same skips as a mask in the dense model.
+
+The model runs its own dense MLP forward; hooks only zero what the calibration skips:
+
+* cats — a forward hook on the gate (plain MLPs: the first projection) sets the pre-activation
+  to 0 where ``|act(pre)| < t``; every supported activation has ``act(0) = 0``, so the neuron
+  is 0 there;
+* teal — forward pre-hooks zero the entries ``|x| ≤ t`` of the inputs of gate/up (or the first
+  projection) and of the down projection;
+* cett — a forward pre-hook on the down projection zeroes ``|a_i| < t_i``
+  (:func:`actscope.interventions.threshold`, the edit the CETT search measures);
+* core — on a prefill call the down projection's input (the neuron) chooses each prompt's core
+  set, unchanged; on decoding calls the neurons outside the set are zeroed.
+
+This is the reference sparse execution is tested against, and an easy way to measure the
+quality of a calibration without the sparse kernels.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import InputError
+from .calibration import Calibration
+from .calls import CallTracker, choose_cores
+from .execution import _thresholds, check_match
+from .families import MlpBlock, mlp_blocks
+
+
+@contextmanager
+def dense_with_thresholds(model: Any, calibration: Calibration, *, check_weights: bool = True) -> Iterator[None]:
+    """The dense model with ``calibration``'s skips applied as masks, while the block runs."""
+    from ..feeding import as_model
+
+    model = as_model(model)
+    blocks = mlp_blocks(model)
+    check_match(model, blocks, calibration, check_weights)
+    tracker = CallTracker()
+    cores: dict[int, torch.Tensor] = {}
+    with ExitStack() as stack:
+        stack.enter_context(tracker.attached(model.module))
+        for block in blocks:
+            for handle in _hooks(block, calibration, tracker, cores):
+                stack.callback(handle.remove)
+        yield
+
+
+def _hooks(block: MlpBlock, calibration: Calibration, tracker: CallTracker, cores: dict) -> list[Any]:
+    t = _thresholds(calibration, block)
+    method = calibration.method
+    if method == "cats":
+        return [block.first.register_forward_hook(_cats_gate(block, t["act"]))]
+    if method == "teal":
+        inputs = [block.first] + ([block.up] if block.up is not None else [])
+        zero_small = lambda limit: lambda mod, args: (torch.where(args[0].abs() <= limit, 0, args[0]), *args[1:])  # noqa: E731
+        return [m.register_forward_pre_hook(zero_small(t["in"])) for m in inputs] + [
+            block.down.register_forward_pre_hook(zero_small(t["down"]))]
+    if method == "cett":
+        from ..interventions import threshold
+
+        cut = threshold(t["neuron"])
+        return [block.down.register_forward_pre_hook(lambda mod, args: (cut(args[0]), *args[1:]))]
+    return [block.down.register_forward_pre_hook(_core_mask(block, calibration, tracker, cores))]
+
+
+def _cats_gate(block: MlpBlock, limit: torch.Tensor) -> Any:
+    def hook(mod: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if block.spec.fused:  # [gate | up]: only the gate half is thresholded
+            gate, up = output.chunk(2, dim=-1)
+            return torch.cat([torch.where(block.act(gate).abs() < limit, 0, gate), up], dim=-1)
+        return torch.where(block.act(output).abs() < limit, 0, output)
+
+    return hook
+
+
+def _core_mask(block: MlpBlock, calibration: Calibration, tracker: CallTracker, cores: dict) -> Any:
+    settings = calibration.settings
+
+    def pre(mod: Any, args: tuple) -> Any:
+        a = args[0]
+        rows = a.reshape(-1, a.shape[-1])  # [n, U]
+        info = tracker.current
+        if info is None or info.prefill:
+            cores[block.layer] = choose_cores(rows, info, settings["alpha"], settings["beta"])
+            return None
+        found = info.rows(rows.shape[0])
+        if found is None or block.layer not in cores:
+            raise InputError("CORE decoding needs the prompt's prefill inside the same context, with the same batch size")
+        keep = cores[block.layer][found[0].to(a.device)]  # [n, U]
+        return (torch.where(keep, rows, 0).reshape(a.shape), *args[1:])
+
+    return pre
+
+
+__all__ = ["dense_with_thresholds"]
