@@ -340,6 +340,14 @@ int actscope_site_partials(
                            mn, mx, fired, token_fired + t * n * criteria, thread_slots + t * n_slots,
                            kth, topk, cand_val, cand_row, 0};
     }
+#ifdef _OPENMP
+    /* torch's own OpenMP team (the process loads one libgomp.so.1): its workers are still
+     * spinning from the layer that just ran, so they take these blocks at once instead of
+     * competing with threads of our own for the same cores. */
+    (void)ids;
+    #pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int32_t t = 0; t < threads; t++) run(&work[t]);
+#else
     int started = 0;
     for (int32_t t = 1; t < threads; t++) {
         if (pthread_create(&ids[t], NULL, run, &work[t]) != 0) break;
@@ -348,6 +356,7 @@ int actscope_site_partials(
     for (int32_t t = started + 1; t < threads; t++) run(&work[t]);  /* threads that failed to start */
     run(&work[0]);
     for (int32_t t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+#endif
     int failed = 0;
     for (int32_t t = 0; t < threads; t++) failed |= work[t].failed;
     if (failed) { free(token_fired); free(thread_slots); return -2; }
