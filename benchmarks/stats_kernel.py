@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import shutil
 import subprocess
 import tempfile
@@ -66,7 +65,10 @@ def kernel_call(x: torch.Tensor, hist: AbsHistogram, k: int) -> Callable[[ctypes
     window, key_lo = fused.slot_window(edges)
     eps_f = fused.float_thresholds(DEFAULT_EPS)
     shift = fused._shift(x)
-    kth = x.topk(k, dim=0).values[-1].contiguous()  # [U] as after a few batches: few candidates
+    # a top-k state as after a few batches (few values beat it); the kernel updates it in place
+    top_values = x.topk(k, dim=0).values.T.contiguous().double()  # [U, k] descending
+    top_tokens = torch.arange(u * k, dtype=torch.int64).view(u, k)
+    tok = torch.arange(n, dtype=torch.int64) + u * k  # later tokens than the kept ones
     criteria = 1 + len(DEFAULT_EPS)
     p = fused._ptr
 
@@ -76,12 +78,12 @@ def kernel_call(x: torch.Tensor, hist: AbsHistogram, k: int) -> Callable[[ctypes
         out += [torch.zeros(u, dtype=f64) for _ in range(4)]  # sum, sumsq, min, max
         out += [torch.zeros(criteria, u, dtype=i64), torch.zeros(criteria, u + 1, dtype=i64)]
         out += [torch.zeros(len(next_slot_at), dtype=i64)]  # slots
-        cand_val, cand_row = torch.full((u, k), -math.inf), torch.full((u, k), -1, dtype=i64)
+        values, tokens = top_values.clone(), top_tokens.clone()
         status = lib.actscope_site_partials(
             p(x), ctypes.c_int64(n), ctypes.c_int64(u), p(eps_f), ctypes.c_int32(len(DEFAULT_EPS)),
             p(slot_of_key), ctypes.c_int32(key_shift), p(next_slot_at), ctypes.c_int32(len(next_slot_at)),
             p(window if len(window) else slot_of_key), ctypes.c_int32(key_lo), ctypes.c_int32(len(window)),
-            p(shift), ctypes.c_int32(1), p(kth), ctypes.c_int32(k), p(cand_val), p(cand_row), *map(p, out),
+            p(shift), ctypes.c_int32(1), ctypes.c_int32(k), p(values), p(tokens), p(tok), *map(p, out),
         )
         if status != 0:
             raise RuntimeError(f"kernel status {status}")

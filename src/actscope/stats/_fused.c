@@ -20,11 +20,13 @@
  * The slots are counted per pair of neighbouring values where the block is long enough
  * (counters_t): half the increments. benchmarks/stats_kernel.py measures both choices.
  *
- * Top-k candidates (when topk > 0): per unit, the batch's finite values that beat the unit's
- * current k-th best (`kth`, -inf while fewer than k were kept), at most topk of them, with their
- * row. A value must beat the larger of kth and the smallest kept candidate, so after the first
- * batches almost every value is rejected by one vectorised comparison. On equal values the
- * earlier row is kept, as the stream's earlier token ids are.
+ * Top-k examples (when topk > 0), updated in place: per unit, the k largest finite values seen
+ * and their token ids (`top_val`/`top_tok`, [u][topk], sorted by value descending then token
+ * ascending, -inf / -1 padding). A value enters when it beats the unit's smallest kept value,
+ * so after the first batches almost every value is rejected by one vectorised comparison; it
+ * replaces that smallest one (among equal ones the latest token), and each unit that changed
+ * is re-sorted once at the end of its column block. Equal values thus keep the earliest
+ * tokens, as rows arrive in token order.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -55,10 +57,10 @@ typedef struct {
     int64_t *fired;          /* [1 + n_eps][u] */
     int32_t *token_fired;    /* [n][1 + n_eps], this worker's own */
     int64_t *slots;          /* [n_slots], this worker's own */
-    const float *kth;        /* [u] */
     int32_t topk;
-    float *cand_val;         /* [u][topk], -inf where empty */
-    int64_t *cand_row;       /* [u][topk], -1 where empty */
+    double *top_val;         /* [u][topk] */
+    int64_t *top_tok;        /* [u][topk] */
+    const int64_t *tok;      /* [n] token id of each row */
     int failed;
 } work_t;
 
@@ -68,31 +70,51 @@ static inline uint32_t bits_of(float v) {
     return b;
 }
 
-/* Put row i's value v into unit g's candidates (v beats the unit's floor); returns the new floor. */
-static float keep_candidate(work_t *w, int64_t g, int32_t *filled, float v, int64_t i) {
-    const int32_t k = w->topk;
-    float *val = w->cand_val + g * k;
-    int64_t *row = w->cand_row + g * k;
-    if (*filled < k) {
-        val[*filled] = v; row[*filled] = i; (*filled)++;
-        if (*filled < k) return w->kth[g];
-    } else {
-        int32_t m = 0;  /* the smallest candidate; among equals the latest row goes first */
-        for (int32_t s = 1; s < k; s++)
-            if (val[s] < val[m] || (val[s] == val[m] && row[s] > row[m])) m = s;
-        val[m] = v; row[m] = i;
-    }
-    float low = val[0];
-    for (int32_t s = 1; s < k; s++) low = val[s] < low ? val[s] : low;
-    return low > w->kth[g] ? low : w->kth[g];
+/* The smallest kept value of unit g (-inf while fewer than topk were seen). */
+static float floor_of(const work_t *w, int64_t g) {
+    const double *val = w->top_val + g * w->topk;
+    double low = val[0];
+    for (int32_t s = 1; s < w->topk; s++) low = val[s] < low ? val[s] : low;
+    return (float)low;  /* exact: the kept values are floats */
 }
 
-static void candidates(work_t *w, const float *row, int64_t i, int64_t j0, int64_t width, float *floor_, int32_t *filled) {
+/* Row i's value v beats unit g's smallest kept value: it takes that slot (among equal ones the
+ * latest token's). Returns the new floor. */
+static float keep_example(work_t *w, int64_t g, float v, int64_t i) {
+    double *val = w->top_val + g * w->topk;
+    int64_t *tok = w->top_tok + g * w->topk;
+    int32_t m = 0;
+    for (int32_t s = 1; s < w->topk; s++)
+        if (val[s] < val[m] || (val[s] == val[m] && tok[s] > tok[m])) m = s;
+    val[m] = v;
+    tok[m] = w->tok[i];
+    return floor_of(w, g);
+}
+
+static void examples(work_t *w, const float *row, int64_t i, int64_t j0, int64_t width, float *floor_, uint8_t *changed) {
     int32_t any = 0;
     for (int64_t j = 0; j < width; j++) any |= (row[j] > floor_[j]) & (row[j] < __builtin_inff());
     if (!any) return;
     for (int64_t j = 0; j < width; j++)
-        if (row[j] > floor_[j] && row[j] < __builtin_inff()) floor_[j] = keep_candidate(w, j0 + j, &filled[j], row[j], i);
+        if (row[j] > floor_[j] && row[j] < __builtin_inff()) {
+            floor_[j] = keep_example(w, j0 + j, row[j], i);
+            changed[j] = 1;
+        }
+}
+
+/* Unit g's examples back in order: value descending, then token ascending (padding last). */
+static void sort_examples(work_t *w, int64_t g) {
+    double *val = w->top_val + g * w->topk;
+    int64_t *tok = w->top_tok + g * w->topk;
+    for (int32_t s = 1; s < w->topk; s++) {
+        const double v = val[s];
+        const int64_t t = tok[s];
+        int32_t r = s - 1;
+        while (r >= 0 && (val[r] < v || (val[r] == v && tok[r] > t))) {
+            val[r + 1] = val[r]; tok[r + 1] = tok[r]; r--;
+        }
+        val[r + 1] = v; tok[r + 1] = t;
+    }
 }
 
 /* The slot of each |row[j]| from the tables: the key's first slot, plus one past next_slot_at
@@ -214,12 +236,13 @@ static void block(work_t *w, int64_t j0, int64_t j1) {
     int32_t cnt[BLOCK], fired[MAX_CRITERIA][BLOCK];
     double sum[BLOCK], sq[BLOCK], shift[BLOCK];
     float lo[BLOCK], hi[BLOCK], kept_value[BLOCK], kept_mask[BLOCK];
-    int32_t slot[BLOCK], filled[BLOCK];
+    int32_t slot[BLOCK];
     float floor_[BLOCK];
+    uint8_t changed[BLOCK];
     memset(cnt, 0, sizeof cnt);
-    memset(filled, 0, sizeof filled);
+    memset(changed, 0, sizeof changed);
     if (w->topk > 0)
-        for (int64_t j = 0; j < width; j++) floor_[j] = w->kth[j0 + j];
+        for (int64_t j = 0; j < width; j++) floor_[j] = floor_of(w, j0 + j);
     memset(fired, 0, sizeof fired);
     for (int64_t j = 0; j < width; j++) {
         sum[j] = 0.0; sq[j] = 0.0; shift[j] = w->shift[j0 + j];
@@ -276,7 +299,7 @@ static void block(work_t *w, int64_t j0, int64_t j1) {
             table_slots(w, row, width, slot);
         count_row(&counters, slot, width);
 #endif
-        if (w->topk > 0) candidates(w, row, i, j0, width, floor_, filled);
+        if (w->topk > 0) examples(w, row, i, j0, width, floor_, changed);
         int32_t *out = w->token_fired + i * criteria;
         for (int64_t c = 0; c < criteria; c++) out[c] += tf[c];
     }
@@ -290,6 +313,7 @@ static void block(work_t *w, int64_t j0, int64_t j1) {
         w->mn[g] = lo[j];
         w->mx[g] = hi[j];
         for (int64_t c = 0; c < criteria; c++) w->fired[c * w->u + g] += fired[c][j];
+        if (changed[j]) sort_examples(w, g);
     }
 }
 
@@ -314,8 +338,8 @@ int actscope_site_partials(
     const int32_t *slot_of_key, int32_t key_shift, const float *next_slot_at, int32_t n_slots,
     const uint32_t *window, int32_t key_lo, int32_t n_window,  /* n_window 0: the tables only */
     const double *shift, int32_t threads,
-    const float *kth, int32_t topk,  /* [u] current k-th best per unit; topk 0: no candidates */
-    float *cand_val, int64_t *cand_row,  /* [u][topk] */
+    int32_t topk, double *top_val, int64_t *top_tok,  /* [u][topk] in place; topk 0: none */
+    const int64_t *tok,                               /* [n] token ids of the rows */
     int64_t *count, int64_t *nonfinite, double *sum, double *sumsq, double *mn, double *mx,
     int64_t *fired,        /* [1 + n_eps][u] */
     int64_t *firing_hist,  /* [1 + n_eps][u + 1] */
@@ -338,7 +362,7 @@ int actscope_site_partials(
                            slot_of_key, key_shift, next_slot_at, n_slots, window, key_lo, n_window,
                            shift, count, nonfinite, sum, sumsq,
                            mn, mx, fired, token_fired + t * n * criteria, thread_slots + t * n_slots,
-                           kth, topk, cand_val, cand_row, 0};
+                           topk, top_val, top_tok, tok, 0};
     }
 #ifdef _OPENMP
     /* torch's own OpenMP team (the process loads one libgomp.so.1): its workers are still

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -85,13 +84,13 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor, kth: Tensor | None = None, k: int = 0) -> dict[str, Tensor]:
+def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor, top: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """Per-batch counts and sums of ``x`` ``[N, U]``, for SiteStats to merge.
 
-    Histogram slots come back as ``[zero, underflow, overflow, nonfinite, bins…]``. With
-    ``k > 0`` and ``kth`` (``[U]``, each unit's current k-th best, -inf while fewer), also the
-    top-k candidates: ``cand_val`` ``[U, k]`` (float32, -inf where empty, unordered) and
-    ``cand_row`` ``[U, k]`` (the row of each, -1 where empty) of the finite values beating kth.
+    Histogram slots come back as ``[zero, underflow, overflow, nonfinite, bins…]``. ``top``:
+    ``(values [U, k] float64, tokens [U, k] int64, tok [N] int64)``, a TopExamples state (sorted
+    by value descending then token, -inf / -1 padding) that the kernel updates in place with
+    the rows of ``x``, whose token ids are ``tok``.
     """
     x = x.detach().to(torch.float32).contiguous()
     n, u = x.shape
@@ -111,10 +110,10 @@ def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor, kth: Tensor 
         "fired": torch.zeros(criteria, u, dtype=I64),
         "firing_hist": torch.zeros(criteria, u + 1, dtype=I64),
         "raw_slots": torch.zeros(n_slots, dtype=I64),
-        "cand_val": torch.full((u, k), -math.inf, dtype=torch.float32),
-        "cand_row": torch.full((u, k), -1, dtype=I64),
     }
-    kth_f = (kth if kth is not None else torch.full((u,), -math.inf)).to(torch.float32).contiguous()  # exact: float32 data
+    top_values, top_tokens, tok = top if top is not None else (torch.empty(0, dtype=F64), torch.empty(0, dtype=I64), torch.empty(0, dtype=I64))
+    k = top_values.shape[1] if top is not None else 0
+    _check_top(top_values, top_tokens, tok, u, n, k)
     eps_f = float_thresholds(eps)
     status = library().actscope_site_partials(
         _ptr(x), ctypes.c_int64(n), ctypes.c_int64(u),
@@ -122,7 +121,7 @@ def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor, kth: Tensor 
         _ptr(slot_of_key), ctypes.c_int32(key_shift), _ptr(next_slot_at), ctypes.c_int32(n_slots),
         _ptr(window if len(window) else slot_of_key), ctypes.c_int32(key_lo), ctypes.c_int32(len(window)),
         _ptr(shift), ctypes.c_int32(max(torch.get_num_threads(), 1)),
-        _ptr(kth_f), ctypes.c_int32(k), _ptr(out["cand_val"]), _ptr(out["cand_row"]),
+        ctypes.c_int32(k), _ptr(top_values), _ptr(top_tokens), _ptr(tok),
         *(_ptr(out[key]) for key in ("count", "nonfinite", "sum", "sumsq", "min", "max", "fired", "firing_hist", "raw_slots")),
     )
     if status != 0:
@@ -135,6 +134,15 @@ def site_partials(x: Tensor, eps: tuple[float, ...], edges: Tensor, kth: Tensor 
     out["mean"] = torch.where(seen, shift + mean_shifted, torch.zeros_like(counts))
     out["m2"] = (out["sumsq"] - out["sum"] * mean_shifted).clamp(min=0)
     return out
+
+
+def _check_top(values: Tensor, tokens: Tensor, tok: Tensor, u: int, n: int, k: int) -> None:
+    """The kernel writes into the top-k state: refuse anything but the exact layout."""
+    shapes_ok = k == 0 or (values.shape == (u, k) and tokens.shape == (u, k) and tok.shape == (n,))
+    layout_ok = all(t.is_contiguous() and t.device.type == "cpu" for t in (values, tokens, tok))
+    types_ok = values.dtype == F64 and tokens.dtype == I64 and tok.dtype == I64
+    if not (shapes_ok and layout_ok and types_ok):
+        raise RuntimeError("site_partials: the top-k state must be contiguous CPU float64/int64 [U, k] tensors and tok int64 [N]")
 
 
 def _shift(x: Tensor) -> Tensor:

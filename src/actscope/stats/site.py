@@ -69,11 +69,10 @@ class SiteStats:
 
     def _update_fused(self, x: Tensor, tok: Tensor) -> None:
         """The CPU fast path: one C pass for moments, ladder, histogram and top-k candidates."""
-        part = fused.site_partials(x.detach(), self.ladder.eps, self.hist._edges, kth=self.top._values[:, -1], k=self.top.k)
+        part = fused.site_partials(x.detach(), self.ladder.eps, self.hist._edges, top=self.top._kernel_state(tok))
         self.moments._absorb(part)
         self.ladder._absorb(part)
         self.hist._absorb(part)
-        self.top._absorb(part["cand_val"], part["cand_row"], tok.to(torch.int64))
 
     def merge(self, other: SiteStats) -> SiteStats:
         """Add ``other``'s statistics (in place; same setup required); returns self."""

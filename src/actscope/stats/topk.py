@@ -80,15 +80,12 @@ class TopExamples:
         toks = tok.index_select(0, rows.reshape(-1)).view(rows.shape)  # [k', C]
         self._keep_best(values.T.to("cpu", F64), toks.T.cpu(), units)
 
-    def _absorb(self, values: Tensor, rows: Tensor, tok: Tensor) -> None:
-        """Add a batch's candidates from the fused kernel: ``values`` ``[U, k]`` (-inf where
-        empty), ``rows`` ``[U, k]`` (-1 where empty) into the batch whose token ids are ``tok``."""
-        units = (rows[:, 0] >= 0).nonzero().squeeze(1)  # [C] units with at least one candidate
-        if units.numel() == 0:
-            return
-        rows = rows.index_select(0, units)  # [C, k]
-        toks = torch.where(rows >= 0, tok.index_select(0, rows.clamp(min=0).reshape(-1)).view(rows.shape), -1)
-        self._keep_best(values.index_select(0, units).to(F64), toks, units)
+    def _kernel_state(self, tok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(values, tokens, tok)`` for the fused kernel, which updates the first two in place:
+        this accumulator's own contiguous tensors (never a caller's), and ``tok`` as int64."""
+        if not (self._values.is_contiguous() and self._tok.is_contiguous()):
+            self._values, self._tok = self._values.contiguous(), self._tok.contiguous()
+        return self._values, self._tok, tok.to("cpu", torch.int64).contiguous()
 
     def merge(self, other: TopExamples) -> TopExamples:
         """Add ``other``'s examples (in place; same n_units and k required); returns self."""
