@@ -33,6 +33,23 @@ decoding, ``--new-tokens`` greedy tokens after a ``--prompt-tokens`` prompt, dec
 (prefill excluded), median of ``--repeats`` after one warm-up; (3) ``--kernels``: the per-shape
 choice, C kernel vs gather by token count.
 
+``--methods cats,teal,core,cett``: section (2) compares the calibration methods of
+``actscope.sparse`` instead of CATS alone (dense measured once; each method's rows through the C
+kernels and through the gather primitives). cats, teal and core run at each ``--sparsities``
+target; cett takes no sparsity: it is calibrated once with ``p=0.01`` (CETT-PPL-1 %) on the
+calibration prompt. Each method skips rows of different matrices while decoding
+(``actscope.sparse.forwards``), so each has its own model-level f = skippable bytes / all bytes
+read per token:
+
+* cats — up and down rows of the inactive units (the gate is read in full);
+* teal — the input channels of gate and up (rows of the transposed gate|up) and down rows;
+* core — gate, up and down rows outside the prompt's core set (fixed at prefill);
+* cett — down rows only (its neuron ``act(gate)·up`` needs gate and up in full).
+
+"measured s" is then the share of those skippable rows the decoding steps did not read, from the
+sparse context's own tally (``handle.realised().read``), so ``f · s`` is the share of all bytes
+per token skipped.
+
 Options: ``--threads N`` (torch's and the kernel's threads; default torch's), ``--repeats``,
 ``--sparsities``, ``--new-tokens``, ``--prompt-tokens``, the model's shape (``--hidden``,
 ``--intermediate``, ``--layers``, ``--vocab``), ``--skip-mlp`` / ``--skip-decode``, ``--kernels``,
@@ -362,12 +379,15 @@ class primitives:
             os.environ["ACTSCOPE_SPARSE_KERNEL"] = self.saved
 
 
-def _decode_api(model, wrapped, calibration, impl, prompt, new_tokens):
-    """Decoding inside ``actscope.sparse.sparsify``; skipped share from the handle's tally."""
+def _decode_api(model, wrapped, calibration, impl, prompt, new_tokens, raw_read=False):
+    """Decoding inside ``actscope.sparse.sparsify``; skipped share from the handle's tally
+    (``raw_read``: the per-layer share of the MLP's weights read, for any method)."""
     _, sparsify = actscope_api()
     with primitives(impl), sparsify(wrapped, calibration, check_weights=False) as handle:
         seconds, produced = decode_seconds(model, prompt, new_tokens, after_prefill=handle.reset)
         read = handle.realised().read                              # [layers] share of MLP weights read
+    if raw_read:
+        return seconds, produced, list(read)
     # CATS on a gated MLP reads the gate and the active units' up and down rows: read = (1 + 2k) / 3
     kept = [(3 * r - 1) / 2 for r in read]
     return seconds, produced, kept
@@ -378,6 +398,77 @@ def _decode_swapped(model, context, prompt, new_tokens):
         seconds, produced = decode_seconds(model, prompt, new_tokens)
     # decode steps only: the prefill call is each module's first entry
     return seconds, produced, [k for m in mlps for k in m.kept[1:]]
+
+
+# ---- per-method comparison (--methods) ------------------------------------------------------
+
+# Gated-MLP matrices whose rows (or, for TEAL's gate/up, input columns) a decoding step can skip.
+SKIPPED = {"cats": ("up", "down"), "teal": ("gate", "up", "down"), "core": ("gate", "up", "down"), "cett": ("down",)}
+CETT_P = 0.01
+
+
+def method_settings(methods, sparsities) -> list[tuple[str, str, dict]]:
+    """``(method, label, calibrate keywords)`` per run: a sparsity target each, cett once with p."""
+    out = []
+    for method in methods:
+        if method == "cett":
+            out.append((method, f"p={CETT_P:.0%}", {"p": CETT_P}))
+        else:
+            out.extend((method, f"s={s:.2f}", {"sparsity": s}) for s in sparsities)
+    return out
+
+
+def methods_section(model, prompt, calibration_prompt, methods, sparsities, repeats, new_tokens) -> None:
+    """End-to-end decoding, dense vs each method through actscope's kernels and the gather path."""
+    import actscope
+    from actscope.sparse import calibrate
+
+    volume = bytes_per_token(model)
+    total = sum(volume.values())
+    mlp = sum(volume[f"mlp.{m}"] for m in ("gate", "up", "down"))
+    f = {m: sum(volume[f"mlp.{k}"] for k in SKIPPED[m]) / total for m in methods}
+    print(f"\n== end-to-end greedy decoding by method: {new_tokens} tokens after a {prompt.shape[1]}-token prompt ==")
+    print(f"bytes read per token: {total / 1e6:.0f} MB; model-level f (skippable bytes / all bytes) per method: "
+          + ", ".join(f"{m} {f[m]:.3f} ({'+'.join(SKIPPED[m])})" for m in methods))
+    print("sparse execution: actscope.sparse.calibrate(method=...) on the 128-token calibration prompt + sparsify; "
+          "gather = the same with ACTSCOPE_SPARSE_KERNEL=0")
+    wrapped = actscope.wrap(model)
+    runs, calibrated = {"dense": lambda: decode_seconds(model, prompt, new_tokens)}, {}
+    for method, label, setting in method_settings(methods, sparsities):
+        start = time.perf_counter()
+        calibration = calibrate(wrapped, [{"input_ids": calibration_prompt}], method=method, **setting)
+        calibrated[(method, label)] = time.perf_counter() - start
+        for impl in IMPLS:
+            runs[(method, label, impl)] = (lambda c=calibration, impl=impl:
+                                           _decode_api(model, wrapped, c, impl, prompt, new_tokens, raw_read=True))
+    print("calibration seconds: " + ", ".join(f"{m} {l} {t:.1f}" for (m, l), t in calibrated.items()))
+    for run in runs.values():  # warm-up
+        run()
+    seconds = {name: [] for name in runs}
+    read = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            out = run()
+            seconds[name].append(out[0])
+            if name != "dense":
+                read.setdefault(name, []).extend(out[2])
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    dense_ms = median["dense"] / new_tokens * 1e3
+    print(f"{'method':>6} {'setting':>8} {'measured s':>10} {'f':>6} {'impl':>8} {'ms/token':>9} {'tokens/s':>8} "
+          f"{'speed-up':>8} {'bound':>6} {'of bound':>8}")
+    print(f"{'-':>6} {'-':>8} {'-':>10} {'-':>6} {'dense':>8} {dense_ms:9.1f} {1e3 / dense_ms:8.2f}")
+    for name in runs:
+        if name == "dense":
+            continue
+        method = name[0]
+        skippable = f[method] * total
+        # share of the MLP's bytes not read → share of this method's skippable bytes not read
+        measured = (1 - statistics.mean(read[name])) * mlp / skippable
+        ms = median[name] / new_tokens * 1e3
+        up = median["dense"] / median[name]
+        b = bound(f[method], measured)
+        print(f"{method:>6} {name[1]:>8} {measured:10.3f} {f[method]:6.3f} {name[2]:>8} {ms:9.1f} {1e3 / ms:8.2f} "
+              f"{up:8.2f} {b:6.2f} {up / b:8.0%}")
 
 
 def kernels_section(model, repeats) -> None:
@@ -410,6 +501,14 @@ def _timed(function, *args) -> float:
     return time.perf_counter() - start
 
 
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in SKIPPED]
+    if not methods or unknown:
+        raise argparse.ArgumentTypeError(f"--methods takes a comma-separated subset of {','.join(SKIPPED)}, got {text!r}")
+    return methods
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -426,6 +525,8 @@ def main() -> None:
     parser.add_argument("--own-swap", action="store_true",
                         help="CATS with the benchmark's own module swap instead of actscope.sparse.sparsify")
     parser.add_argument("--kernels", action="store_true", help="also time the per-shape kernel choice")
+    parser.add_argument("--methods", type=parse_methods, default=None,
+                        help="comma-separated cats,teal,core,cett: end-to-end section per method instead of CATS alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -441,7 +542,9 @@ def main() -> None:
     calibration = torch.randint(0, args.vocab, (1, 128), generator=generator)
     if not args.skip_mlp:
         mlp_section(model, calibration, args.sparsities, args.repeats, not args.own_swap)
-    if not args.skip_decode:
+    if not args.skip_decode and args.methods:
+        methods_section(model, prompt, calibration, args.methods, args.sparsities, args.repeats, args.new_tokens)
+    elif not args.skip_decode:
         decode_section(model, prompt, calibration, args.sparsities, args.repeats, args.new_tokens, not args.own_swap)
     if args.kernels:
         kernels_section(model, args.repeats)
