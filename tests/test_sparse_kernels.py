@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from actscope.errors import InputError
+from actscope import native
 from actscope.sparse import kernels
 
 SHAPES = [(1, 1), (5, 7), (40, 33), (96, 128), (300, 77), (64, 1000)]  # (units, d)
@@ -205,7 +206,7 @@ def test_build_goes_to_the_cache_atomically(tmp_path, monkeypatch):
 def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.setenv("ACTSCOPE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler")
-    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     kernels.library.cache_clear()
     try:
         assert kernels.library() is None and not kernels.kernel_enabled()

@@ -31,12 +31,8 @@ GPU tensors, transposed weight views, long prompts, no C compiler, or ``ACTSCOPE
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import shutil
 from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 import torch
@@ -44,7 +40,6 @@ from torch import Tensor
 
 from actscope.errors import InputError
 
-log = logging.getLogger("actscope")
 
 SOURCE = "_kernels.c"
 # Up to this many tokens the C kernel beats gather + GEMM: it reads each row once per 8 tokens,
@@ -157,27 +152,12 @@ def kernel_info() -> str:
 @lru_cache(maxsize=1)
 def library() -> Any:
     """The compiled kernel, building it into the cache on first use; None when impossible."""
-    from actscope.stats import fused  # the shared build helper and kernel cache directory
+    from actscope.native import compiled_library
 
-    source = resources.files("actscope.sparse").joinpath(SOURCE).read_bytes()
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        log.info("actscope: no C compiler found; sparse products use the pure-torch gather")
-        return None
-    # -march=native: the CPU's flags go into the name, so a cache shared between machines
-    # never loads a library built for another instruction set
-    digest = hashlib.sha256(source + compiler.encode() + _cpu_flags()).hexdigest()[:16]
-    target = fused._cache_dir() / f"sparse_rows-{digest}.so"
-    if not target.exists() and not fused._build(compiler, source, target, FLAG_SETS):
-        log.info("actscope: could not compile the sparse kernel; sparse products use the pure-torch gather")
-        return None
-    try:
-        global _library
-        _library = _declare(ctypes.CDLL(str(target)))
-        return _library
-    except OSError as error:
-        log.info("actscope: the sparse kernel does not load (%s); using the pure-torch gather", error)
-        return None
+    global _library
+    lib = compiled_library("actscope.sparse", SOURCE, "sparse_rows", FLAG_SETS, "sparse products use the pure-torch gather")
+    _library = _declare(lib) if lib is not None else None
+    return _library
 
 
 def _declare(lib: Any) -> Any:
@@ -187,11 +167,3 @@ def _declare(lib: Any) -> Any:
         function.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int32]
         function.restype = ctypes.c_int
     return lib
-
-
-def _cpu_flags() -> bytes:
-    try:
-        with open("/proc/cpuinfo", "rb") as info:
-            return next((line for line in info if line.startswith(b"flags")), b"")
-    except OSError:
-        return b""

@@ -8,22 +8,14 @@ pure-torch path; both are tested against the same naive computation.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-log = logging.getLogger("actscope")
 
 F64, I64 = torch.float64, torch.int64
 SOURCE = "_fused.c"
@@ -45,39 +37,12 @@ def usable(x: Tensor) -> bool:
 @lru_cache(maxsize=1)
 def library() -> Any:
     """The compiled kernel, building it into the cache on first use; None when impossible."""
-    source = resources.files("actscope.stats").joinpath(SOURCE).read_bytes()
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        log.info("actscope: no C compiler found; using the slower pure-torch statistics")
-        return None
-    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"site_partials-{digest}.so"
-    if not target.exists() and not _build(compiler, source, target):
-        return None
-    lib = ctypes.CDLL(str(target))
-    lib.actscope_site_partials.restype = ctypes.c_int
+    from actscope.native import compiled_library
+
+    lib = compiled_library("actscope.stats", SOURCE, "site_partials", FLAG_SETS, "using the slower pure-torch statistics")
+    if lib is not None:
+        lib.actscope_site_partials.restype = ctypes.c_int
     return lib
-
-
-def _cache_dir() -> Path:
-    root = Path(os.environ.get("ACTSCOPE_CACHE", "~/.cache/actscope")).expanduser()
-    path = root / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _build(compiler: str, source: bytes, target: Path, flag_sets: tuple = FLAG_SETS) -> bool:
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / SOURCE
-        src.write_bytes(source)
-        out = Path(tmp) / target.name
-        for flags in flag_sets:
-            command = [compiler, *flags, "-fPIC", "-shared", "-o", str(out), str(src), "-lm"]
-            if subprocess.run(command, capture_output=True).returncode == 0:
-                os.replace(out, target)  # atomic: a half-written library is never loaded
-                return True
-    log.info("actscope: could not compile the statistics kernel; using the pure-torch path")
-    return False
 
 
 def _ptr(t: Tensor) -> ctypes.c_void_p:
