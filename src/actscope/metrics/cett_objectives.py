@@ -99,17 +99,24 @@ class CausalLMLoss(_LossRatio):
 
     def measure(self, model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         """Mean next-token cross-entropy (nats) over real tokens that have a real successor."""
-        total, count = 0.0, 0
-        for inputs in batches:
-            logits = _logits(_forward(model, inputs))[:, :-1]  # [batch, pos-1, vocab]
-            mask = real_token_mask(inputs)
-            both = mask[:, :-1] & mask[:, 1:]
-            target = inputs["input_ids"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits[both], target[both], reduction="sum"))
-            count += int(both.sum())
+        total, count = next_token_loss(model, batches)
         if count == 0:
             raise DataError("the evaluation texts have no token followed by another; pass longer texts")
         return total / count
+
+
+def next_token_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """(summed next-token cross-entropy in nats, tokens scored) over real tokens that have a
+    real successor."""
+    total, count = 0.0, 0
+    for inputs in batches:
+        logits = _logits(_forward(model, inputs))[:, :-1]  # [batch, pos-1, vocab]
+        mask = real_token_mask(inputs)
+        both = mask[:, :-1] & mask[:, 1:]
+        target = inputs["input_ids"][:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits[both], target[both], reduction="sum"))
+        count += int(both.sum())
+    return total, count
 
 
 # -- masked LM -----------------------------------------------------------------------------

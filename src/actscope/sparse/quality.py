@@ -91,17 +91,9 @@ def evaluate(model: Any, calibration: Calibration, data: Any, *, batch_size: int
 
 
 def _all_tokens_loss(model: Any, batches: list[dict]) -> tuple[float, int]:
-    from ..metrics.cett_data import real_token_mask
+    from ..metrics.cett_objectives import next_token_loss
 
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for inputs in batches:
-            logits = model.module(**inputs).logits[:, :-1].float()  # [batch, pos-1, vocab]
-            mask = real_token_mask(inputs)
-            both = mask[:, :-1] & mask[:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits[both], inputs["input_ids"][:, 1:][both], reduction="sum"))
-            count += int(both.sum())
-    return _mean(total, count)
+    return _mean(*next_token_loss(model, batches))
 
 
 def _continuation_loss(model: Any, batches: list[dict]) -> tuple[float, int]:
