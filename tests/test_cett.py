@@ -248,8 +248,10 @@ def test_model_is_unchanged_by_the_search(searched, relu_lm):
 
 
 def test_search_reaches_p_at_the_boundary_of_the_settings(searched, relu_lm):
-    """exp(L_sparse − L_dense) − 1 recomputed with the model's own loss: ≤ p and close to it,
-    and the next more aggressive CETT setting exceeds p."""
+    """exp(L_sparse − L_dense) − 1 recomputed with the model's own loss: ≤ p, and the next more
+    aggressive CETT setting exceeds p. (How close to p the result lands depends on the step
+    between adjacent settings, which depends on the trained model: the model trained on another
+    CPU has a step from −0.3 % straight past 1 %, so no lower bound is asserted.)"""
     result, *_ = searched
     module, tok = relu_lm.module, relu_lm.tokenizer
     dense = naive_loss(module, tok, EVALUATION)
@@ -257,7 +259,7 @@ def test_search_reaches_p_at_the_boundary_of_the_settings(searched, relu_lm):
         sparse = naive_loss(module, tok, EVALUATION)
     degradation = math.exp(sparse - dense) - 1
     assert degradation == pytest.approx(result.degradation, abs=1e-5)
-    assert 0.5 * P <= degradation <= P
+    assert degradation <= P
     settings = CettSettings(result.curves, relu_lm)
     index = [c for c, _ in settings.points].index(result.c)
     with actscope.edit(relu_lm, settings.edits(index + 1)):
@@ -394,13 +396,16 @@ def test_embedding_fidelity_is_one_minus_mean_cosine_of_mean_pooled_states(minil
     edits = {"blocks.*.mlp.post": actscope.interventions.threshold(0.05)}
     with actscope.edit(minilm, edits):
         got = objective.degradation(minilm, reference)
-    enc = minilm.tokenizer(texts, padding=True, return_tensors="pt")
-    mask = enc["attention_mask"][..., None].double()
 
-    def pooled():
-        with torch.no_grad():
-            hidden = minilm.module(**enc).last_hidden_state.double()
-        return (hidden * mask).sum(1) / mask.sum(1)
+    def pooled():  # batched like the objective (2 texts per pass), so float32 rounding is the same
+        rows = []
+        for start in (0, 2):
+            enc = minilm.tokenizer(texts[start:start + 2], padding=True, return_tensors="pt")
+            mask = enc["attention_mask"][..., None].double()
+            with torch.no_grad():
+                hidden = minilm.module(**enc).last_hidden_state.double()
+            rows.append((hidden * mask).sum(1) / mask.sum(1))
+        return torch.cat(rows)
 
     dense = pooled()
     with actscope.edit(minilm, edits):
