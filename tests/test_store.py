@@ -95,7 +95,7 @@ def test_round_trip_is_exact(tmp_path):
 
 def test_manifest_is_complete_and_lists_contents(tmp_path):
     run = read_run(_write(tmp_path / "run"))
-    assert run.manifest == {**MANIFEST, "status": "complete", "format_version": 1,
+    assert run.manifest == {**MANIFEST, "status": "complete", "format": "actscope-run", "format_version": 1,
                             "tables": ["neurons", "layers"],
                             "arrays": ["hist", "hist_bf16", "counts"]}
     on_disk = json.loads((tmp_path / "run" / "manifest.json").read_text(encoding="utf-8"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actscope.errors import RunDirError
-from actscope.store.writer import ARRAYS, MANIFEST, STATE
+from actscope.store.writer import ARRAYS, FORMAT, FORMAT_VERSION, MANIFEST, NAME, STATE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -87,12 +87,42 @@ def _read_manifest(root: Path) -> dict:
         raise _damaged(root, f"manifest.json cannot be read ({err})") from err
     if not isinstance(manifest, dict):
         raise _damaged(root, "manifest.json does not hold a JSON object")
+    _check_format(root, manifest)
     if manifest.get("status") != "complete":
         raise RunDirError(
             f"the run at {root} did not finish (status: {manifest.get('status')!r}); "
             f"re-run `actscope profile ... --out {root} --overwrite`"
         )
+    _check_contents(root, manifest)
     return manifest
+
+
+def _check_format(root: Path, manifest: dict) -> None:
+    # Runs written before the format name was recorded carry only format_version 1.
+    name, version = manifest.get("format", FORMAT), manifest.get("format_version")
+    if name != FORMAT:
+        raise RunDirError(f"{root} is not an actscope run (its {MANIFEST} says format {name!r}); "
+                          "pass a directory written by `actscope profile --out`")
+    if version != FORMAT_VERSION:
+        raise RunDirError(
+            f"the run at {root} has format version {version!r}, and this actscope {_version()} reads "
+            f"version {FORMAT_VERSION}; open it with the actscope that wrote it, or re-run the profile"
+        )
+
+
+def _check_contents(root: Path, manifest: dict) -> None:
+    """Table and array lists of plain names: a manifest never points outside its run."""
+    for key, plain in (("tables", NAME.match), ("arrays", bool)):
+        names = manifest.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and plain(n) for n in names):
+            raise _damaged(root, f"its {key} list {names!r:.200} holds something other than plain names "
+                                 "(letters, digits, '_', '.', '-'; no paths)")
+
+
+def _version() -> str:
+    from actscope.store.manifest import library_versions
+
+    return library_versions()["actscope"]
 
 
 def _read_table(root: Path, name: str) -> "pa.Table":

@@ -1,22 +1,21 @@
 """Write a run directory atomically: build it in a hidden sibling, then rename it into place.
 
-A run only ever appears by that rename, so a crash leaves at most a ``.<name>.tmp-*`` sibling,
-which readers never look at and later writes clean up once it is a day old.
+A run only ever appears by that rename (:func:`actscope.store.files.atomic_directory`), so a
+crash leaves at most a ``.<name>.tmp-*`` sibling, which readers never look at and later writes
+remove once its process is gone. Only a directory that holds an actscope run (its manifest's
+format name and version checked) and nothing else is ever replaced.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import secrets
-import shutil
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actscope.errors import RunDirError
+from actscope.store.files import atomic_directory, check_writable
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -25,9 +24,11 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.safetensors"
 STATE = "state.pt"
+REPORT = "report.html"  # the run's own report (actscope.report writes it)
+FORMAT = "actscope-run"
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_STALE_SECONDS = 24 * 3600
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_OWN_TEMPORARY = re.compile(r"^\..+\.tmp-")  # a crashed write of one of the run's own files
 
 
 def write_run(
@@ -51,45 +52,74 @@ def write_run(
     table_objs = {name: _to_arrow(name, table) for name, table in _checked_names(tables, "table")}
     array_objs = dict(_checked_array_names(arrays or {}))
     manifest_text = _manifest_text(target, manifest, list(table_objs), list(array_objs))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    size = sum(t.nbytes for t in table_objs.values()) + sum(_nbytes(a) for a in array_objs.values())
+    with atomic_directory(target, size_hint=size) as tmp:
         _write_contents(tmp, table_objs, array_objs, state, manifest_text)
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
 def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse a target that write_run would refuse, before any expensive work is done."""
-    if not target.exists():
-        return
-    if not target.is_dir():
+    """Refuse a target that write_run would refuse, before any expensive work is done: a file,
+    a folder that is not an actscope run, a run without ``overwrite``, a run holding files
+    actscope did not write (``overwrite`` would delete them), or a place that cannot be written."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
         raise RunDirError(
             f"cannot write the run: {target} exists and is a file, not a directory; "
             "choose another --out"
         )
-    if not any(target.iterdir()):
-        return
-    if not (target / MANIFEST).is_file():
+    try:
+        entries = sorted(target.iterdir()) if target.is_dir() else []
+    except OSError as error:
+        raise RunDirError(f"cannot write the run: {target} cannot be read ({error.strerror or error}); choose another --out") from None
+    if entries:
+        manifest = own_manifest(target)
+        if manifest is None:
+            raise RunDirError(
+                f"cannot write the run: {target} exists, is not empty and is not an actscope run "
+                f"(no {MANIFEST} written by actscope), so it will not be replaced even with --overwrite; "
+                "choose another --out or empty that directory"
+            )
+        if not overwrite:
+            raise RunDirError(
+                f"cannot write the run: the directory {target} already exists and holds a run; "
+                "pass --overwrite (overwrite=True in Python) to replace it, or choose another --out"
+            )
+        _refuse_foreign_files(target, entries, manifest)
+    check_writable(target)
+
+
+def own_manifest(root: Path) -> dict | None:
+    """The manifest of the actscope run at ``root`` (format name and version checked), or None."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ours = isinstance(manifest, dict) and manifest.get("format") == FORMAT and manifest.get("format_version") == FORMAT_VERSION
+    return manifest if ours else None
+
+
+def run_files(manifest: dict) -> set[str]:
+    """The names of the files an actscope run with ``manifest`` consists of."""
+    tables = manifest.get("tables") if isinstance(manifest.get("tables"), list) else []
+    return {MANIFEST, ARRAYS, STATE, REPORT} | {f"{name}.parquet" for name in tables if isinstance(name, str)}
+
+
+def _refuse_foreign_files(target: Path, entries: list[Path], manifest: dict) -> None:
+    own = run_files(manifest)
+    foreign = [e.name + ("/" if e.is_dir() else "") for e in entries
+               if not (e.name in own and e.is_file()) and not _OWN_TEMPORARY.match(e.name)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunDirError(
-            f"cannot write the run: {target} exists, is not empty and is not an actscope run "
-            "(no manifest.json), so it will not be replaced even with --overwrite; "
-            "choose another --out or empty that directory"
-        )
-    if not overwrite:
-        raise RunDirError(
-            f"cannot write the run: the directory {target} already exists and holds a run; "
-            "pass --overwrite (overwrite=True in Python) to replace it, or choose another --out"
+            f"cannot replace the run at {target}: it also holds files actscope did not write ({shown}), "
+            "which --overwrite would delete; move them out of that directory, or choose another --out"
         )
 
 
 def _checked_names(items: Mapping[str, Any], kind: str) -> list[tuple[str, Any]]:
     for name in items:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not NAME.match(name):
             raise RunDirError(
                 f"invalid {kind} name {name!r}: it must be a plain string of letters, digits, "
                 "'_', '.' or '-' (not starting with '.' or '-'); rename it"
@@ -150,7 +180,7 @@ def _tensor_to_numpy(tensor: "torch.Tensor") -> Any:
 
 
 def _manifest_text(target: Path, manifest: dict, tables: list[str], arrays: list[str]) -> str:
-    full = {**manifest, "status": "complete", "format_version": FORMAT_VERSION,
+    full = {**manifest, "status": "complete", "format": FORMAT, "format_version": FORMAT_VERSION,
             "tables": tables, "arrays": arrays}
     try:
         return json.dumps(full, indent=2, ensure_ascii=False)
@@ -177,7 +207,6 @@ def _write_contents(
         f.write(manifest)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
 
 
 def _write_arrays(file: Path, arrays: dict) -> None:
@@ -214,47 +243,10 @@ def _write_state(file: Path, state: dict) -> None:
         ) from err
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-    else:
-        old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(target.parent)
-
-
-def _remove_stale_temps(target: Path) -> None:
-    cutoff = time.time() - _STALE_SECONDS
-    for leftover in target.parent.glob(f".{_glob_escape(target.name)}.tmp-*"):
-        try:
-            if leftover.is_dir() and leftover.stat().st_mtime < cutoff:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            continue
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` with glob metacharacters made literal."""
-    return re.sub(r"([*?\[])", r"[\1]", text)
-
-
 def _fsync_file(file: Path) -> None:
     with open(file, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:  # directories cannot be opened on every platform (Windows); durability is best effort
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _nbytes(value: Any) -> int:
+    return int(value.numel() * value.element_size()) if hasattr(value, "element_size") else 0
