@@ -54,7 +54,8 @@ def test_the_marked_token_is_the_one_at_its_position(text_run):
     assert len(shown.unit) == 64 and set(shown.rank.tolist()) == {0}
     for doc, pos, token in zip(shown.doc, shown.pos, shown.token):
         assert DOCS[doc].split()[pos] == token  # no special tokens: position p is word p
-    assert shown.rich_text(0).count("[bold reverse]") == 1
+    text = shown.rich_text(0)  # a rich Text: the token is the one styled span, the data literal
+    assert [(text.plain[s.start:s.end], str(s.style)) for s in text.spans] == [(shown.token[0], "bold reverse")]
 
 
 def test_head_sites_glob_and_markers(text_run):

@@ -31,9 +31,9 @@ class ProfileConfig:
     column: str | None = None
 
     def checked(self) -> "ProfileConfig":
-        for name in ("batch_size", "max_length", "k"):
+        for name, flag in (("batch_size", "--batch-size"), ("max_length", "--max-length"), ("k", "--top-k")):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise InputError(f"{flag} must be at least 1, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InputError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         return self

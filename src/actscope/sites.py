@@ -140,10 +140,30 @@ def _match_canonical(model: "Model", pattern: str) -> list[SiteEntry]:
             "use module sites instead, e.g. module:PATH@output (run `actscope sites` to list modules)"
         )
     parts = pattern.split(".")
+    _check_ranges(model, parts, pattern)
     found = [entry for name, entry in model.catalog.items() if _matches(parts, name.split("."))]
     if not found:
         raise SiteError(_unknown_site_message(model, pattern))
     return found
+
+
+def _check_ranges(model: "Model", parts: list[str], pattern: str) -> None:
+    """A range must lie within what the model has: ``blocks.0-9`` on a 2-block model is a
+    mistake to report, not a selection to shrink silently."""
+    for position, part in enumerate(parts):
+        bounds = RANGE.match(part)
+        if bounds is None:
+            continue
+        low, high = int(bounds[1]), int(bounds[2])
+        open_parts = parts[:position] + ["*"] + parts[position + 1:]
+        names = [name.split(".") for name in model.catalog]
+        have = sorted({int(n[position]) for n in names if _matches(open_parts, n) and n[position].isdigit()})
+        what = {"blocks": "blocks", "experts": "experts"}.get(parts[position - 1] if position else "", "indices")
+        if low > high:
+            raise SiteError(f"'{pattern}': the range {part} is empty; write it low-high, e.g. {high}-{low}")
+        if have and high > have[-1]:
+            raise SiteError(f"'{pattern}': the range {part} goes beyond the model: {model.name} has {len(have)} {what} "
+                            f"({have[0]}-{have[-1]}); use e.g. {have[0]}-{have[-1]} or *")
 
 
 def _matches(pattern: list[str], name: list[str]) -> bool:

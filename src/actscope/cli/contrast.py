@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from .common import console, friendly_errors, quiet_libraries
+from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
 
 
 def contrast(
@@ -27,6 +26,7 @@ def contrast(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate prompts to this many tokens."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Contrast sets (fTRI): which units, heads and experts respond more to the behaviour prompts."""
     quiet_libraries()
@@ -42,7 +42,7 @@ def contrast(
             from actscope.store.writer import check_target
 
             check_target(out, overwrite)  # refuse before the forward passes
-        model = actscope.load(model_dir)
+        model = actscope.load(model_dir, trust_remote_code=trust_remote_code)
         behaviour_set, control_set = load_corpus(behaviour, column=column), load_corpus(control, column=column)
         result = run_contrast(
             model, behaviour_set, control_set, sites, n_permutations=permutations, seed=seed,
@@ -51,7 +51,7 @@ def contrast(
         _print(result, model.name, top)
         if out is not None:
             _write(out, overwrite, model, result, behaviour_set, control_set, sites)
-            console.print(f"Run directory: [bold]{escape(str(out))}[/]")
+            console.print(styled("Run directory: ", (str(out), "bold")))
 
 
 def _print(result, name: str, top: int) -> None:
@@ -65,7 +65,7 @@ def _print(result, name: str, top: int) -> None:
     rows = result.to_table()
     for i in range(min(top, len(rows["rank"]))):
         table.add_row(
-            str(rows["rank"][i]), escape(str(rows["site"][i])), str(rows["kind"][i]), str(rows["index"][i]),
+            str(rows["rank"][i]), str(rows["site"][i]), str(rows["kind"][i]), str(rows["index"][i]),
             f"{rows['behaviour_mean'][i]:.4g}", f"{rows['control_mean'][i]:.4g}",
             f"{rows['effect_size'][i]:.3f}", f"{rows['p_value'][i]:.4f}",
         )

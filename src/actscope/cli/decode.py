@@ -5,10 +5,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from .common import console, friendly_errors, quiet_libraries
+from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
 
 
 def decode(
@@ -17,6 +16,7 @@ def decode(
     top: int = typer.Option(10, "--top", help="Promoted and suppressed tokens per unit."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: a run of the same model gets decode and decode_agreement tables; a new directory gets a decode table."),
     show: int = typer.Option(20, "--show", help="Units printed (every unit is written with --out)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Decode neurons into the vocabulary: W_out[:, i] through the final norm and the unembedding."""
     quiet_libraries()
@@ -24,12 +24,12 @@ def decode(
         import actscope
         from actscope.explain.decode import decode as decode_units
 
-        model = actscope.load(model_dir)
+        model = actscope.load(model_dir, trust_remote_code=trust_remote_code)
         decoded = decode_units(model, site, top=top)
         agreement = _write(model, decoded, out, site, top) if out is not None else None
         _print(decoded, agreement, show)
         if out is not None:
-            console.print(f"Run directory: [bold]{escape(str(out))}[/]")
+            console.print(styled("Run directory: ", (str(out), "bold")))
 
 
 def _write(model: Any, decoded: Any, out: Path, site: str, top: int) -> Any:
@@ -62,7 +62,7 @@ def _print(decoded: Any, agreement: Any, show: int) -> None:
     for column in ("site", "unit", "promoted (score)", "suppressed (score)") + (("agreement",) if scores else ()):
         table.add_column(column, no_wrap=column in ("site", "unit"), overflow="fold")
     for site, unit in keys[:show]:
-        row = [escape(site), str(unit), _tokens(decoded, site, unit, "promoted"), _tokens(decoded, site, unit, "suppressed")]
+        row = [site, str(unit), _tokens(decoded, site, unit, "promoted"), _tokens(decoded, site, unit, "suppressed")]
         table.add_row(*row, *([f"{scores.get((site, unit), float('nan')):.2f}"] if scores else []))
     console.print(table)
     if len(keys) > show:
@@ -71,4 +71,4 @@ def _print(decoded: Any, agreement: Any, show: int) -> None:
 
 def _tokens(decoded: Any, site: str, unit: int, direction: str) -> str:
     keep = (decoded.site == site) & (decoded.unit == unit) & (decoded.direction == direction)
-    return ", ".join(f"{escape(repr(t)[1:-1])} ({s:+.2f})" for t, s in zip(decoded.token[keep], decoded.score[keep]))
+    return ", ".join(f"{repr(t)[1:-1]} ({s:+.2f})" for t, s in zip(decoded.token[keep], decoded.score[keep]))

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from .common import console, friendly_errors, quiet_libraries
@@ -24,11 +23,11 @@ def examples(
         from actscope.explain.examples import top_examples
 
         shown = top_examples(run_dir, site, unit, top=top)
-        table = Table(title=f"top-activating examples · {escape(site)}", title_justify="left")
+        table = Table(title=f"top-activating examples · {site}", title_justify="left")
         for column in ("site", "unit", "rank", "value", "doc", "context"):
             table.add_column(column, justify="right" if column in ("unit", "rank", "value", "doc") else "left", overflow="fold")
         for row in range(min(limit, len(shown.unit))):
-            table.add_row(escape(shown.site[row]), str(shown.unit[row]), str(shown.rank[row]), f"{shown.value[row]:.4g}", str(shown.doc[row]), shown.rich_text(row))
+            table.add_row(shown.site[row], str(shown.unit[row]), str(shown.rank[row]), f"{shown.value[row]:.4g}", str(shown.doc[row]), shown.rich_text(row))
         console.print(table)
         if len(shown.unit) > limit:
             console.print(f"… {len(shown.unit) - limit} more rows (raise --limit)")

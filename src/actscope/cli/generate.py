@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from .common import console, friendly_errors, quiet_libraries
+from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
 
 
 def generate(
@@ -18,6 +17,7 @@ def generate(
     calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="A file written by `actscope sparsify`."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: where the model loads)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Print the greedy continuation and tokens/s, dense and sparse side by side."""
     quiet_libraries()
@@ -28,7 +28,7 @@ def generate(
 
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        model = actscope.load(model_dir, device=device)
+        model = actscope.load(model_dir, device=device, trust_remote_code=trust_remote_code)
         model.module.eval()
         if model.tokenizer is None:
             raise DataError(f"{model_dir} has no tokenizer; generate needs one to read --prompt and print the text")
@@ -67,4 +67,4 @@ def _print(rows: list[tuple]) -> None:
     if len(rows) > 1:
         console.print(f"sparse / dense speed: {rows[1][3] / max(rows[0][3], 1e-9):.2f}×")
     for row in rows:  # the texts in full, one line each, so they can be compared and copied
-        console.print(f"[bold]{row[0]}:[/] {escape(row[1])}", soft_wrap=True, highlight=False)
+        console.print(styled((f"{row[0]}:", "bold"), " ", row[1]), soft_wrap=True, highlight=False)

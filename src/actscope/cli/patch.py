@@ -5,10 +5,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from .common import console, friendly_errors, quiet_libraries
+from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
 
 DEFAULT_SITES = {"head": "blocks.*.attn.z", "unit": "blocks.*.mlp.post", "site": "blocks.*.attn.z,blocks.*.mlp.post",
                  "position": "blocks.*.resid.pre"}
@@ -26,6 +25,7 @@ def patch(
     top: int = typer.Option(20, "--top", help="Rows to print (largest |recovered| first)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write the full table into."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Patch clean activations into the corrupted run and print the recovered fraction per component."""
     quiet_libraries()
@@ -43,7 +43,7 @@ def patch(
             from actscope.store.writer import check_target
 
             check_target(out, overwrite)
-        model = actscope.load(model_dir)
+        model = actscope.load(model_dir, trust_remote_code=trust_remote_code)
         if model.tokenizer is None:
             raise InputError(f"{model_dir} has no tokenizer, so text prompts cannot be encoded; use the Python API with token ids")
         ids = {name: _token_id(model.tokenizer, text, name) for name, text in (("--answer", answer), ("--wrong", wrong))}
@@ -56,7 +56,7 @@ def patch(
         _print(result, model.name, top)
         if out is not None:
             _write(out, overwrite, result, model, dict(clean=clean, corrupted=corrupted, answer=answer, wrong=wrong, per=per, sites=chosen))
-            console.print(f"Run directory: [bold]{escape(str(out))}[/]")
+            console.print(styled("Run directory: ", (str(out), "bold")))
 
 
 def _token_id(tokenizer: Any, text: str, option: str) -> int:
@@ -84,7 +84,7 @@ def _print(result: Any, name: str, top: int) -> None:
     shown = result.top(top)
     for row in range(len(shown)):
         table.add_row(
-            escape(str(shown.site[row])),
+            str(shown.site[row]),
             *(str(v) if v >= 0 else "" for v in (shown.head[row], shown.unit[row], shown.position[row])),
             f"{shown.metric[row]:.4f}",
             f"{shown.recovered[row]:.3f}",

@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.markup import escape
 from rich.table import Table
 
-from .common import console, friendly_errors, quiet_libraries
+from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
 
 _METRIC_NAMES = "cett, temporal, core, codes, extreme, outliers, memory, moe, sensitivity"
 
@@ -30,17 +29,20 @@ def profile(
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Measurements to add to the run: 'all' or a comma list of " + _METRIC_NAMES + "."),
     checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Earlier checkpoint directories, comma-separated, in training order (for --metrics sensitivity)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN_DIR/report.html (charts + neuron browser) at the end."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Stream per-neuron statistics of chosen sites into a run directory and summarise them."""
     quiet_libraries()
     with friendly_errors():
         import actscope
         from actscope.data import load_corpus
+        from actscope.store import check_target
         config = actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column)
-        model = actscope.load(model_dir, device=device)
+        model = actscope.load(model_dir, device=device, trust_remote_code=trust_remote_code)
         plan = actscope.plan_sites(model, sites)
         corpus = load_corpus(data, column=column)
         target = out or _default_out(model.name)
+        check_target(target, overwrite)  # before the progress bar: a bad --out fails at once
         with _progress(len(corpus)) as advance:
             run = actscope.profile(model, corpus, sites=plan, out=target, overwrite=overwrite, config=config, progress=advance,
                                    metrics=metrics, measure_config=_measure_config(checkpoints), on_metric=_announce)
@@ -48,7 +50,7 @@ def profile(
         if report:
             from actscope.report import write_report
 
-            console.print(f"Report: [bold]{escape(str(write_report(run)))}[/]", highlight=False, soft_wrap=True)
+            console.print(styled("Report: ", (str(write_report(run)), "bold")), highlight=False, soft_wrap=True)
 
 
 def _default_out(name: str) -> Path:
@@ -95,7 +97,7 @@ def _summary(run) -> None:
             table.add_column(column, justify="right", overflow="fold")
     for row in run.layer_summary():
         table.add_row(
-            escape(row["site"]),
+            row["site"],
             str(row["units"]),
             f"{row['activation_ratio']:.3f}",
             f"{row.get('activation_ratio_abs_gt_0.01', float('nan')):.3f}",
@@ -104,7 +106,7 @@ def _summary(run) -> None:
         )
     console.print(table)
     _measurements(run.manifest.get("measurements", {}))
-    console.print(f"Run directory: [bold]{run.path}[/]")
+    console.print(styled("Run directory: ", (str(run.path), "bold")), highlight=False, soft_wrap=True)
 
 
 def _measure_config(checkpoints: Optional[str]):
@@ -114,15 +116,15 @@ def _measure_config(checkpoints: Optional[str]):
 
 
 def _announce(name: str) -> None:
-    console.print(f"[dim]measuring {name}…[/]")
+    console.print(styled((f"measuring {name}…", "dim")))
 
 
 def _measurements(outcome: dict) -> None:
     """One block per measurement: its summary lines, or why it was skipped."""
     for name, result in outcome.items():
         if result["skipped"]:
-            console.print(f"[bold]{name}[/]: [dim]skipped — {escape(result['skipped'])}[/]")
+            console.print(styled((name, "bold"), ": ", (f"skipped — {result['skipped']}", "dim")))
             continue
-        console.print(f"[bold]{name}[/] → tables {', '.join(result['tables'])}")
+        console.print(styled((name, "bold"), f" → tables {', '.join(result['tables'])}"))
         for line in result["summary"]:
-            console.print(f"  {escape(line)}", highlight=False)
+            console.print(f"  {line}", highlight=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from .common import console, friendly_errors, quiet_libraries
@@ -24,9 +23,9 @@ def query(
         table = Table(show_lines=False, title_justify="left")
         for i, name in enumerate(result.columns):
             numeric = all(isinstance(row[i], (int, float)) for row in result.rows if row[i] is not None)
-            table.add_column(escape(name), overflow="fold", justify="right" if numeric and result.rows else "left")
+            table.add_column(name, overflow="fold", justify="right" if numeric and result.rows else "left")
         for row in result.rows:
-            table.add_row(*(escape(_cell(v)) for v in row))  # data-set text is never read as markup
+            table.add_row(*(_cell(v) for v in row))  # the console reads no markup: data-set text prints as written
         console.print(table)
         shown = f"{len(result.rows)} row{'s' if len(result.rows) != 1 else ''}"
         console.print(f"{shown} (more rows left out; raise --max-rows)" if result.more else shown, highlight=False)

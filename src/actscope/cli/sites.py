@@ -6,22 +6,22 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from .common import console, friendly_errors, quiet_libraries
+from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries
 
 
 def sites(
     model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model directory (default: the embedded MiniLM)."),
     match: Optional[str] = typer.Option(None, "--match", "-m", help="Only sites whose name matches this glob, e.g. 'blocks.0.*'."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """List the canonical sites of a model (or its modules, for models without a table)."""
     quiet_libraries()
     with friendly_errors():
         import actscope
 
-        model = actscope.load(model_dir)
+        model = actscope.load(model_dir, trust_remote_code=trust_remote_code)
         rows = [s for s in model.sites() if match is None or fnmatch(s.name, match)]
         table = Table(title=f"{model.name}: {len(rows)} sites", title_justify="left")
         table.add_column("site", no_wrap=True)
@@ -29,7 +29,7 @@ def sites(
         table.add_column("at", no_wrap=True)
         table.add_column("module", overflow="fold")
         for row in rows:
-            shape = escape("[" + ", ".join(map(str, row.shape)) + "]") if row.shape else "?"
+            shape = "[" + ", ".join(map(str, row.shape)) + "]" if row.shape else "?"
             table.add_row(row.name, shape, row.at, row.module)
         console.print(table)
         if model.adapter is None:

@@ -123,13 +123,18 @@ def _corpus_from_path(source: str | Path, column: str | None) -> Corpus:
 
 
 def _finish(documents: Sequence[str], name: str, source: str, where: str) -> Corpus:
-    kept = tuple(doc for doc in documents if doc.strip())
+    kept = tuple(doc for doc in documents if _has_text(doc))
     if not kept:
         raise DataError(
-            f"{where} has no text documents (it is empty or holds only whitespace); "
-            "point at a source with some text."
+            f"{where} has no text documents (it is empty or holds only whitespace, NUL bytes or "
+            "other control characters); point at a source with some text."
         )
     return Corpus(kept, name=name, source=source)
+
+
+def _has_text(document: str) -> bool:
+    """At least one visible character: not whitespace, NUL, control or format characters."""
+    return any(char.isprintable() and not char.isspace() for char in document)
 
 
 # ---------------------------------------------------------------- files

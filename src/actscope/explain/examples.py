@@ -49,11 +49,12 @@ class TopExamples(TableResult):
     def to_table(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in COLUMNS} | {"text": self.text}
 
-    def rich_text(self, row: int) -> str:
-        """Row ``row``'s context as rich markup, the activating token highlighted."""
-        from rich.markup import escape
+    def rich_text(self, row: int) -> Any:
+        """Row ``row``'s context as a ``rich.text.Text``, the activating token highlighted
+        (literal text: brackets in the data are never read as markup)."""
+        from rich.text import Text
 
-        return f"{escape(_one_line(self.left[row]))}[bold reverse]{escape(_one_line(self.token[row]))}[/]{escape(_one_line(self.right[row]))}"
+        return Text.assemble(_one_line(self.left[row]), (_one_line(self.token[row]), "bold reverse"), _one_line(self.right[row]))
 
 
 def marked(left: str, token: str, right: str) -> str:
