@@ -127,7 +127,9 @@ def test_run_without_attention_omits_the_sink_section(tiny_run):
 def test_header_names_model_data_sites_tokens_and_time(minilm_run):
     text = render_report(minilm_run)
     header = text[text.index("<header"):text.index("</header>")]
-    fields = dict(re.findall(r'<dd data-field="(\w+)">(.*?)</dd>', header))
+    marked = dict(re.findall(r'<dd data-field="(\w+)">(.*?)</dd>', header))
+    assert marked["model"].startswith("<bdi>all-MiniLM-L6-v2</bdi> · <bdi>BertModel</bdi>")  # run values isolated
+    fields = {name: re.sub(r"</?bdi>", "", value) for name, value in marked.items()}
     assert fields["model"].startswith("all-MiniLM-L6-v2 · BertModel")
     assert fields["tokens"] == f"{minilm_run.manifest['data']['tokens']:,}"
     assert fields["sites"].startswith("12 sites · blocks.0.mlp.post")

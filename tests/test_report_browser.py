@@ -1,5 +1,6 @@
 """The report in headless Chromium: it loads offline with no console errors and no request but
-itself, charts render, the neuron browser finds units, and data-set text never becomes markup.
+itself, charts render, the neuron browser finds units, data-set text never becomes markup, and
+bidi controls in the run's text never reorder the page's own words.
 
 Needs Debian's chromium on PATH (`make test` installs it) and the playwright Python package;
 without chromium these tests skip, saying how to install it.
@@ -17,6 +18,7 @@ import pytest
 
 import actscope
 from actscope.report import write_report
+from test_report_safety import BIDI_MODEL, BIDI_SITE, BIDI_TABLE, RLO, bidi_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -243,3 +245,78 @@ def test_100k_unit_report_opens_and_stays_responsive(browser, tmp_path):
     assert loaded < 15 and searched < 5 and sorted_all < 5  # generous: a loaded 2-core machine
     assert visit.quiet() and visit.requests == [visit.url]
     visit.page.close()
+
+
+# -- bidirectional text ---------------------------------------------------------------------
+# The box of ``user`` (a string in the element at ``selector``) and of ``after`` (fixed text
+# that follows it): with the user text isolated, ``after`` starts right of it on the same line.
+BOXES = """([selector, user, after]) => {
+  const root = document.querySelector(selector);
+  const box = (text) => {
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const at = node.data.indexOf(text);
+      if (at < 0) continue;
+      const range = document.createRange();
+      range.setStart(node, at);
+      range.setEnd(node, at + text.length);
+      const r = range.getBoundingClientRect();
+      return {left: r.left, right: r.right, top: Math.round(r.top),
+              bidi: getComputedStyle(node.parentElement).unicodeBidi};
+    }
+    return null;
+  };
+  return [box(user), box(after)];
+}"""
+
+
+@pytest.fixture(scope="module")
+def bidi_visit(browser, tmp_path_factory):
+    run = bidi_run(tmp_path_factory.mktemp("bidi-browser"))
+    visit = Visit(browser, write_report(run))
+    yield visit, run
+    visit.page.close()
+
+
+def follows(visit: Visit, selector: str, user: str, after: str) -> tuple[dict, dict]:
+    user_box, after_box = visit.page.evaluate(BOXES, [selector, user, after])
+    assert user_box is not None and after_box is not None, (selector, user, after)
+    assert user_box["top"] == after_box["top"], (user_box, after_box)  # one line, so left/right compare
+    return user_box, after_box
+
+
+def test_user_text_in_the_header_cannot_reorder_the_page_text(bidi_visit):
+    visit, run = bidi_visit
+    source = run.manifest["data"]["source"]
+    for selector, user, after in (('dd[data-field="model"]', BIDI_MODEL, run.manifest["model"]["class"]),
+                                  ('dd[data-field="data"]', source, "documents"),
+                                  ('dd[data-field="sites"]', BIDI_SITE, "blocks.1.mlp.post")):
+        user_box, after_box = follows(visit, selector, user, after)
+        assert user_box["bidi"] == "isolate", (selector, user_box)
+        assert after_box["left"] >= user_box["right"] - 0.5, (selector, user_box, after_box)
+    for selector, user in (("header h1", BIDI_MODEL), ("header p.note", str(run.path)), ("nav", BIDI_TABLE),
+                           ("section:last-of-type h2", BIDI_TABLE)):
+        box = visit.page.evaluate(BOXES, [selector, user, user])[0]
+        assert box is not None and box["bidi"] == "isolate", (selector, box)
+    assert visit.quiet(), (visit.console, visit.errors)
+
+
+def test_data_set_text_in_the_neuron_card_is_isolated(bidi_visit):
+    visit, run = bidi_visit
+    page = visit.page
+    visit.search(f"{BIDI_SITE} 0")
+    page.wait_for_selector("#unit-card:not([hidden]) li.example")
+    site_box, unit_box = follows(visit, "#unit-card h3", BIDI_SITE, "unit 0")
+    assert site_box["bidi"] == "isolate" and unit_box["left"] >= site_box["right"] - 0.5
+    parts = page.eval_on_selector("#unit-card li.example", """li => [...li.children].map(c => {
+        const r = c.getBoundingClientRect();
+        return [c.className, r.left, r.right, (r.top + r.bottom) / 2, getComputedStyle(c).unicodeBidi, c.textContent]; })""")
+    assert [p[0] for p in parts] == ["ctx left", "tok", "ctx right", "meta"]
+    assert parts[0][5].startswith(RLO)
+    assert all(p[4] == "isolate" for p in parts[:3]), parts
+    assert max(p[3] for p in parts) - min(p[3] for p in parts) < 6, parts  # one line (the meta's font is smaller)
+    assert all(parts[i + 1][1] >= parts[i][2] - 0.5 for i in range(3)), parts  # left to right, in reading order
+    cells = page.eval_on_selector_all(f'div.as-table[data-table="{BIDI_TABLE}"] td.text, #neuron-table td.text',
+                                      "els => els.filter(e => e.textContent.includes('\\u202e')).map(e => getComputedStyle(e).unicodeBidi)")
+    assert cells and set(cells) == {"isolate"}, cells
+    assert visit.quiet(), (visit.console, visit.errors)

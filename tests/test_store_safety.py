@@ -64,11 +64,21 @@ def test_overwrite_refuses_a_run_holding_files_the_user_added_and_lists_them(tmp
 
 
 def test_overwrite_replaces_a_run_with_its_report(tmp_path):
+    from actscope.store.writer import REPORT_MARKER
+
     run = _write(tmp_path / "run")
-    (run / "report.html").write_text("<html>report</html>")
+    (run / "report.html").write_text(f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{REPORT_MARKER}</head></html>')
     _write(run, overwrite=True, manifest={"second": True})
     assert read_run(run).manifest["second"] is True
     assert not (run / "report.html").exists()
+
+
+def test_overwrite_keeps_a_report_html_the_user_wrote_into_a_run(tmp_path):
+    run = _write(tmp_path / "run")
+    (run / "report.html").write_text("<html>my own notes, named like the report</html>")
+    with pytest.raises(RunDirError, match=r"did not write \(report.html\)"):
+        _write(run, overwrite=True)
+    assert (run / "report.html").read_text().startswith("<html>my own notes")
 
 
 def test_manifest_records_the_format_name(tmp_path):

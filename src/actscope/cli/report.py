@@ -5,14 +5,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
-from .common import console, friendly_errors, quiet_libraries
+from .common import console, friendly_errors, quiet_libraries, styled
 
 
 def report(
     run_dir: Path = typer.Argument(..., help="Run directory written by `actscope profile --out`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: RUN_DIR/report.html)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report at --out (only one actscope wrote; "
+                                                              "RUN_DIR/report.html is always rewritten)."),
 ) -> None:
     """Write one self-contained HTML report of a run; open it in any browser, no server or network needed."""
     quiet_libraries()
@@ -20,5 +21,6 @@ def report(
         from actscope.report import write_report
         from actscope.run import open_run
 
-        path = write_report(open_run(run_dir), out)
-        console.print(f"Report: [bold]{escape(str(path))}[/] ({path.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
+        path = write_report(open_run(run_dir), out, overwrite=overwrite)
+        # the console reads no markup (cli/common.py): the path prints as written
+        console.print(styled("Report: ", (str(path), "bold"), f" ({path.stat().st_size / 1e6:.1f} MB)"), highlight=False, soft_wrap=True)

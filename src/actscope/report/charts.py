@@ -3,6 +3,10 @@
 No plotting library: each chart is a short SVG string with explicit width/height, so the page
 stays light and works offline. Every piece of text goes through ``_text`` (XML-escaped), and
 hover details are SVG ``<title>`` elements, which browsers show as text, never as markup.
+
+SVG text cannot hold a ``<bdi>`` and tooltips hold no elements at all, so labels lose their bidi
+controls instead (bidi.py): each ``<text>`` is laid out on its own, so what is left of a label
+cannot reorder another, and in a tooltip that joins a name to our words the name sits in FSI…PDI.
 """
 from __future__ import annotations
 
@@ -10,13 +14,20 @@ import math
 from html import escape
 from typing import Mapping, Sequence
 
+from .bidi import plain, plain_isolated
+
 WIDTH = 640
 ROW = 16  # px per bar row
 PALETTE = ("#3b6fb6", "#e07b39", "#4c9a5b", "#b04a8f", "#8a7b2f", "#5a5a5a", "#2aa7b8", "#c23b3b")
 
 
 def _text(value: object) -> str:
-    return escape(str(value), quote=True)
+    return escape(plain(value), quote=True)
+
+
+def _name(value: object) -> str:
+    """A name from the run inside a tooltip that goes on with our words: isolated."""
+    return escape(plain_isolated(value), quote=True)
 
 
 def _num(value: float) -> str:
@@ -65,7 +76,7 @@ def bars(name: str, labels: Sequence[str], series: Mapping[str, Sequence[float]]
             y = y0 + j * ROW
             parts.append(
                 f'<rect class="bar" x="{left:.0f}" y="{y + 1}" width="{w:.1f}" height="{ROW - 3}" fill="{PALETTE[j % len(PALETTE)]}">'
-                f"<title>{_text(label)} · {_text(key)}: {_text(_num(value) if ok else 'n/a')}</title></rect>"
+                f"<title>{_name(label)} · {_name(key)}: {_text(_num(value) if ok else 'n/a')}</title></rect>"
                 f'<text x="{left + w + 4:.1f}" y="{y + ROW - 4}" class="val">{_text(_num(value) if ok else "n/a")}</text>'
             )
     parts.append(f'<text x="{left:.0f}" y="{height - 6}" class="axis">0</text>'
@@ -116,7 +127,7 @@ def lines(name: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(points))
         parts.append(f'<polyline class="line" fill="none" stroke="{color}" stroke-width="1.8" points="{path}"/>')
         if len(points) <= 60:
-            parts.extend(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>{_text(key)}: '
+            parts.extend(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>{_name(key)}: '
                          f"{_text(x_label)} {_text(_num(x))}, {_text(y_label)} {_text(_num(y))}</title></circle>" for x, y in points)
     return _svg(name, width, height, "".join(parts), title)
 
@@ -154,7 +165,7 @@ def heatmap(name: str, rows: Sequence[str], columns: Sequence[str], values: Sequ
             share = max(0.0, min(1.0, (float(value) - low) / (high - low))) if ok and high > low else 0.0
             fill = _blue(share) if ok else "#ddd"
             parts.append(f'<rect class="cell" x="{left + c * cell:.0f}" y="{y}" width="{cell - 1}" height="{cell - 1}" fill="{fill}">'
-                         f"<title>{_text(label)} · {_text(columns[c])}: {_text(value_label)} {_text(_num(value) if ok else 'n/a')}</title></rect>")
+                         f"<title>{_name(label)} · {_name(columns[c])}: {_text(value_label)} {_text(_num(value) if ok else 'n/a')}</title></rect>")
     return _svg(name, width, int(height), "".join(parts), title)
 
 

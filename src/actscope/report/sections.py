@@ -2,7 +2,8 @@
 
 A section is (id, title, HTML body). Bodies hold Python-drawn SVG charts and empty table
 placeholders (``<div class="as-table" data-table=NAME>``) that browser.js fills from the JSON
-payload with textContent. Nothing here ever writes data-set text (contexts, tokens) into HTML.
+payload with textContent. Nothing here ever writes data-set text (contexts, tokens) into HTML;
+a name from the run in a title is the section's ``subject``, shown isolated (see bidi.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import charts
+from .bidi import plain_isolated
 
 # Tables with a dedicated section (or shown inside the unit cards); any other is generic.
 DEDICATED = ("layers", "heads", "extreme_heads", "cett_sweep", "cett_layers", "moe_experts", "outliers")
@@ -25,8 +27,9 @@ FIRING_BINS = 100  # at most this many points per units-firing curve, whatever t
 @dataclass(frozen=True)
 class Section:
     id: str
-    title: str
+    title: str  # our words
     body: str
+    subject: str = ""  # the run's text after the title (a table name), isolated when shown
 
 
 def table_slot(name: str) -> str:
@@ -54,7 +57,7 @@ def build_sections(run: Any) -> list[Section]:
             while section_id in taken:  # "a b" and "a-b" share a slug
                 section_id += "-"
             taken.add(section_id)
-            sections.append(Section(section_id, f"Table: {name}", table_slot(name)))
+            sections.append(Section(section_id, "Table:", table_slot(name), subject=name))
     return sections
 
 
@@ -84,7 +87,8 @@ def _layers(run: Any) -> Section | None:
     layers = run.tables["layers"]
     labels = [str(s) for s in column_values(layers, "site")]
     criteria = _criteria(layers)
-    options = "".join(f'<option value="{i}">{escape(label)}</option>' for i, (label, _, _) in enumerate(criteria))
+    # an <option> holds plain text only, and ε comes from the run's column names
+    options = "".join(f'<option value="{i}">{escape(plain_isolated(label))}</option>' for i, (label, _, _) in enumerate(criteria))
     panels = []
     for i, (label, ratio, dead) in enumerate(criteria):
         figures = charts.bars(f"activation-ratio-{i}", labels, {"activation ratio": column_values(layers, ratio)},

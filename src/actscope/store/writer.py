@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,13 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays.safetensors"
 STATE = "state.pt"
 REPORT = "report.html"  # the run's own report (actscope.report writes it)
+REPORT_MARKER = '<meta name="generator" content="actscope-report">'  # at the start of every report
+_MARKER_WINDOW = 4096
+# Pages of actscope 0.1.0 had no marker but always began so (`actscope report` on an older run
+# must still rewrite its report.html); a user's own file does not start with a script hash.
+_UNMARKED_START = (b'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta http-equiv='
+                   b'"Content-Security-Policy" content="default-src \'none\'; script-src \'sha256-')
+_UNMARKED_TITLE = "<title>actscope report · ".encode("utf-8")
 FORMAT = "actscope-run"
 FORMAT_VERSION = 1
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -105,16 +113,37 @@ def run_files(manifest: dict) -> set[str]:
     return {MANIFEST, ARRAYS, STATE, REPORT} | {f"{name}.parquet" for name in tables if isinstance(name, str)}
 
 
+def is_actscope_report(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file that starts like a page actscope's report wrote (its
+    marker in the first few KB, or the start of an unmarked 0.1.0 page); a link or a fifo is
+    never one, and a fifo is never opened."""
+    path = Path(path)
+    try:
+        if path.is_symlink() or not stat.S_ISREG(path.stat().st_mode):
+            return False
+        with open(path, "rb") as handle:
+            head = handle.read(_MARKER_WINDOW)
+    except OSError:
+        return False
+    return REPORT_MARKER.encode("ascii") in head or (head.startswith(_UNMARKED_START) and _UNMARKED_TITLE in head)
+
+
 def _refuse_foreign_files(target: Path, entries: list[Path], manifest: dict) -> None:
     own = run_files(manifest)
     foreign = [e.name + ("/" if e.is_dir() else "") for e in entries
-               if not (e.name in own and e.is_file()) and not _OWN_TEMPORARY.match(e.name)]
+               if not _is_own_file(e, own) and not _OWN_TEMPORARY.match(e.name)]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunDirError(
             f"cannot replace the run at {target}: it also holds files actscope did not write ({shown}), "
             "which --overwrite would delete; move them out of that directory, or choose another --out"
         )
+
+
+def _is_own_file(entry: Path, own: set[str]) -> bool:
+    if entry.name == REPORT:  # a user's own report.html is theirs, whatever its name
+        return is_actscope_report(entry)
+    return entry.name in own and entry.is_file() and not entry.is_symlink()
 
 
 def _checked_names(items: Mapping[str, Any], kind: str) -> list[tuple[str, Any]]:

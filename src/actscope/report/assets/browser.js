@@ -1,6 +1,8 @@
 // actscope report: sortable paginated tables, criterion pickers and the neuron browser.
 // Every value from the run reaches the DOM through textContent (never innerHTML), so text from
-// the data set is always shown as text.
+// the data set is always shown as text. Every such value also gets an element of its own with
+// dir="auto" (report.css isolates it), so bidi controls in it (U+202E ...) cannot reorder the
+// page's own words or the next value; plain-text tooltips drop the controls (see bidi.py).
 (function () {
   "use strict";
   var TABLE_PAGE = 20, NEURON_PAGE = 50;  // rows per page: the DOM never holds more
@@ -29,6 +31,18 @@
     if (className) node.className = className;
     if (text !== undefined && text !== null) node.textContent = String(text);
     return node;
+  }
+
+  // A value from the run: its own element, its direction taken from its own first letter.
+  function userEl(tag, className, text) {
+    var node = el(tag, className, text);
+    node.dir = "auto";
+    return node;
+  }
+
+  var CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+  function plainIsolated(text) {  // for a tooltip, which cannot hold an element: FSI ... PDI
+    return "\u2068" + String(text).replace(CONTROLS, "") + "\u2069";
   }
 
   function fmt(value, column) {
@@ -100,8 +114,10 @@
     var head = el("tr");
     columns.forEach(function (column, index) {
       var arrow = self.sortBy === index ? (self.direction > 0 ? " \u25b2" : " \u25bc") : "";
-      var th = el("th", column.text ? "text" : "", column.name + arrow);
-      th.title = "sort by " + column.name;
+      var th = el("th", column.text ? "text" : "");
+      th.appendChild(userEl("span", "name", column.name));
+      if (arrow) th.appendChild(document.createTextNode(arrow));
+      th.title = "sort by " + plainIsolated(column.name);
       th.addEventListener("click", function () { self.sort(index); });
       head.appendChild(th);
     });
@@ -111,7 +127,7 @@
       var row = this.rows[r], tr = el("tr", this.onRow ? "clickable" : "");
       if (row === this.selected) tr.className += " selected";
       tr.dataset.row = String(row);
-      for (var c = 0; c < columns.length; c++) tr.appendChild(el("td", columns[c].text ? "text" : "", fmt(columns[c].values[row], columns[c])));
+      for (var c = 0; c < columns.length; c++) tr.appendChild(cell("td", columns[c], row));
       if (this.onRow) tr.addEventListener("click", this.onRow.bind(null, row));
       body.appendChild(tr);
     }
@@ -131,6 +147,12 @@
     scroll.appendChild(grid);
     this.container.replaceChildren(pager, scroll);
   };
+
+  // A table cell or card value: text columns hold the run's strings, so they are isolated.
+  function cell(tag, column, row) {
+    var make = column.text ? userEl : el;
+    return make(tag, column.text ? "text" : "", fmt(column.values[row], column));
+  }
 
   // Criterion pickers: show the panel of the chosen criterion, hide the others.
   document.querySelectorAll("select.crit-select").forEach(function (select) {
@@ -207,13 +229,15 @@
     function showCard(row) {
       view.selected = row;
       view.render();
-      var parts = [el("h3", "", sites[row] + " \u00b7 unit " + units[row])];
+      var heading = el("h3");
+      heading.append(userEl("span", "site", sites[row]), " \u00b7 unit " + units[row]);
+      var parts = [heading];
       var stats = el("dl");
       table.columns.forEach(function (column) {
         if (column.name === "site" || column.name === "unit") return;
         var pair = stats.appendChild(el("div", "stat"));  // a dl may group each dt/dd pair in a div
-        pair.appendChild(el("dt", "", column.name));
-        pair.appendChild(el("dd", "", fmt(column.values[row], column)));
+        pair.appendChild(userEl("dt", "", column.name));
+        pair.appendChild(cell("dd", column, row));
       });
       parts.push(stats);
       if (examples) parts.push(exampleList(row));
@@ -236,13 +260,13 @@
       for (var j = start; j < stop; j++) {
         var ctx = examples.ctx[j], value = examples.val[j];
         var item = el("li", "example");
-        item.appendChild(el("span", "ctx left", contexts.left[ctx] + " "));
-        var token = el("span", "tok", contexts.token[ctx] || "(no text)");  // runs fed model inputs keep no text
+        item.appendChild(userEl("span", "ctx left", contexts.left[ctx] + " "));
+        var token = userEl("span", "tok", contexts.token[ctx] || "(no text)");  // runs fed model inputs keep no text
         var strength = peak > 0 ? Math.abs(value || 0) / peak : 0;
         token.style.backgroundColor = "rgba(224, 123, 57, " + (0.15 + 0.75 * strength).toFixed(3) + ")";
         token.title = "activation " + fmt(value);
         item.appendChild(token);
-        item.appendChild(el("span", "ctx right", " " + contexts.right[ctx]));
+        item.appendChild(userEl("span", "ctx right", " " + contexts.right[ctx]));
         item.appendChild(el("span", "meta", "a = " + fmt(value) + " \u00b7 doc " + contexts.doc[ctx] + " \u00b7 pos " + contexts.pos[ctx]));
         list.appendChild(item);
       }
@@ -256,7 +280,7 @@
         var chips = el("div", "chips " + direction);
         for (var i = decStart[row]; i < decStart[row + 1]; i++) {
           if (directions[i] !== direction) continue;
-          var chip = el("span", "", tokens[i]);
+          var chip = userEl("span", "", tokens[i]);
           chip.title = "score " + fmt(decoded.score[i]);
           chips.appendChild(chip);
         }
