@@ -76,6 +76,7 @@ class Tracer:
             yield self
 
     def _register(self, site: Site) -> torch.utils.hooks.RemovableHandle:
+        refuse_hidden_site(self.model.module, site, "hook")
         module = self.model.module.get_submodule(site.path)
         read = site.hook.reader()
         ctx = ReadContext(dict(site.index), self.model.config)
@@ -130,6 +131,41 @@ def _batch_grid(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return tuple(value.shape)
     return None
+
+
+# -- forwards swapped by actscope ------------------------------------------------------
+# A forward that actscope sets on a module instance (sparse execution swaps whole MLPs) carries
+# this attribute: an object with ``keeps``, the module's own hook points ("input", "output")
+# whose tensors are still the dense model's, and ``explain``, the reason and fix for a refused
+# hook. The modules below it are never called. Duck-typed, so this layer imports nothing above.
+SWAP_MARK = "actscope_swap"
+
+
+def swap_mark(module: torch.nn.Module) -> Any:
+    """The mark of the forward actscope swapped in on ``module`` itself, or None."""
+    return getattr(module.__dict__.get("forward"), SWAP_MARK, None)
+
+
+def hidden_by_swap(root: torch.nn.Module, path: str, at: str) -> Any:
+    """The mark of a swapped forward that a hook at ``path``'s ``at`` would miss or misread: one
+    on a module above ``path`` (it never calls ``path``), or on ``path`` itself when ``at`` is
+    not among the points it keeps; None when the hook sees the model's own tensors."""
+    chain = [root]
+    for name in path.split(".") if path else []:
+        chain.append(chain[-1].get_submodule(name))
+    for depth, module in enumerate(chain):
+        mark = swap_mark(module)
+        if mark is not None and (depth < len(chain) - 1 or at not in mark.keeps):
+            return mark
+    return None
+
+
+def refuse_hidden_site(root: torch.nn.Module, site: Site, verb: str) -> None:
+    """Refuse, before any hook exists, a site whose hook a swapped forward would skip: an edit
+    would silently do nothing and an observation would see nothing or the wrong tensor."""
+    mark = hidden_by_swap(root, site.path, site.hook.at)
+    if mark is not None:
+        raise SiteError(f"cannot {verb} {site.label} ({site.path}@{site.hook.at}) {mark.explain}")
 
 
 # -- flattening ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import console, friendly_errors, quiet_libraries
+from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries
 
 HELD_OUT_SHARE = 0.2  # of --data, evaluated but never calibrated on, when --eval-data is absent
 
@@ -26,6 +26,7 @@ def sparsify(
     max_length: int = typer.Option(128, "--max-length", help="Truncate documents to this many tokens."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at --out."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: where the model loads)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Calibrate what the MLP blocks may skip; print expected sparsity per layer and dense vs sparse perplexity."""
     quiet_libraries()
@@ -34,12 +35,14 @@ def sparsify(
         from actscope.data import load_corpus
         from actscope.errors import InputError
         from actscope.sparse import calibrate, evaluate
+        from actscope.sparse.calibration import check_target
 
         chosen = method or ("cett" if p is not None else "cats")
         if out.exists() and not overwrite:
             raise InputError(f"{out} already exists; pass --overwrite or choose another --out")
+        check_target(out.expanduser(), overwrite, "--out")  # a user's file, a folder, no write access: before the work
         calibration_docs, held_out = _split(load_corpus(data, column=column).documents, eval_data, column)
-        model = actscope.load(model_dir, device=device)
+        model = actscope.load(model_dir, device=device, trust_remote_code=trust_remote_code)
         model.module.eval()
         calibration = calibrate(model, list(calibration_docs), method=chosen, sparsity=sparsity,
                                 p=None if p is None else p / 100, alpha=alpha, batch_size=batch_size, max_length=max_length)

@@ -17,7 +17,7 @@ import torch
 from ..errors import SiteError
 from ..models.adapters.base import HookCall, ReadContext, read_input, read_output
 from ..sites import Site, plan_sites
-from ..trace import auto_layout
+from ..trace import auto_layout, refuse_hidden_site
 
 Intervention = Callable[[torch.Tensor], torch.Tensor]
 PLAIN_READERS = (None, read_input, read_output)
@@ -88,6 +88,7 @@ def _check_editable(site: Site) -> None:
 
 
 def _register(model: Any, site: Site, functions: tuple[Intervention, ...]) -> Any:
+    refuse_hidden_site(model.module, site, "edit")
     module = model.module.get_submodule(site.path)
     ctx = ReadContext(dict(site.index), model.config)
 

@@ -5,7 +5,9 @@
 * :class:`Calibration` / :func:`load_calibration` — one safetensors file, refused for other weights;
 * :func:`sparsify` — a context in which every MLP block reads only its active weight rows
   (through :mod:`actscope.sparse.kernels`), exactly equal to :func:`dense_with_thresholds`
-  up to float rounding;
+  up to float rounding; hooks inside the MLPs (``mlp.pre``, ``mlp.post``) are refused in
+  either nesting order, ``mlp.out`` and everything outside the MLPs work
+  (:mod:`actscope.sparse.swaps`);
 * :func:`evaluate` — dense versus sparse perplexity of a calibration on held-out text.
 
 Imports are lazy so that ``import actscope`` stays light.

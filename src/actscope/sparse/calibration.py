@@ -3,8 +3,10 @@
 The file is a single ``.safetensors`` file: the threshold tensors, and in its metadata (key
 ``actscope``) a JSON header with the method, settings, per-layer figures and the model's
 weight hash (:func:`actscope.store.weight_hash`). It is written to a temporary sibling and
-renamed into place, so a reader never sees half a file. Loading refuses a file made for other
-weights, naming both models.
+renamed into place (:func:`actscope.store.files.atomic_file`), so a reader never sees half a
+file; ``overwrite`` replaces only a calibration, never another file. Loading refuses a file made
+for other weights, naming both models, and one whose header or tensors are not what
+``calibrate`` writes (:mod:`~actscope.sparse.validation`).
 
 Threshold tensors are named ``"{layer}.{kind}"``: ``act`` (CATS, one number: ``|act(gate)|``
 below it is skipped), ``in`` and ``down`` (TEAL, one number each: input entries with ``|x| ≤ t``
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -80,25 +81,19 @@ class Calibration(TableResult):
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the calibration to ``path`` (one ``.safetensors`` file), atomically."""
+        """Write the calibration to ``path`` (one ``.safetensors`` file), atomically and with the
+        user's permissions. ``overwrite`` replaces an actscope calibration only, never another file."""
         from safetensors.torch import save_file
 
+        from ..store.files import atomic_file
+
         target = Path(path).expanduser()
-        if target.exists() and not overwrite:
-            raise InputError(f"{target} already exists; pass overwrite=True (--overwrite) or choose another path")
-        if target.is_dir():
-            raise InputError(f"{target} is a directory; the calibration is one file, e.g. {target / 'calibration.safetensors'}")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        check_target(target, overwrite)
         tensors = {name: t.detach().to(torch.float32).cpu().contiguous() for name, t in self.thresholds.items()}
         tensors["units"] = torch.tensor(self.units, dtype=torch.int64)  # a file always holds a tensor
-        handle, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(self._header())})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        with atomic_file(target, size_hint=size) as tmp:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(self._header())})
         return target
 
     def _header(self) -> dict[str, Any]:
@@ -112,15 +107,42 @@ class Calibration(TableResult):
         }
 
 
+def check_target(target: Path, overwrite: bool, what: str = "path") -> None:
+    """Refuse, before any work, a ``target`` that exists (without ``overwrite``), is a folder,
+    is some other file (never replaced: it may be the user's data) or cannot be written."""
+    from ..store.files import check_writable
+
+    if target.is_dir():
+        raise InputError(f"{target} is a directory; the calibration is one file, e.g. {target / 'calibration.safetensors'}")
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} already exists; pass overwrite=True (--overwrite) or choose another {what}")
+    if target.exists() and not is_calibration(target):
+        raise InputError(f"{target} exists and is not an actscope sparse calibration, so it is not replaced, even with "
+                         f"overwrite (it may be your data); choose another {what} or remove that file yourself")
+    check_writable(target, what)
+
+
+def is_calibration(path: Path) -> bool:
+    """Whether ``path`` is a file actscope wrote as a sparse calibration (any version)."""
+    try:
+        return _header_of(path).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
 def load_calibration(path: str | os.PathLike, model: Any) -> Calibration:
-    """Read a calibration saved for ``model``; refuse one made for other weights."""
+    """Read a calibration saved for ``model``; refuse one made for other weights, and one whose
+    header or tensors are not what ``calibrate`` writes (:mod:`~actscope.sparse.validation`)."""
     from safetensors.torch import load_file
 
     from ..feeding import as_model
     from ..store import weight_hash
+    from .families import mlp_blocks
+    from .validation import check_header, check_model, check_tensors
 
     source = Path(path).expanduser()
     header = _read_header(source)
+    check_header(source, header)
     model = as_model(model)
     actual = weight_hash(model.module)
     if header["weight_hash"] != actual:
@@ -129,12 +151,13 @@ def load_calibration(path: str | os.PathLike, model: Any) -> Calibration:
             f"not for model '{model.name}' (weight hash {actual[:12]}…); thresholds are only valid for the weights they "
             "were calibrated on: calibrate this model (actscope.sparse.calibrate or `actscope sparsify`)"
         )
+    check_model(source, header, model, mlp_blocks(model))
     tensors = load_file(str(source))
-    units = tuple(int(u) for u in header["units"])
+    check_tensors(source, header, tensors)
     return Calibration(
         method=header["method"], family=header["family"], model_name=header["model_name"], weight_hash=actual,
-        layers=tuple(int(x) for x in header["layers"]), units=units,
-        thresholds={name: t for name, t in tensors.items() if name != "units"},
+        layers=tuple(header["layers"]), units=tuple(header["units"]),
+        thresholds={name: t.to(torch.float32) for name, t in tensors.items() if name != "units"},
         expected_sparsity=np.asarray(header["expected_sparsity"], dtype=np.float64),
         expected_weight_skipped=np.asarray(header["expected_weight_skipped"], dtype=np.float64),
         per_layer={k: np.asarray(v, dtype=np.float64) for k, v in header["per_layer"].items()},
@@ -142,17 +165,25 @@ def load_calibration(path: str | os.PathLike, model: Any) -> Calibration:
     )
 
 
-def _read_header(source: Path) -> dict[str, Any]:
+def _header_of(source: Path) -> Any:
     from safetensors import safe_open
 
+    with safe_open(str(source), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return json.loads(meta[META_KEY])
+
+
+def _read_header(source: Path) -> dict[str, Any]:
     if not source.is_file():
         raise InputError(f"{source} is not a file; pass the path a calibration was saved to (Calibration.save, --out)")
     try:
-        with safe_open(str(source), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        header = json.loads(meta[META_KEY])
+        header = _header_of(source)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
         raise InputError(f"{source} is not an actscope sparse calibration ({type(error).__name__}: {error}); recompute it") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
-        raise InputError(f"{source} is not an actscope sparse calibration of version {FORMAT_VERSION}; recompute it")
+    found = (header.get("format"), header.get("version")) if isinstance(header, dict) else (None, None)
+    if found != (FORMAT, FORMAT_VERSION):
+        raise InputError(
+            f"{source} is not an actscope sparse calibration of version {FORMAT_VERSION} (its header has format "
+            f"{found[0]!r}, version {found[1]!r}); recompute it with `actscope sparsify` or actscope.sparse.calibrate"
+        )
     return header

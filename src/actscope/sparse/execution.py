@@ -8,6 +8,7 @@ is removed: parameters, buffers and hooks are untouched, so the model is what it
 
 OPT keeps ``fc1``/``activation_fn``/``fc2`` on the decoder layer, with no MLP module: there
 ``fc1`` and the activation pass their input through and ``fc2`` runs the whole sparse MLP.
+Hooks that the swapped forwards would hide are refused (:mod:`~actscope.sparse.swaps`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .calls import CallTracker
 from .families import MlpBlock, mlp_blocks
 from .forwards import SparseMlp, Tally
 from .layout import lay_out
+from .swaps import install, module_names, refuse_hooks, refuse_nested
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,12 +101,26 @@ def sparsify(model: Any, calibration: Calibration, *, check_weights: bool = True
 
     ``check_weights``: compare the model's weight hash with the calibration's (reads every
     weight once; pass False only for a calibration you just loaded for this model).
+
+    Hooks and sparse execution: each MLP block's forward is replaced, so hooks inside the MLP
+    (``blocks.{i}.mlp.pre``, ``blocks.{i}.mlp.post``, module sites under the MLP; for OPT the
+    hooks of ``fc1``/``activation_fn`` and the input of ``fc2``) would never fire or would see
+    the wrong tensor. They are refused with an :class:`~actscope.errors.InputError` in both
+    orders: entering ``sparsify`` while such hooks exist (``edit``/``observe``/``capture`` or
+    your own ``register_forward_hook``), and ``edit``/``observe``/``capture`` on such a site
+    inside ``sparsify``. ``blocks.{i}.mlp.out`` (the MLP's output), the residual stream,
+    attention sites, ``embed`` and ``logits`` work as usual and see the sparse model. To look
+    at the neurons with the same skips, use :func:`dense_with_thresholds` instead. A second
+    ``sparsify``, ``calibrate`` or ``dense_with_thresholds`` inside ``sparsify`` is refused too.
     """
     from ..feeding import as_model
 
     model = as_model(model)
     blocks = mlp_blocks(model)
+    refuse_nested(model, blocks, "a second sparsify")
     check_match(model, blocks, calibration, check_weights)
+    refuse_hooks(model, blocks)
+    names = module_names(model.module)
     tracker = CallTracker()
     handle = SparseHandle(calibration, tracker)
     cores: dict[int, torch.Tensor] = {}
@@ -115,7 +131,7 @@ def sparsify(model: Any, calibration: Calibration, *, check_weights: bool = True
             act = _own_forward(block.act) if block.spec.chained else block.act
             runner = SparseMlp(block, lay_out(block, calibration.method == "teal"), calibration.method,
                                _thresholds(calibration, block), dict(calibration.settings), tracker, cores, handle.record, act)
-            _install(stack, block, runner)
+            install(stack, block, runner, names)
         yield handle
 
 
@@ -152,38 +168,8 @@ def _thresholds(calibration: Calibration, block: MlpBlock) -> dict[str, torch.Te
             for kind in KINDS[calibration.method]}
 
 
-def _install(stack: ExitStack, block: MlpBlock, runner: SparseMlp) -> None:
-    if not block.spec.chained:
-        swap_forward(stack, block.container, runner)
-        return
-    if not isinstance(block.act, torch.nn.Module):
-        raise InputError(f"block {block.layer}'s activation is not a module, so its forward cannot be bypassed")
-    swap_forward(stack, block.first, _passthrough)
-    swap_forward(stack, block.act, _passthrough)
-    swap_forward(stack, block.down, runner)
-
-
 def _own_forward(module: Any) -> Callable:
     """The forward ``module`` has now, kept before it is swapped (functions pass as they are)."""
     if not isinstance(module, torch.nn.Module):
         return module
     return module.__dict__.get("forward") or type(module).forward.__get__(module)
-
-
-def _passthrough(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return x
-
-
-def swap_forward(stack: ExitStack, module: torch.nn.Module, forward: Callable) -> None:
-    """Set ``module.forward`` until ``stack`` closes, then restore exactly what was there
-    (an instance attribute some other tool set, or nothing: the class's method)."""
-    had, old = "forward" in module.__dict__, module.__dict__.get("forward")
-
-    def restore() -> None:
-        if had:
-            module.forward = old
-        else:
-            del module.forward
-
-    module.forward = forward
-    stack.callback(restore)

@@ -31,6 +31,7 @@ from ..errors import InputError
 from .calibration import METHODS, Calibration
 from .families import MlpBlock, mlp_blocks
 from .recording import DEFAULT_MAX_VALUES, record_abs
+from .swaps import refuse_nested
 
 
 def calibrate(
@@ -57,6 +58,7 @@ def calibrate(
     model = as_model(model)
     _check_eval_mode(model)
     blocks = mlp_blocks(model)
+    refuse_nested(model, blocks, "calibrate")
     if method == "cett":
         fields = _cett(model, data, p, batch_size, max_length, eval_data)
     else:

@@ -69,8 +69,11 @@ def evaluate(model: Any, calibration: Calibration, data: Any, *, batch_size: int
     from ..feeding import as_model
     from ..metrics.cett_data import materialised
     from .execution import sparsify
+    from .families import mlp_blocks
+    from .swaps import refuse_nested
 
     model = as_model(model)
+    refuse_nested(model, mlp_blocks(model), "evaluate")  # its dense perplexity needs the dense model
     batches = materialised(model, data, batch_size=batch_size, max_length=max_length, what="evaluation")
     score = _continuation_loss if calibration.method == "core" else _all_tokens_loss
     dense, tokens = score(model, batches)

@@ -27,6 +27,7 @@ from .calibration import Calibration
 from .calls import CallTracker, choose_cores
 from .execution import _thresholds, check_match
 from .families import MlpBlock, mlp_blocks
+from .swaps import refuse_nested
 
 
 @contextmanager
@@ -36,6 +37,7 @@ def dense_with_thresholds(model: Any, calibration: Calibration, *, check_weights
 
     model = as_model(model)
     blocks = mlp_blocks(model)
+    refuse_nested(model, blocks, "dense_with_thresholds")
     check_match(model, blocks, calibration, check_weights)
     tracker = CallTracker()
     cores: dict[int, torch.Tensor] = {}

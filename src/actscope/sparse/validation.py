@@ -1,0 +1,159 @@
+"""Checks a calibration file's header and tensors before :func:`load_calibration` trusts them.
+
+A hand-edited or damaged file would otherwise crash deep inside sparse execution or, worse,
+run with a NaN threshold or without its method's settings. Every rule is a row of a table:
+
+* :data:`HEADER` — each header key, the test its value must pass and what it must be;
+* lists with one entry per layer (:data:`PER_LAYER`, and every ``per_layer`` list);
+* :data:`SETTINGS` — the settings each method reads, with their ranges;
+* :data:`SHAPES` — the shape of each threshold kind's tensor (``KINDS`` says which kinds a
+  method holds): float, finite and ≥ 0.
+
+A refusal names the file, the key or tensor, its bad value, and the fix: recompute.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import InputError
+from .calibration import KINDS, METHODS
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _list_of(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(test(x) for x in value)
+
+
+def _fraction(*, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    """A number in [0, 1], with either end left out."""
+    return lambda v: _number(v) and (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
+
+
+def _layers(value: Any) -> bool:
+    return _list_of(lambda x: _whole(x) and x >= 0)(value) and len(set(value)) == len(value)
+
+
+def _per_layer(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _list_of(_number)(v) for k, v in value.items())
+
+
+HEADER: dict[str, Rule] = {
+    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+    "family": (_text, "the model family's name"),
+    "model_name": (_text, "the model's name"),
+    "weight_hash": (_text, "the model's weight hash"),
+    "layers": (_layers, "a list of distinct layer numbers ≥ 0"),
+    "units": (_list_of(lambda x: _whole(x) and x >= 1), "a list of unit counts ≥ 1"),
+    "expected_sparsity": (_list_of(_fraction()), "a list of fractions in [0, 1]"),
+    "expected_weight_skipped": (_list_of(_fraction()), "a list of fractions in [0, 1]"),
+    "per_layer": (_per_layer, "an object of per-layer lists of numbers"),
+    "settings": (lambda v: isinstance(v, dict), "an object"),
+}
+PER_LAYER = ("units", "expected_sparsity", "expected_weight_skipped")
+
+_SPARSITY: Rule = (_fraction(high_open=True), "a fraction in [0, 1)")
+_SHARE: Rule = (_fraction(low_open=True), "a fraction in (0, 1]")
+SETTINGS: dict[str, dict[str, Rule]] = {
+    "cats": {"sparsity": _SPARSITY},
+    "teal": {"sparsity": _SPARSITY},
+    "cett": {"p": (lambda v: _number(v) and v > 0, "a fraction > 0: the allowed perplexity increase")},
+    "core": {"alpha": _SHARE, "beta": _SHARE},
+}
+
+SHAPES: dict[str, Callable[[int], list[int]]] = {
+    "act": lambda units: [1], "in": lambda units: [1], "down": lambda units: [1], "neuron": lambda units: [units],
+}
+
+
+def refuse(source: Path, problem: str) -> None:
+    raise InputError(f"{source} is not a valid actscope sparse calibration: {problem}; recompute it with "
+                     "`actscope sparsify` or actscope.sparse.calibrate (an edited calibration is not trusted)")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def _check_rules(source: Path, values: Mapping[str, Any], rules: Mapping[str, Rule], where: str, missing: str) -> None:
+    for key, (test, what) in rules.items():
+        if key not in values:
+            refuse(source, missing.format(key=key, what=what))
+        if not test(values[key]):
+            refuse(source, f"{where} '{key}' is {_show(values[key])}, expected {what}")
+
+
+def check_header(source: Path, header: Mapping[str, Any]) -> None:
+    """Keys, types and ranges of the header; one entry per layer in every per-layer list."""
+    _check_rules(source, header, HEADER, "header", "its header has no '{key}'")
+    layers = header["layers"]
+    lists = {**{key: header[key] for key in PER_LAYER}, **{f"per_layer.{k}": v for k, v in header["per_layer"].items()}}
+    for key, values in lists.items():
+        if len(values) != len(layers):
+            refuse(source, f"header '{key}' has {len(values)} entries for {len(layers)} layers ({layers})")
+    method = header["method"]
+    _check_rules(source, header["settings"], SETTINGS[method], "settings",
+                 f"settings '{{key}}' is missing, a {method} calibration needs it ({{what}})")
+
+
+def check_tensors(source: Path, header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Exactly the method's tensors (``"{layer}.{kind}"`` and ``units``), each of its shape,
+    float, finite and ≥ 0; ``units`` equal to the header's."""
+    method = header["method"]
+    shapes = {f"{layer}.{kind}": SHAPES[kind](units) for layer, units in zip(header["layers"], header["units"])
+              for kind in KINDS[method]}
+    holds = _holds(method, header["layers"])
+    for name in [*shapes, "units"]:
+        if name not in tensors:
+            refuse(source, f"tensor '{name}' is missing ({holds})")
+    for name in tensors:
+        if name not in shapes and name != "units":
+            refuse(source, f"it has an extra tensor '{name}' ({holds})")
+    units = tensors["units"].tolist()
+    if units != header["units"]:
+        refuse(source, f"tensor 'units' is {_show(units)}, the header says {_show(header['units'])}")
+    for name, shape in shapes.items():
+        _check_threshold(source, name, tensors[name], shape)
+
+
+def _holds(method: str, layers: list[int]) -> str:
+    kinds = KINDS[method]
+    if not kinds:
+        return f"a {method} calibration holds only 'units'"
+    each = " and ".join(f"'{{layer}}.{kind}'" for kind in kinds)
+    return f"a {method} calibration holds {each} for layers {layers}, and 'units'"
+
+
+def _check_threshold(source: Path, name: str, tensor: torch.Tensor, shape: list[int]) -> None:
+    if list(tensor.shape) != shape:
+        refuse(source, f"tensor '{name}' has shape {list(tensor.shape)}, expected {shape}")
+    if not tensor.is_floating_point():
+        refuse(source, f"tensor '{name}' has dtype {str(tensor.dtype).removeprefix('torch.')}, expected a floating-point dtype")
+    bad = ~torch.isfinite(tensor) | (tensor < 0)
+    if bool(bad.any()):
+        refuse(source, f"tensor '{name}' holds {float(tensor[bad][0]):g}; thresholds are finite and ≥ 0")
+
+
+def check_model(source: Path, header: Mapping[str, Any], model: Any, blocks: list) -> None:
+    """The header's layers and units are the model's MLP blocks (its weight hash already matched)."""
+    layers, units = [b.layer for b in blocks], [b.units for b in blocks]
+    if (header["layers"], header["units"]) != (layers, units):
+        refuse(source, f"it covers MLP layers {header['layers']} of {header['units']} units, model '{model.name}' has "
+                       f"layers {layers} of {units} units")
