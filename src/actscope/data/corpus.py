@@ -246,10 +246,12 @@ def _read_csv(path: Path, delimiter: str):
 
     kind = "TSV" if delimiter == "\t" else "CSV"
     try:
-        return pacsv.read_csv(
+        table = pacsv.read_csv(
             path,
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
         )
+        table.column_names  # header names are decoded lazily: a non-UTF-8 header fails here
+        return table
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, decode errors
         raise DataError(
             f"Cannot read {path} as {kind} ({err}); check that it is UTF-8 {kind} with a "
@@ -303,6 +305,12 @@ def _table_text(table, column: str | None, where: Path) -> list[str]:
         return pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_string_view(kind)
 
     names = list(table.column_names)
+    repeated = sorted({repr(n) for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(
+            f"{where} has several columns named {', '.join(repeated)}; give every column of the "
+            "header row its own name."
+        )
     chosen = _choose_column(names, [n for n in names if is_text(n)], column, where)
     kind = table.schema.field(chosen).type
     if not (is_text(chosen) or pa.types.is_null(kind)):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from actscope.errors import InputError
+from actscope.store.files import give_user_mode
 
 ZOO_JSON = "actscope_zoo.json"
 TMP_PREFIX = ".tmp-"
@@ -141,11 +142,11 @@ def train_cached(
                          "to a writable directory.") from exc
     _cleanup_leftovers(parent, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published model is an ordinary directory
     threads = torch.get_num_threads()
     torch.set_num_threads(_TRAIN_THREADS)
     try:
         train_into(tmp)
+        give_user_mode(tmp)  # mkdtemp makes it private; the published model gets the umask's modes
         _publish(tmp, target, is_valid, force, caller)
     finally:
         torch.set_num_threads(threads)
