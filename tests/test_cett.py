@@ -22,8 +22,8 @@ from actscope.metrics.cett import (
     output_projection,
     record_cett_curves,
 )
-from actscope.metrics.cett_search import Evaluation, bisect_settings
-from actscope.metrics.cett_settings import CettSettings
+from actscope.metrics.cett.search import Evaluation, bisect_settings
+from actscope.metrics.cett.settings import CettSettings
 from actscope.sites import plan_sites
 from actscope.zoo import held_out_corpus, tiny_lm
 from actscope.zoo.tiny import tiny_model
@@ -151,7 +151,7 @@ def naive_curve(a: torch.Tensor, w_out: torch.Tensor, bias, grid: np.ndarray) ->
 
 def test_a_unit_exactly_at_eps_is_kept():
     """D = {i : ‖n_i‖ < ε} is strict: a unit whose ‖n_i‖ equals a grid ε is not dropped there."""
-    from actscope.metrics.cett_curves import CettCurveStats
+    from actscope.metrics.cett.curves import CettCurveStats
 
     w_out = torch.eye(3, dtype=torch.float64)  # unit columns: ‖n_i‖ = |a_i|
     stats = CettCurveStats(w_out, None, grid_points=3)

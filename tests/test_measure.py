@@ -76,7 +76,7 @@ def test_saved_measurements_equal_the_metric_functions(minilm, tmp_path):
 
 def test_cett_measurement_matches_a_direct_search():
     from actscope.metrics.cett import cett_sparsity
-    from actscope.metrics.cett_objectives import CausalLMLoss
+    from actscope.metrics.cett.objectives import CausalLMLoss
     from actscope.zoo import held_out_corpus, tiny_lm
 
     model = actscope.load(tiny_lm("relu"))

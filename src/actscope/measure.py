@@ -173,7 +173,7 @@ OBJECTIVES = (  # class-name suffix of the model → the CETT performance metric
 
 
 def objective_for(model: Any, texts: Sequence[str], config: MeasureConfig) -> Any:
-    from .metrics import cett_objectives
+    from .metrics.cett import objectives as cett_objectives
 
     name = type(model.module).__name__
     chosen = next(objective for suffix, objective in OBJECTIVES if name.endswith(suffix))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..metrics.result import TableResult
+from ..results import TableResult
 from .patching import (
     PER, Component, ComponentEffects, Metric, as_inputs, as_model, check_pair, components, effects_table,
     output_logits, plan_editable, record, scalar,

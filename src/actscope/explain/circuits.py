@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from ..errors import InputError
-from ..metrics.result import TableResult
+from ..results import TableResult
 
 KEY_COLUMNS = ("per", "site", "head", "unit", "position")
 

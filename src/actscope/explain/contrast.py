@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, SiteError
-from ..metrics.result import TableResult
+from ..results import TableResult
 from ..sites import Site
 from ..trace import Tracer, flatten, split_token_id
 

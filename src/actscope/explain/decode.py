@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..metrics.result import TableResult
+from ..results import TableResult
 from ..sites import Site
 
 F64 = torch.float64
@@ -151,7 +151,7 @@ def _rows(site: Site, units: np.ndarray, promoted: tuple, suppressed: tuple, top
 # -- the three matrices ----------------------------------------------------------------------
 def neuron_directions(model: Any, site: Site) -> torch.Tensor:
     """``W_out`` ``[d_model, d_ff]`` (float64) of a neuron site: column i is unit i's direction."""
-    from ..metrics.cett_core import output_projection
+    from ..metrics.cett.core import output_projection
 
     if site.hook.layout == "tokens" and "e" in dict(site.index):
         return _expert_down(model, site)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..metrics.result import TableResult
+from ..results import TableResult
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"  # plain-text markers around the activating token
 COLUMNS = ("site", "layer", "unit", "rank", "value", "doc", "pos", "left", "token", "right")

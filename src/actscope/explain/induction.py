@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..metrics.result import TableResult
+from ..results import TableResult
 
 
 @dataclass(frozen=True)

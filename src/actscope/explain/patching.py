@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..metrics.result import TableResult
+from ..results import TableResult
 
 Metric = Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]  # (logits, inputs) -> scalar
 PER = ("site", "head", "unit", "position")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..metrics.result import TableResult
+from ..results import TableResult
 from .patching import Metric, as_inputs, as_model, check_pair, evaluate, last_positions, output_logits, plan_editable, record, scalar
 
 Loss = Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]  # (patched logits, inputs) -> scalar

@@ -35,7 +35,7 @@ import torch
 from ..errors import InputError
 from ..sites import Plan
 from ..trace import POS_BITS, Reading, Tracer, flatten
-from .result import TableResult
+from ..results import TableResult
 
 PER_CHOICES = ("example", "token", "last")
 KNN_K = 9

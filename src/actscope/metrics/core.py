@@ -35,7 +35,7 @@ import torch
 from ..errors import DataError, InputError, SiteError
 from ..sites import Plan, Site, plan_sites
 from ..trace import Tracer, flatten, split_token_id
-from .result import TableResult
+from ..results import TableResult
 
 DEFAULT_PREFIXES = (1, 2, 4, 8, 16, 32, 64)
 

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .result import TableResult
+from ..results import TableResult
 
 DEFAULT_ALPHA = 1e-3
 DEFAULT_PROBES = 128

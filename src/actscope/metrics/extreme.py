@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, InputError, SiteError
-from .result import TableResult
+from ..results import TableResult
 
 SITES = ("blocks.*.attn.pattern", "blocks.*.attn.v", "blocks.*.resid.post")
 TokenFilter = Callable[[torch.Tensor], torch.Tensor]  # input_ids [batch, pos] -> bool [batch, pos]

@@ -38,7 +38,7 @@ import torch
 from ..errors import InputError
 from ..sites import Plan, Site, plan_sites
 from ..trace import Tracer
-from .result import TableResult
+from ..results import TableResult
 
 UNDEFINED = -1  # input/peak bytes of a site row: a site reads one tensor, it runs nothing
 

@@ -39,7 +39,7 @@ from ..sites import Site
 from ..trace import Tracer, flatten
 from ..feeding import as_model
 from .outliers import feed
-from .result import TableResult
+from ..results import TableResult
 from .tables import eps_column
 
 DEFAULT_EPS = 1e-3

@@ -36,7 +36,7 @@ import torch
 from ..errors import DataError, InputError
 from ..sites import Site
 from ..trace import Tracer, flatten
-from .result import TableResult
+from ..results import TableResult
 
 F64 = torch.float64
 DEFAULT_SITES = "blocks.*.resid.post"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .result import TableResult
+from ..results import TableResult
 
 AUTO_SITE = "auto"
 DEFAULT_POSITION = -2  # the second-to-last real token, as in the paper

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .result import TableResult
+from ..results import TableResult
 
 POS = "pos"
 DEFAULT_SITES = "blocks.*.mlp.post"

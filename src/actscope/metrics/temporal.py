@@ -26,7 +26,7 @@ import torch
 from ..errors import DataError, InputError, SiteError
 from ..sites import Plan, Site, plan_sites
 from ..trace import Reading, Tracer, flatten, split_token_id
-from .result import TableResult
+from ..results import TableResult
 from .tables import eps_column
 
 DEFAULT_EPS = (0.0, 1e-3, 1e-2, 1e-1)

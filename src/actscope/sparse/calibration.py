@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..metrics.result import TableResult
+from ..results import TableResult
 
 METHODS = ("cats", "teal", "cett", "core")
 FORMAT = "actscope-sparse-calibration"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..metrics.result import TableResult
+from ..results import TableResult
 from .calibration import KINDS, Calibration
 from .calls import CallTracker
 from .families import MlpBlock, mlp_blocks

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..metrics.result import TableResult
+from ..results import TableResult
 from .calibration import Calibration
 
 
@@ -94,7 +94,7 @@ def evaluate(model: Any, calibration: Calibration, data: Any, *, batch_size: int
 
 
 def _all_tokens_loss(model: Any, batches: list[dict]) -> tuple[float, int]:
-    from ..metrics.cett_objectives import next_token_loss
+    from ..metrics.cett.objectives import next_token_loss
 
     return _mean(*next_token_loss(model, batches))
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, SiteError
-from ..metrics.result import TableResult
+from ..results import TableResult
 from ..sites import Plan, Site
 from ..trace import Tracer, flatten
 

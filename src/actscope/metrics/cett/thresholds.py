@@ -21,11 +21,11 @@ from typing import Any, ClassVar, Iterator, Mapping
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..sites import plan_sites
-from .cett_core import output_projection, unit_thresholds
-from .cett_curves import CettCurves
-from .result import TableResult
+from ...errors import InputError
+from ...sites import plan_sites
+from .core import output_projection, unit_thresholds
+from .curves import CettCurves
+from ...results import TableResult
 
 TENSORS_FILE = "thresholds.safetensors"
 JSON_FILE = "cett.json"
@@ -48,13 +48,13 @@ class CettThresholds(TableResult):
 
     def edits(self) -> dict[str, Any]:
         """``{site: threshold intervention}`` for :func:`actscope.edit`."""
-        from ..interventions import threshold
+        from ...interventions import threshold
 
         return {site: threshold(torch.from_numpy(self.thresholds[site])) for site in self.sites}
 
     def apply(self, model: Any) -> Iterator[Any]:
         """Context manager: ``model`` runs with the thresholds while the block runs."""
-        from ..interventions import edit
+        from ...interventions import edit
 
         return edit(model, self.edits())
 
@@ -114,8 +114,8 @@ def load_thresholds(path: str | os.PathLike, model: Any) -> tuple[CettThresholds
     """``(thresholds, the file's "extra" dict)``; checks format, weight hash and unit counts."""
     from safetensors.torch import load_file
 
-    from ..store import weight_hash
-    from ..feeding import as_model
+    from ...store import weight_hash
+    from ...feeding import as_model
 
     source = Path(path).expanduser()
     header = _read_header(source)
@@ -174,9 +174,9 @@ def _replace(tmp: Path, target: Path) -> None:
 def thresholds_for(curves: CettCurves, c: float, model: Any, *, index: Any = None) -> CettThresholds:
     """Thresholds for CETT target ``c`` read off ``curves`` (or for an explicit per-layer grid
     ``index``, −1 meaning ε = 0). ``model`` gives the output projections and the weight hash."""
-    from ..store import weight_hash
-    from .cett_curves import eps_of
-    from ..feeding import as_model
+    from ...store import weight_hash
+    from .curves import eps_of
+    from ...feeding import as_model
 
     model = as_model(model)
     index = curves.index_for(c) if index is None else np.asarray(index, dtype=np.int64)

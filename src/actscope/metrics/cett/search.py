@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..sites import Plan, Site
-from ..trace import Tracer, flatten
+from ...errors import InputError
+from ...sites import Plan, Site
+from ...trace import Tracer, flatten
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Evaluator:
     reference included."""
 
     def __init__(self, model: Any, plan: Plan, objective: Any) -> None:
-        from ..interventions import edit
+        from ...interventions import edit
 
         self.model, self.plan, self.objective, self._edit = model, plan, objective, edit
         self.passes = 0

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..interventions import threshold
-from ..sites import plan_sites
-from .cett_core import output_projection, unit_thresholds
-from .cett_curves import CettCurves, eps_of
-from .cett_search import fat_grid, topk_abs
+from ...interventions import threshold
+from ...sites import plan_sites
+from .core import output_projection, unit_thresholds
+from .curves import CettCurves, eps_of
+from .search import fat_grid, topk_abs
 
 
 class CettSettings:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
-from ..sites import Site
+from ...errors import InputError
+from ...sites import Site
 
 F64 = torch.float64
 
@@ -49,7 +49,7 @@ def output_projection(model: Any, site: Site) -> tuple[torch.Tensor, torch.Tenso
 
 def check_neuron_site(site: Site) -> None:
     """Refuse sites whose tensor is not the full input of a projection module."""
-    from ..models.adapters.base import read_input
+    from ...models.adapters.base import read_input
 
     plain = site.hook.read in (None, read_input) or getattr(site.hook.read, "view_of", None) is read_input
     if site.hook.at != "input" or not plain or site.hook.layout not in ("units", "flat"):

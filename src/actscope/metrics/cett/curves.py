@@ -38,12 +38,12 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError, InputError
-from ..sites import Plan, Site, plan_sites
-from ..trace import Tracer, flatten
-from .cett_core import F64, check_neuron_site, output_projection
-from .cett_data import input_batches
-from .result import TableResult
+from ...errors import DataError, InputError
+from ...sites import Plan, Site, plan_sites
+from ...trace import Tracer, flatten
+from .core import F64, check_neuron_site, output_projection
+from ..cett_data import input_batches
+from ...results import TableResult
 
 DEFAULT_GRID_POINTS = 128
 TAIL_FLOOR = 1e-4  # CETT a typical token's whole tail may carry below the grid
@@ -233,7 +233,7 @@ def record_cett_curves(
     strings, a text source or model-input dicts (:mod:`actscope.metrics.cett_data`).
     ``sites``: whole neuron sites (default every ``blocks.{i}.mlp.post``).
     """
-    from ..feeding import as_model
+    from ...feeding import as_model
 
     if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
         raise InputError(f"grid_points must be a whole number of at least 2, got {grid_points!r}; e.g. 128")

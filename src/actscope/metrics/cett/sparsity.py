@@ -3,11 +3,11 @@
 One call, :func:`cett_sparsity`, does the whole method:
 
 1. **One calibration pass** records, per MLP layer, the token-averaged CETT as a function of ε
-   on a fine log grid (:func:`~actscope.metrics.cett_curves.record_cett_curves`; cost and grid
+   on a fine log grid (:func:`~actscope.metrics.cett.curves.record_cett_curves`; cost and grid
    in that module). From then on the per-layer ε for any target c — the largest grid ε whose
    CETT is ≤ c — is read off the curves, not searched by forward passes.
-2. **A bisection over the shared target c** (:mod:`~actscope.metrics.cett_search`), each step
-   one evaluation pass of the pluggable objective (:mod:`~actscope.metrics.cett_objectives`:
+2. **A bisection over the shared target c** (:mod:`~actscope.metrics.cett.search`), each step
+   one evaluation pass of the pluggable objective (:mod:`~actscope.metrics.cett.objectives`:
    causal-LM perplexity, masked-LM loss, embedding fidelity, classifier KL or accuracy) with
    the thresholds applied through the reversible :func:`actscope.edit`, until the degradation
    is ≤ p and as close to p as the settings allow. For the paper's objective that is
@@ -30,11 +30,11 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from ..sites import Plan, plan_sites
-from .cett_core import cett_of_dropped, output_projection, unit_thresholds
-from .cett_curves import CettCurves, record_cett_curves
-from .cett_objectives import (
+from ...errors import InputError
+from ...sites import Plan, plan_sites
+from .core import cett_of_dropped, output_projection, unit_thresholds
+from .curves import CettCurves, record_cett_curves
+from .objectives import (
     CausalLMLoss,
     ClassifierAccuracy,
     ClassifierKL,
@@ -42,11 +42,11 @@ from .cett_objectives import (
     MaskedLMLoss,
     Objective,
 )
-from ..feeding import as_model
-from .cett_search import Bisection, Evaluation, Evaluator, bisect_settings, check_p
-from .cett_settings import CettSettings, FatSettings, TopkSettings
-from .cett_thresholds import CettThresholds, load_thresholds, thresholds_for
-from .result import TableResult
+from ...feeding import as_model
+from .search import Bisection, Evaluation, Evaluator, bisect_settings, check_p
+from .settings import CettSettings, FatSettings, TopkSettings
+from .thresholds import CettThresholds, load_thresholds, thresholds_for
+from ...results import TableResult
 
 DEFAULT_SWEEP = (0.005, 0.01, 0.02, 0.05)
 METHODS = ("cett", "topk", "fat")
@@ -309,25 +309,3 @@ def load_cett(path: str | os.PathLike, model: Any) -> CettSparsity:
         total_passes=extra["total_passes"], converged=extra["converged"], sweep=SparsitySweep(rows),
         seconds=extra["seconds"],
     )
-
-
-__all__ = [
-    "CausalLMLoss",
-    "CettCurves",
-    "CettSparsity",
-    "CettThresholds",
-    "ClassifierAccuracy",
-    "ClassifierKL",
-    "EmbeddingFidelity",
-    "MaskedLMLoss",
-    "Objective",
-    "SparsitySweep",
-    "SweepRow",
-    "cett_of_dropped",
-    "cett_sparsity",
-    "load_cett",
-    "output_projection",
-    "record_cett_curves",
-    "thresholds_for",
-    "unit_thresholds",
-]

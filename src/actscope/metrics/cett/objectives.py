@@ -29,8 +29,8 @@ from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 
-from ..errors import DataError, InputError
-from .cett_data import materialised, real_token_mask
+from ...errors import DataError, InputError
+from ..cett_data import materialised, real_token_mask
 
 
 class Objective(Protocol):
