@@ -37,9 +37,9 @@ from actscope.zoo import held_out_corpus, tiny_lm  # noqa: E402
 
 def plain_pass_seconds(model, data) -> float:
     """Wall time of one forward pass over ``data`` without any hook (batches as the search)."""
-    from actscope.metrics.cett_data import input_batches
+    from actscope.feeding import input_batches
 
-    batches = list(input_batches(model, data))
+    batches = list(input_batches(model, data, batch_size=16))  # cett_sparsity's default
     start = time.perf_counter()
     with torch.no_grad():
         for inputs in batches:

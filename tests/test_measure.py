@@ -50,7 +50,7 @@ def test_profile_refuses_bad_metrics_before_profiling(minilm, tmp_path):
 
 def test_saved_measurements_equal_the_metric_functions(minilm, tmp_path):
     from actscope.metrics.codes import activation_codes
-    from actscope.metrics.cett_data import materialised
+    from actscope.feeding import materialised
     from actscope.metrics.extreme import extreme_tokens
     from actscope.metrics.outliers import outlier_channels
     from actscope.metrics.temporal import temporal_sparsity

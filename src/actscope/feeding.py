@@ -1,32 +1,64 @@
-"""Feeding data to a model: the one place that turns "a model and some data" into forward calls.
+"""Feeding data to a model: the one place that turns (model, data, limits) into checked batches
+and forward calls, for profiling, every measurement, calibration and explanation alike.
 
-``profile`` and every measurement share it, so text sources, padding masks, example numbers
-and model-input dicts behave the same everywhere.
+``data`` is any of:
+
+* a text source: ``None`` (the built-in corpus), a path (text, jsonl, csv, tsv, parquet, a saved
+  dataset), a :class:`~actscope.data.Corpus` or a list of strings. Documents are tokenized with
+  the model's tokenizer (its default special tokens), truncated to ``max_length`` tokens,
+  right-padded into batches of ``batch_size``, and cut after ``max_tokens`` real tokens; each row
+  carries its document number, so statistics know which example a token came from and padding
+  is excluded through the attention mask;
+* token-id rows (:func:`token_rows`): right-padded the same way, the row number the example;
+* model-input dicts, one or an iterable of them (``{"input_ids": …, "attention_mask": …}`` or
+  whatever a wrapped module takes), fed as they are; padding is excluded through their
+  ``attention_mask`` when they have one.
+
+The limits are checked once, here (:class:`Limits`), with the CLI's flag names in the messages.
+
+Held-out data (:func:`split_held_out`): where a method needs data it was not fitted on (the CETT
+search's evaluation set, ``actscope sparsify``'s perplexity report), the last ``HELD_OUT`` share
+of the documents is held out, at least one document on each side; every caller takes the share
+as an option.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import DataError
-from .models import Model, load, wrap
+from .errors import DataError, InputError
+from .models import Model, as_model  # noqa: F401 - as_model: until every caller imports it from models
+
+HELD_OUT = 0.2
 
 
-def as_model(model: Any, device: str | None = None) -> Model:
-    """A Model from a Model, any ``nn.Module``, a Hugging Face directory, or None (the default)."""
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, torch.nn.Module):
-        return wrap(model)
-    return load(model, device=device)
+@dataclass(frozen=True)
+class Limits:
+    """How data is cut into forward calls (see the module docstring)."""
+
+    batch_size: int = 8
+    max_length: int = 128
+    max_tokens: int | None = None
+    column: str | None = None
+
+    def checked(self) -> "Limits":
+        for name, flag in (("batch_size", "--batch-size"), ("max_length", "--max-length"), ("max_tokens", "--max-tokens")):
+            value = getattr(self, name)
+            if value is None and name == "max_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"{flag} must be a whole number, got {value!r}")
+            if value < 1:
+                raise InputError(f"{flag} must be at least 1, got {value}")
+        return self
 
 
 @dataclass
 class Source:
-    """Where batches come from: a tokenized corpus, or the user's own input dicts."""
+    """Where batches come from: a tokenized corpus, token-id rows, or the user's own input dicts."""
 
     batches: Iterable[Any]
     corpus: Any = None
@@ -43,20 +75,59 @@ class Call:
     examples: torch.Tensor | None
 
 
-def source_for(model: Model, data: Any, *, batch_size: int = 8, max_length: int = 128, max_tokens: int | None = None, column: str | None = None) -> Source:
-    """Batches for ``data``: text sources are tokenized with the model's tokenizer (right
-    padding, truncation); one input dict or an iterable of them is fed as is."""
+def source_for(model: Model, data: Any, *, batch_size: int = 8, max_length: int = 128, max_tokens: int | None = None,
+               column: str | None = None) -> Source:
+    """The batches of ``data`` (see the module docstring); a :class:`Source` passes through."""
     from .data import load_corpus, token_batches
 
+    if isinstance(data, Source):
+        return data
+    limits = Limits(batch_size, max_length, max_tokens, column).checked()
     if not is_text_source(data):
         return Source([data] if isinstance(data, Mapping) else data)
-    corpus = load_corpus(data, column=column)
+    corpus = load_corpus(data, column=limits.column)
+    tokenizer = _tokenizer(model, "text data")
+    return Source(token_batches(corpus, tokenizer, limits.batch_size, limits.max_length, limits.max_tokens), corpus, tokenizer)
+
+
+def token_rows(model: Model, rows: Sequence[Sequence[int]], *, batch_size: int = 8) -> Source:
+    """Token-id rows as right-padded batches, row ``r`` being example ``r``."""
+    from .data import pad_id
+    from .data.batching import Batch, pad_right
+
+    Limits(batch_size=batch_size).checked()
+    pad = pad_id(model.tokenizer)
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(rows), batch_size):
+            input_ids, mask = pad_right(rows[start:start + batch_size], pad)
+            yield Batch(input_ids, mask, torch.arange(start, start + len(input_ids)), int(mask.sum()))
+
+    return Source(batches(), tokenizer=model.tokenizer)
+
+
+def tokenize(model: Model, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Each text's token ids, as :func:`source_for` would feed them (truncated to ``max_length``);
+    a text that tokenizes to nothing is refused, naming it."""
+    from .data.batching import effective_max_length
+
+    Limits(max_length=max_length).checked()
+    tokenizer = _tokenizer(model, "texts")
+    limit = effective_max_length(tokenizer, max_length)
+    ids = [list(row)[:limit] for row in tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]]
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:
+        raise DataError(f"texts[{empty[0]}] = {texts[empty[0]]!r:.60} tokenizes to nothing; drop it or give it some words")
+    return ids
+
+
+def _tokenizer(model: Model, what: str) -> Any:
     if model.tokenizer is None:
         raise DataError(
-            f"{model.name} has no tokenizer, so text data cannot be fed to it; load a model directory "
+            f"{model.name} has no tokenizer, so {what} cannot be fed to it; load a model directory "
             "that includes its tokenizer, pass actscope.wrap(module, tokenizer=...), or pass model-input dicts"
         )
-    return Source(token_batches(corpus, model.tokenizer, batch_size, max_length, max_tokens), corpus, model.tokenizer)
+    return model.tokenizer
 
 
 def is_text_source(data: Any) -> bool:
@@ -88,17 +159,60 @@ def unpack(batch: Any, device: torch.device) -> Call:
     raise DataError(f"cannot feed a {type(batch).__name__} to the model; pass text data or dicts of model inputs")
 
 
-def feed(tracer: Any, source: Source, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
-    """Run ``tracer.model`` over ``source`` with the tracer's hooks attached, telling it each
-    call's example numbers; return (examples, real tokens)."""
+def input_batches(model: Model, data: Any, **limits: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """The keyword arguments of each forward call of ``data``, on the model's device."""
+    if data is None:
+        raise DataError("no data given; pass a list of strings, a text file, or model-input dicts")
+    for call in calls(model, source_for(model, data, **limits)):
+        yield call.inputs
+
+
+def materialised(model: Model, data: Any, *, what: str, **limits: Any) -> list[dict[str, torch.Tensor]]:
+    """All batches of ``data`` as a list (data read many times, e.g. for evaluation); refuse no input."""
+    batches = list(input_batches(model, data, **limits))
+    if not batches:
+        raise DataError(f"the {what} data produced no batch (is it empty?); pass some text or model inputs")
+    return batches
+
+
+def real_token_mask(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[batch, pos]`` bool: the attention mask, or all True when the batch has none."""
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.bool()
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        raise DataError("a model-input dict needs input_ids (and preferably attention_mask) for this objective")
+    return torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+
+
+Progress = Callable[[int, int], None]  # (examples done, real tokens in this call)
+
+
+def feed(tracer: Any, data: Any, *, progress: Progress | None = None, **limits: Any) -> tuple[int, int]:
+    """Run ``tracer.model`` over ``data`` (or a :class:`Source`) with the tracer's hooks attached,
+    telling it each call's example numbers; return (examples, real tokens). No token at all is
+    a :class:`DataError`: a statistic of nothing is a mistake, not a result."""
     model = tracer.model
     examples = tokens = 0
     with torch.no_grad(), tracer.attached():
-        for call in calls(model, source):
+        for call in calls(model, source_for(model, data, **limits)):
             tracer.next_examples = call.examples
             model(**call.inputs)
             examples += len(call.examples) if call.examples is not None else 1
             tokens += call.tokens
             if progress is not None:
                 progress(examples, call.tokens)
+    if tokens == 0:
+        raise DataError("no real token was observed; the data produced no input, or only padding (is it empty?)")
     return examples, tokens
+
+
+def split_held_out(items: Sequence[Any], share: float = HELD_OUT) -> tuple[list[Any], list[Any]]:
+    """``(fitted on, held out)``: the last ``share`` of ``items`` held out, at least one on each side."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise InputError(f"the held-out share must be a fraction between 0 and 1, got {share!r}; e.g. {HELD_OUT}")
+    if len(items) < 2:
+        raise DataError(f"{len(items)} document given; pass at least 2, since some are held out for evaluation")
+    held = min(len(items) - 1, max(1, round(share * len(items))))
+    return list(items[:-held]), list(items[-held:])

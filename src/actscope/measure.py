@@ -7,8 +7,9 @@ string when it does not) and how to run it. A measurement returns named tables (
 ``<name>.parquet``) and a few summary lines for the CLI.
 
 Data split (our choice): the CETT search needs held-out evaluation text, so the last
-``held_out`` share of the documents is its evaluation set and the rest its calibration set;
-every other measurement reads the first ``max_documents`` documents.
+``held_out`` share of the documents is its evaluation set and the rest its calibration set (the
+one held-out rule, :func:`actscope.feeding.split_held_out`); every other measurement reads the
+first ``max_documents`` documents.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import InputError, SiteError
+from .feeding import HELD_OUT
 
 NEURONS = "blocks.*.mlp.post"
 ALL = "all"
@@ -27,15 +29,15 @@ class MeasureConfig:
 
     p: float = 0.01  # CETT-PPL-p%: the allowed degradation
     sweep: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05)  # the sparsity-versus-p curve
-    held_out: float = 0.25
+    held_out: float = HELD_OUT  # the one held-out rule (actscope.feeding.split_held_out)
     max_documents: int = 128
     batch_size: int = 16
     max_length: int = 128
     checkpoints: tuple[str, ...] = ()  # earlier checkpoints of the model, in training order (SeND)
 
     def checked(self) -> "MeasureConfig":
-        if not 0 < self.held_out < 1:
-            raise InputError(f"held_out must be a fraction between 0 and 1, got {self.held_out!r}; e.g. 0.25")
+        if isinstance(self.held_out, bool) or not isinstance(self.held_out, (int, float)) or not 0 < self.held_out < 1:
+            raise InputError(f"held_out must be a fraction between 0 and 1, got {self.held_out!r}; e.g. {HELD_OUT}")
         if self.max_documents < 2:
             raise InputError(f"max_documents must be at least 2, got {self.max_documents!r}")
         from pathlib import Path
@@ -71,7 +73,7 @@ def measure(model: Any, texts: Sequence[str], metrics: str | Sequence[str] = ALL
     Measurements that do not apply to ``model`` come back with ``skipped`` set; asking for an
     unknown name fails before anything runs.
     """
-    from .feeding import as_model
+    from .models import as_model
 
     config = (config or MeasureConfig()).checked()
     chosen = resolve_metrics(metrics)
@@ -157,9 +159,9 @@ def _head(texts: Sequence[str], config: MeasureConfig) -> list[str]:
 
 
 def _cett_split(texts: Sequence[str], config: MeasureConfig) -> tuple[list[str], list[str]]:
-    texts = _head(texts, config)
-    cut = max(1, min(len(texts) - 1, round(len(texts) * (1 - config.held_out))))
-    return texts[:cut], texts[cut:]
+    from .feeding import split_held_out
+
+    return split_held_out(_head(texts, config), config.held_out)
 
 
 OBJECTIVES = (  # class-name suffix of the model → the CETT performance metric (first match)
@@ -233,7 +235,7 @@ def _core(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
 
 
 def _codes(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
-    from .metrics.cett_data import materialised
+    from .feeding import materialised
     from .metrics.codes import activation_codes
 
     batches = materialised(model, _head(texts, config), batch_size=config.batch_size, max_length=config.max_length, what="code")
@@ -264,7 +266,7 @@ def _outliers(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measur
 
 
 def _memory(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
-    from .metrics.cett_data import materialised
+    from .feeding import materialised
     from .metrics.memory import activation_memory
 
     inputs = materialised(model, _head(texts, config), batch_size=config.batch_size, max_length=config.max_length, what="memory")[0]

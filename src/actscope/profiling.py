@@ -9,9 +9,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import DataError, InputError
-from .feeding import Source, as_model, feed, source_for
-from .models import Model
+from .errors import InputError
+from .feeding import Limits, Progress, Source, feed, source_for
+from .models import Model, as_model
 from .run import Run
 from .sites import Plan, plan_sites
 from .trace import Observer
@@ -30,16 +30,15 @@ class ProfileConfig:
     eps: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
     column: str | None = None
 
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.batch_size, self.max_length, self.max_tokens, self.column)
+
     def checked(self) -> "ProfileConfig":
-        for name, flag in (("batch_size", "--batch-size"), ("max_length", "--max-length"), ("k", "--top-k")):
-            if getattr(self, name) < 1:
-                raise InputError(f"{flag} must be at least 1, got {getattr(self, name)}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise InputError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        self.limits.checked()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise InputError(f"--top-k must be at least 1, got {self.k}")
         return self
-
-
-Progress = Callable[[int, int], None]  # (documents done, tokens in this batch)
 
 
 def profile(
@@ -70,7 +69,7 @@ def profile(
     config = (config or ProfileConfig(**options)).checked()
     model = as_model(model, device)
     plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
-    source = source_for(model, data, batch_size=config.batch_size, max_length=config.max_length, max_tokens=config.max_tokens, column=config.column)
+    source = source_for(model, data, **vars(config.limits))
     chosen = _chosen_metrics(metrics, source)
     if chosen and measure_config is not None:
         measure_config.checked()
@@ -80,10 +79,8 @@ def profile(
         check_target(Path(out), overwrite)
     started, clock = _now(), time.perf_counter()
     observer = Observer(model, plan, k=config.k, eps=config.eps)
-    documents, tokens = feed(observer, source, progress)
+    documents, tokens = feed(observer, source, progress=progress)
     seconds = time.perf_counter() - clock
-    if tokens == 0:
-        raise DataError("no tokens were observed; the data set produced no input (is it empty?)")
     manifest = _manifest(model, plan, source, config, documents, tokens, started, seconds)
     run = _assemble(model, plan, source, observer, config, manifest)
     if chosen:

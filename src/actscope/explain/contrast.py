@@ -132,8 +132,8 @@ class _PromptMeans(Tracer):
 
 def prompt_means(model: Any, data: Any, sites: Any, *, batch_size: int = 8, max_length: int = 128) -> tuple[np.ndarray, list[Target]]:
     """Per-prompt means ``[prompts, items]`` (float64) of every item of ``sites``, and the items."""
-    from ..feeding import as_model
-    from ..metrics.outliers import feed
+    from ..models import as_model
+    from ..feeding import feed
 
     model = as_model(model)
     tracer = _PromptMeans(model, sites, _top_k(model, sites))
@@ -238,7 +238,7 @@ def contrast(
     ``moe.router`` for experts). ``rank_by``: ``"effect_size"`` (Cohen's d) or ``"difference"``.
     Returns a :class:`ContrastResult`.
     """
-    from ..feeding import as_model
+    from ..models import as_model
 
     _check_options(n_permutations, seed, alternative, rank_by)
     model = as_model(model)
@@ -411,21 +411,20 @@ def token_probability(prompts: Sequence[str] | Sequence[Sequence[int]], tokens: 
         raise InputError(f"token_probability: {len(targets)} target tokens for {len(prompts)} prompts; give one per prompt or a single one")
 
     def metric(model: Any) -> float:
-        from ..data import pad_right
-        from ..feeding import as_model
+        from ..feeding import calls, token_rows
+        from ..models import as_model
 
         wrapped = as_model(model)
         rows = [_token_ids(wrapped, p) for p in prompts]
         ids = [_single_token(wrapped, t) for t in targets]
         total = 0.0
-        for start in range(0, len(rows), batch_size):
-            input_ids, mask = pad_right(rows[start:start + batch_size], 0)
+        for call in calls(wrapped, token_rows(wrapped, rows, batch_size=batch_size)):  # examples: prompt numbers
             with torch.no_grad():
-                out = wrapped(input_ids=input_ids.to(wrapped.device), attention_mask=mask.to(wrapped.device))
+                out = wrapped(**call.inputs)
             logits = out.logits if hasattr(out, "logits") else out[0]  # [batch, pos, vocab]
-            last = mask.sum(dim=1) - 1  # [batch] position of each prompt's last real token
+            last = call.inputs["attention_mask"].sum(dim=1) - 1  # [batch] position of each prompt's last real token
             probs = torch.softmax(logits[torch.arange(len(last)), last.to(logits.device)].float(), dim=-1)  # [batch, vocab]
-            chosen = torch.tensor(ids[start:start + batch_size], device=probs.device)
+            chosen = torch.tensor([ids[row] for row in call.examples.tolist()], device=probs.device)
             total += float(probs.gather(1, chosen[:, None]).sum())
         return total / len(rows)
 

@@ -88,7 +88,7 @@ def decode(model: Any, sites: str | Sequence[str] = "blocks.*.mlp.post", *, top:
     ``blocks.{i}.mlp.post``, ``moe.shared.post``, ``moe.experts.{e}.post``; unit selections
     like ``blocks.3.mlp.post[17]`` decode only those units). ``skip_special``: leave out the
     tokenizer's special tokens except EOS (see the module docstring)."""
-    from ..feeding import as_model
+    from ..models import as_model
     from ..sites import plan_sites
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:

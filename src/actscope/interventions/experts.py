@@ -65,7 +65,7 @@ def experts(model: Any, off: ExpertSelection | None = None, on: ExpertSelection 
     recomputed the way the model does it (see the module docstring); the model is unchanged
     after the block, whatever happens inside.
     """
-    from ..feeding import as_model
+    from ..models import as_model
 
     model = as_model(model)
     edit = ExpertEdit(_by_layer(off, "off"), _by_layer(on, "on"))

@@ -251,19 +251,20 @@ def core_neurons(
     text is run on its own as that text's first tokens, and the full text is the curve's last
     point. Pass ``prefixes=()`` to skip the curve.
     """
-    from ..feeding import as_model
+    from ..feeding import feed, token_rows, tokenize
+    from ..models import as_model
 
     _check_fraction("alpha", alpha)
     _check_fraction("beta", beta)
     texts, lengths = _checked_texts(texts), _checked_prefixes(prefixes)
     model = as_model(model)
-    ids = _tokenized(model, texts, max_length)
+    ids = tokenize(model, texts, max_length)
     plan = site if isinstance(site, Plan) else plan_sites(model, site)
     _refuse_patterns(plan)
     rows = [(t, len(row)) for t, row in enumerate(ids)]
     rows += [(t, k) for t, row in enumerate(ids) for k in lengths if k < len(row)]
     tracer = _CoreTracer(model, plan, alpha, len(texts))
-    _run(model, tracer, [ids[t][:k] for t, k in rows], batch_size)
+    feed(tracer, token_rows(model, [ids[t][:k] for t, k in rows], batch_size=batch_size))  # row number = example
     _check_seen(plan, tracer.rows, len(rows))
     cores = tuple(_text_core(t, s, tracer.rows[(t, s.label)], beta) for t in range(len(texts)) for s in plan.sites)
     curve = _stability(plan, rows, tracer.rows, cores, beta)
@@ -299,36 +300,6 @@ def _refuse_patterns(plan: Plan) -> None:
         if site.hook.layout == "tokens":  # an expert sees only the tokens routed to it
             raise SiteError(f"{site.label} holds only the tokens routed to one expert, so a text has no core set there; "
                             "choose dense unit sites such as blocks.*.mlp.post or blocks.*.resid.post")
-
-
-def _tokenized(model: Any, texts: list[str], max_length: int) -> list[list[int]]:
-    from ..data.batching import effective_max_length
-
-    if model.tokenizer is None:
-        raise DataError(f"{model.name} has no tokenizer, so texts cannot be fed to it; pass actscope.wrap(module, tokenizer=...)")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise InputError(f"max_length must be a whole number ≥ 1, got {max_length!r}")
-    limit = effective_max_length(model.tokenizer, max_length)
-    ids = [list(row)[:limit] for row in model.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]]
-    empty = [i for i, row in enumerate(ids) if not row]
-    if empty:
-        raise DataError(f"texts[{empty[0]}] = {texts[empty[0]]!r:.60} tokenizes to nothing; drop it or give it some words")
-    return ids
-
-
-def _run(model: Any, tracer: _CoreTracer, rows: list[list[int]], batch_size: int) -> None:
-    """Run every row (full texts, then prefixes) in right-padded batches; row number = example id."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a whole number ≥ 1, got {batch_size!r}")
-    from ..data import pad_id, pad_right
-
-    pad = pad_id(model.tokenizer)
-    with torch.no_grad(), tracer.attached():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            input_ids, mask = pad_right(chunk, pad)
-            tracer.next_examples = torch.arange(start, start + len(chunk))
-            model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device))
 
 
 def _check_seen(plan: Plan, found: dict, rows: int) -> None:

@@ -254,11 +254,13 @@ def _layers(plan: Any) -> list[int]:
 
 def _input_dicts(model: Any, data: Any, batch_size: int, max_length: int) -> Iterator[dict[str, Any]]:
     """Model-input dicts on the model's device: tokenized batches of strings, or the user's dicts."""
+    from ..feeding import input_batches
+
     if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
         raise DataError(f"extreme_tokens: data must be a list of strings or of model-input dicts, got {type(data).__name__} "
                         f"{data!r:.60}; wrap a single text or dict in a list.")
     if isinstance(data, (list, tuple)) and data and all(isinstance(item, str) for item in data):
-        yield from _text_batches(model, list(data), batch_size, max_length)
+        yield from input_batches(model, list(data), batch_size=batch_size, max_length=max_length)
         return
     count = 0
     for i, item in enumerate(data):  # lazily: a generator of dicts is streamed, never held whole
@@ -269,16 +271,6 @@ def _input_dicts(model: Any, data: Any, batch_size: int, max_length: int) -> Ite
         yield {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
     if count == 0:
         raise DataError("extreme_tokens: data is empty; pass at least one string or model-input dict.")
-
-
-def _text_batches(model: Any, texts: list[str], batch_size: int, max_length: int) -> Iterator[dict[str, Any]]:
-    from ..data import load_corpus, token_batches
-
-    if model.tokenizer is None:
-        raise DataError(f"extreme_tokens: {model.name} has no tokenizer, so text data cannot be fed to it; pass model-input "
-                        "dicts, or actscope.wrap(module, tokenizer=...).")
-    for batch in token_batches(load_corpus(texts), model.tokenizer, batch_size, max_length):
-        yield {k: v.to(model.device) for k, v in batch.model_inputs().items()}
 
 
 # -- per-batch masks ---------------------------------------------------------------------

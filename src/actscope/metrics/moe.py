@@ -37,8 +37,8 @@ import torch
 from ..errors import InputError
 from ..sites import Site
 from ..trace import Tracer, flatten
-from ..feeding import as_model
-from .outliers import feed
+from ..feeding import feed
+from ..models import as_model
 from ..results import TableResult
 from .tables import eps_column
 

@@ -178,30 +178,6 @@ def _check_bins(lo: Any, hi: Any, bins_per_decade: Any) -> tuple[float, float, i
     return float(lo), float(hi), int(bins_per_decade)
 
 
-# -- feeding data through a tracer -----------------------------------------------------------
-def feed(tracer: Tracer, data: Any, *, batch_size: int = 8, max_length: int = 128, max_tokens: int | None = None) -> int:
-    """Run ``tracer.model`` over ``data`` with the tracer's hooks attached; return real tokens.
-
-    ``data``: a list of strings (tokenized with the model's tokenizer, right-padded, padding
-    excluded), any text source :func:`actscope.profile` takes, or model-input dicts (one dict
-    or an iterable of them; padding excluded through their ``attention_mask``).
-    """
-    from ..feeding import feed as feed_source, source_for
-
-    source = source_for(tracer.model, data, **_checked_feeding(batch_size, max_length, max_tokens))
-    _, tokens = feed_source(tracer, source)
-    if tokens == 0:
-        raise DataError("no tokens were observed; the data produced no input (is it empty?)")
-    return tokens
-
-
-def _checked_feeding(batch_size: int, max_length: int, max_tokens: int | None) -> dict[str, Any]:
-    from ..profiling import ProfileConfig
-
-    config = ProfileConfig(batch_size=batch_size, max_length=max_length, max_tokens=max_tokens).checked()
-    return {"batch_size": config.batch_size, "max_length": config.max_length, "max_tokens": config.max_tokens}
-
-
 class _ChannelTracer(Tracer):
     """Feeds every site's real-token rows into its own :class:`ChannelOutlierStats`."""
 
@@ -344,7 +320,8 @@ def outlier_channels(
     """
     threshold = _check_threshold(threshold)
     bins = _check_bins(lo, hi, bins_per_decade)
-    from ..feeding import as_model
+    from ..feeding import feed
+    from ..models import as_model
 
     tracer = _ChannelTracer(as_model(model), sites, bins)
     feed(tracer, data, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens)
@@ -355,4 +332,4 @@ def outlier_channels(
     return OutlierChannels(columns, threshold, bins[2])
 
 
-__all__ = ["ChannelOutlierStats", "OutlierChannels", "OutlierSummary", "feed", "median_relative_error", "outlier_channels"]
+__all__ = ["ChannelOutlierStats", "OutlierChannels", "OutlierSummary", "median_relative_error", "outlier_channels"]

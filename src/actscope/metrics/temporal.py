@@ -239,18 +239,15 @@ def temporal_sparsity(
     (e.g. an MoE expert never given two neighbouring tokens) reports ``pairs = 0`` and NaN
     fractions; ``DataError`` when no site saw a token, ``SiteError`` when no site saw a pair.
     """
-    from ..feeding import as_model, feed, source_for
-    from ..profiling import ProfileConfig
+    from ..feeding import feed
+    from ..models import as_model
 
     thresholds = _checked_eps(eps)
-    config = ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, column=column).checked()
     model = as_model(model)
     plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
     _refuse_patterns(plan)
     tracer = _DeltaTracer(model, plan, thresholds)
-    source = source_for(model, data, batch_size=config.batch_size, max_length=config.max_length,
-                        max_tokens=config.max_tokens, column=config.column)
-    feed(tracer, source)
+    feed(tracer, data, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, column=column)
     entries = tuple(_freeze(site, tracer.counts.get(site.label), thresholds) for site in plan.sites)
     _check_measured(entries)
     return TemporalSparsity(thresholds, entries)

@@ -73,6 +73,16 @@ def load(
     return Model(module, tokenizer, name=name, source=str(directory))
 
 
+def as_model(model: Any, device: str | None = None) -> Model:
+    """A :class:`Model` from a Model, any ``nn.Module``, a Hugging Face directory, or None (the
+    embedded default): what every public function does once, at its edge."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return wrap(model)
+    return load(model, device=device)
+
+
 def wrap(
     module: torch.nn.Module,
     tokenizer: Any = None,

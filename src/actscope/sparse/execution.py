@@ -113,7 +113,7 @@ def sparsify(model: Any, calibration: Calibration, *, check_weights: bool = True
     at the neurons with the same skips, use :func:`dense_with_thresholds` instead. A second
     ``sparsify``, ``calibrate`` or ``dense_with_thresholds`` inside ``sparsify`` is refused too.
     """
-    from ..feeding import as_model
+    from ..models import as_model
 
     model = as_model(model)
     blocks = mlp_blocks(model)

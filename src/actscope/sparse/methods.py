@@ -50,8 +50,8 @@ def calibrate(
     """Calibrate ``method`` (cats, teal, cett, core) on ``data`` (strings, a text source or
     model-input dicts). cats/teal/core take a target ``sparsity`` in [0, 1); cett takes ``p``,
     the allowed perplexity increase as a fraction (0.01 = 1 %)."""
-    from ..feeding import as_model
-    from ..metrics.cett_data import materialised
+    from ..models import as_model
+    from ..feeding import materialised
     from ..store import weight_hash
 
     _check_method_settings(method, sparsity, p)
@@ -62,7 +62,7 @@ def calibrate(
     if method == "cett":
         fields = _cett(model, data, p, batch_size, max_length, eval_data)
     else:
-        batches = materialised(model, data, batch_size=batch_size, max_length=max_length, what="calibration")
+        batches = materialised(model, data, what="calibration", batch_size=batch_size, max_length=max_length)
         fields = {"cats": _cats, "teal": _teal, "core": _core}[method](model, blocks, batches, sparsity, alpha, max_values)
     return Calibration(
         method=method, family=model.family, model_name=model.name, weight_hash=weight_hash(model.module),

@@ -66,15 +66,15 @@ def setting_text(calibration: Calibration) -> str:
 def evaluate(model: Any, calibration: Calibration, data: Any, *, batch_size: int = 8, max_length: int = 128) -> QualityReport:
     """Dense and sparse perplexity of ``model`` on ``data`` (strings, a text source or
     model-input dicts) with ``calibration`` (scoring in the module docstring)."""
-    from ..feeding import as_model
-    from ..metrics.cett_data import materialised
+    from ..models import as_model
+    from ..feeding import materialised
     from .execution import sparsify
     from .families import mlp_blocks
     from .swaps import refuse_nested
 
     model = as_model(model)
     refuse_nested(model, mlp_blocks(model), "evaluate")  # its dense perplexity needs the dense model
-    batches = materialised(model, data, batch_size=batch_size, max_length=max_length, what="evaluation")
+    batches = materialised(model, data, what="evaluation", batch_size=batch_size, max_length=max_length)
     score = _continuation_loss if calibration.method == "core" else _all_tokens_loss
     dense, tokens = score(model, batches)
     with sparsify(model, calibration) as handle:
@@ -100,7 +100,7 @@ def _all_tokens_loss(model: Any, batches: list[dict]) -> tuple[float, int]:
 
 
 def _continuation_loss(model: Any, batches: list[dict]) -> tuple[float, int]:
-    from ..metrics.cett_data import real_token_mask
+    from ..feeding import real_token_mask
 
     total, count = 0.0, 0
     with torch.no_grad():

@@ -69,6 +69,6 @@ def _hook(block: MlpBlock, kind: str, keep: Any) -> Any:
 
 
 def _real(inputs: dict) -> torch.Tensor:
-    from ..metrics.cett_data import real_token_mask
+    from ..feeding import real_token_mask
 
     return real_token_mask(inputs)

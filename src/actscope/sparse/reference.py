@@ -33,7 +33,7 @@ from .swaps import refuse_nested
 @contextmanager
 def dense_with_thresholds(model: Any, calibration: Calibration, *, check_weights: bool = True) -> Iterator[None]:
     """The dense model with ``calibration``'s skips applied as masks, while the block runs."""
-    from ..feeding import as_model
+    from ..models import as_model
 
     model = as_model(model)
     blocks = mlp_blocks(model)

@@ -42,7 +42,7 @@ from ...errors import DataError, InputError
 from ...sites import Plan, Site, plan_sites
 from ...trace import Tracer, flatten
 from .core import F64, check_neuron_site, output_projection
-from ..cett_data import input_batches
+from ...feeding import input_batches
 from ...results import TableResult
 
 DEFAULT_GRID_POINTS = 128
@@ -230,10 +230,10 @@ def record_cett_curves(
     """One pass of ``model`` over ``data``: per MLP layer, token-averaged CETT on an ε grid.
 
     ``model``: an :class:`actscope.Model`, any ``nn.Module`` or a model directory. ``data``:
-    strings, a text source or model-input dicts (:mod:`actscope.metrics.cett_data`).
+    strings, a text source or model-input dicts (:mod:`actscope.feeding`).
     ``sites``: whole neuron sites (default every ``blocks.{i}.mlp.post``).
     """
-    from ...feeding import as_model
+    from ...models import as_model
 
     if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
         raise InputError(f"grid_points must be a whole number of at least 2, got {grid_points!r}; e.g. 128")

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Protocol, Sequence
 import torch
 
 from ...errors import DataError, InputError
-from ..cett_data import materialised, real_token_mask
+from ...feeding import materialised, real_token_mask
 
 
 class Objective(Protocol):
