@@ -9,13 +9,14 @@ duration and restore the previous implementation afterwards.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from .errors import MemoryGuardError, SiteError
+from .hooks import Hooks, hooks
 from .models.adapters.base import HookCall, ReadContext
 from .sites import Plan, Site, plan_sites
 
@@ -66,31 +67,31 @@ class Tracer:
     # -- lifecycle ---------------------------------------------------------------------
     @contextmanager
     def attached(self) -> Iterator["Tracer"]:
-        with ExitStack() as stack:
+        with hooks(self.model.module) as registry:
             if self.plan.needs_eager:
-                stack.enter_context(eager_attention(self.model, self.announce))
-            root = self.model.module
-            stack.callback(root.register_forward_pre_hook(self._on_root_call, with_kwargs=True).remove)
+                registry.enter(eager_attention(self.model, self.announce))
+            registry.before(self.model.module, self._on_root_call, with_kwargs=True)
             for site in self.plan.sites:
-                stack.callback(self._register(site).remove)
+                self._register(registry, site)
             yield self
 
-    def _register(self, site: Site) -> torch.utils.hooks.RemovableHandle:
-        refuse_hidden_site(self.model.module, site, "hook")
+    def _register(self, registry: Hooks, site: Site) -> None:
         module = self.model.module.get_submodule(site.path)
         read = site.hook.reader()
         ctx = ReadContext(dict(site.index), self.model.config)
+        name = f"hook {site.label} ({site.path}@{site.hook.at})"
 
         if site.hook.at == "input":
             def pre_hook(mod, args, kwargs):
                 self._deliver(site, read, HookCall(mod, args, kwargs), ctx)
 
-            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            registry.before(module, pre_hook, with_kwargs=True, name=name)
+            return
 
         def hook(mod, args, kwargs, output):
             self._deliver(site, read, HookCall(mod, args, kwargs, output), ctx)
 
-        return module.register_forward_hook(hook, with_kwargs=True)
+        registry.after(module, hook, with_kwargs=True, name=name)
 
     def _on_root_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         grid = _batch_grid(args, kwargs)
@@ -131,41 +132,6 @@ def _batch_grid(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return tuple(value.shape)
     return None
-
-
-# -- forwards swapped by actscope ------------------------------------------------------
-# A forward that actscope sets on a module instance (sparse execution swaps whole MLPs) carries
-# this attribute: an object with ``keeps``, the module's own hook points ("input", "output")
-# whose tensors are still the dense model's, and ``explain``, the reason and fix for a refused
-# hook. The modules below it are never called. Duck-typed, so this layer imports nothing above.
-SWAP_MARK = "actscope_swap"
-
-
-def swap_mark(module: torch.nn.Module) -> Any:
-    """The mark of the forward actscope swapped in on ``module`` itself, or None."""
-    return getattr(module.__dict__.get("forward"), SWAP_MARK, None)
-
-
-def hidden_by_swap(root: torch.nn.Module, path: str, at: str) -> Any:
-    """The mark of a swapped forward that a hook at ``path``'s ``at`` would miss or misread: one
-    on a module above ``path`` (it never calls ``path``), or on ``path`` itself when ``at`` is
-    not among the points it keeps; None when the hook sees the model's own tensors."""
-    chain = [root]
-    for name in path.split(".") if path else []:
-        chain.append(chain[-1].get_submodule(name))
-    for depth, module in enumerate(chain):
-        mark = swap_mark(module)
-        if mark is not None and (depth < len(chain) - 1 or at not in mark.keeps):
-            return mark
-    return None
-
-
-def refuse_hidden_site(root: torch.nn.Module, site: Site, verb: str) -> None:
-    """Refuse, before any hook exists, a site whose hook a swapped forward would skip: an edit
-    would silently do nothing and an observation would see nothing or the wrong tensor."""
-    mark = hidden_by_swap(root, site.path, site.hook.at)
-    if mark is not None:
-        raise SiteError(f"cannot {verb} {site.label} ({site.path}@{site.hook.at}) {mark.explain}")
 
 
 # -- flattening ------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 Each edited site gets one hook that reads the site's tensor, lets the intervention compute a
 replacement, and hands that to the model instead (a forward-pre-hook for input sites, a
-forward hook for output sites). Hooks live in an ExitStack: whatever happens inside, they are
-removed and the model's parameters, buffers and flags are never touched. Gradients flow
+forward hook for output sites). Hooks live in the hook registry (:mod:`actscope.hooks`):
+whatever happens inside, they are removed and the model's parameters, buffers and flags are
+never touched. Gradients flow
 through edits, so they also work inside training steps (clamping through training).
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -17,7 +18,9 @@ import torch
 from ..errors import SiteError
 from ..models.adapters.base import HookCall, ReadContext, read_input, read_output
 from ..sites import Site, plan_sites
-from ..trace import auto_layout, refuse_hidden_site
+from ..hooks import Hooks, hooks
+from ..models import as_model
+from ..trace import auto_layout
 
 Intervention = Callable[[torch.Tensor], torch.Tensor]
 PLAIN_READERS = (None, read_input, read_output)
@@ -42,14 +45,11 @@ def edit(model: Any, edits: Mapping[str, Intervention | Sequence[Intervention]])
     intervention receives only the selected units (or heads) and the rest pass unchanged.
     Several interventions on one key apply in order; nested ``edit`` blocks compose.
     """
-    from ..models.loading import wrap
-    from ..models.model import Model
-
-    model = model if isinstance(model, Model) else wrap(model)
+    model = as_model(model)
     editor = Editor(tuple(_planned(model, edits)))
-    with ExitStack() as stack:
+    with hooks(model.module) as registry:
         for site, functions in editor.edits:
-            stack.callback(_register(model, site, functions).remove)
+            _register(registry, model, site, functions)
         yield editor
 
 
@@ -87,22 +87,23 @@ def _check_editable(site: Site) -> None:
         )
 
 
-def _register(model: Any, site: Site, functions: tuple[Intervention, ...]) -> Any:
-    refuse_hidden_site(model.module, site, "edit")
+def _register(registry: Hooks, model: Any, site: Site, functions: tuple[Intervention, ...]) -> None:
     module = model.module.get_submodule(site.path)
     ctx = ReadContext(dict(site.index), model.config)
+    name = f"edit {site.label} ({site.path}@{site.hook.at})"
 
     if site.hook.at == "input":
         def pre_hook(mod, args, kwargs):
             call = HookCall(mod, args, kwargs)
             return _replace_input(args, kwargs, _edited(site, functions, call, ctx))
 
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        registry.before(module, pre_hook, with_kwargs=True, name=name)
+        return
 
     def hook(mod, args, kwargs, output):
         return _replace_output(site, output, _edited(site, functions, HookCall(mod, args, kwargs, output), ctx))
 
-    return module.register_forward_hook(hook, with_kwargs=True)
+    registry.after(module, hook, with_kwargs=True, name=name)
 
 
 def _edited(site: Site, functions: tuple[Intervention, ...], call: HookCall, ctx: ReadContext) -> torch.Tensor:

@@ -27,13 +27,13 @@ recomputes all three from edited logits with the routers' own rule:
 
 With nothing off or on in a layer the recomputed routing is the model's own, bit for bit.
 The router's returned logits are the edited ones (−inf for off experts), so an auxiliary
-load-balancing loss computed from them sees the edited routing too. Hooks live in an
-ExitStack: whatever happens inside, they are removed, and parameters, buffers and flags are
-never touched. Gradients flow through the weights, so the context also works in training steps.
+load-balancing loss computed from them sees the edited routing too. Hooks live in the hook
+registry (:mod:`actscope.hooks`): whatever happens inside, they are removed, and parameters,
+buffers and flags are never touched. Gradients flow through the weights, so the context also works in training steps.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -65,14 +65,15 @@ def experts(model: Any, off: ExpertSelection | None = None, on: ExpertSelection 
     recomputed the way the model does it (see the module docstring); the model is unchanged
     after the block, whatever happens inside.
     """
+    from ..hooks import hooks
     from ..models import as_model
 
     model = as_model(model)
     edit = ExpertEdit(_by_layer(off, "off"), _by_layer(on, "on"))
     plans = [_layer_plan(model, layer, edit) for layer in edit.layers]
-    with ExitStack() as stack:
+    with hooks(model.module) as registry:
         for router, rule in plans:
-            stack.callback(router.register_forward_hook(rule.hook).remove)
+            registry.after(router, rule.hook)
         yield edit
 
 

@@ -8,7 +8,7 @@ file), that nests with ``edit``.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -206,17 +206,15 @@ def replace_activation(model: Any, where: Any = None, new_fn: str | Intervention
     of ``blocks.{i}.mlp.post`` sees the neuron computed with the new function. Yields the
     module paths whose activation was replaced.
     """
-    from ..models.loading import wrap
-    from ..models.model import Model
+    from ..hooks import hooks
+    from ..models import as_model
 
-    model = model if isinstance(model, Model) else wrap(model)
+    model = as_model(model)
     function = _activation_function(new_fn)
     paths = _activation_modules(model, _block_indices(model, where))
-    with ExitStack() as stack:
+    with hooks(model.module) as registry:
         for path in paths:
-            module = model.module.get_submodule(path)
-            handle = module.register_forward_hook(lambda mod, args, output: function(args[0]), prepend=True)
-            stack.callback(handle.remove)
+            registry.after(model.module.get_submodule(path), lambda mod, args, output: function(args[0]), prepend=True)
         yield tuple(paths)
 
 

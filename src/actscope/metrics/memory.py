@@ -28,7 +28,6 @@ the root included (``module == ""``); ``modules=True`` adds module rows to adapt
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..hooks import Hooks, hooks
 from ..sites import Plan, Site, plan_sites
 from ..trace import Tracer
 from ..results import TableResult
@@ -100,12 +100,12 @@ class ModuleMemory:
     call_peak: int = 0  # largest input + output bytes of one call
 
 
-def record_modules(stack: ExitStack, root: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, ModuleMemory]:
-    """Hook every module of ``root`` (removed when ``stack`` closes); fill records as it runs."""
+def record_modules(registry: Hooks, dtype: torch.dtype | None) -> dict[str, ModuleMemory]:
+    """Hook every module under the registry's root (removed with the registry); fill records as it runs."""
     records: dict[str, ModuleMemory] = {}
-    for name, module in root.named_modules():
+    for name, module in registry.root.named_modules():
         record = records[name] = ModuleMemory(type(module).__name__, not any(True for _ in module.children()))
-        stack.callback(module.register_forward_hook(_recorder(record, dtype), with_kwargs=True).remove)
+        registry.after(module, _recorder(record, dtype), with_kwargs=True)
     return records
 
 
@@ -266,10 +266,10 @@ def activation_memory(
     model = model if isinstance(model, Model) else wrap(model)
     plan = _memory_plan(model, sites)
     tracer = _SiteBytes(model, plan, dtype) if plan is not None else None
-    with ExitStack() as stack, torch.no_grad():
-        records = record_modules(stack, model.module, dtype)
+    with hooks(model.module) as registry, torch.no_grad():
+        records = record_modules(registry, dtype)
         if tracer is not None:
-            stack.enter_context(tracer.attached())
+            registry.enter(tracer.attached())
         _call(model, inputs)
     peaks = leaf_peaks(records)
     rows: list[dict[str, Any]] = []

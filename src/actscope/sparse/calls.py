@@ -12,13 +12,13 @@ flattened input belongs to example ``r // q``.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
 
 import numpy as np
 import torch
+
+from ..hooks import Hooks
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,10 @@ class CallTracker:
     def __init__(self) -> None:
         self.current: CallInfo | None = None
 
-    @contextmanager
-    def attached(self, module: torch.nn.Module) -> Iterator["CallTracker"]:
-        handle = module.register_forward_pre_hook(self._on_call, with_kwargs=True)
-        try:
-            yield self
-        finally:
-            handle.remove()
+    def attach(self, registry: Hooks) -> "CallTracker":
+        """Read every call of the registry's root model for as long as the registry lives."""
+        registry.before(registry.root, self._on_call, with_kwargs=True)
+        return self
 
     def _on_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -12,12 +12,12 @@ entries of a tensor per layer, each entry is kept with the same probability
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from ..hooks import Hooks, hooks
 from .calls import CallTracker
 from .families import MlpBlock
 
@@ -44,28 +44,27 @@ def record_abs(
             flat = flat[torch.rand(flat.shape, generator=generator) < rate]
         kept[(layer, kind)].append(flat.numpy())
 
-    with torch.no_grad(), ExitStack() as stack:
-        stack.enter_context(tracker.attached(model.module))
+    with torch.no_grad(), hooks(model.module) as registry:
+        tracker.attach(registry)
         for block in blocks:
             for kind in kinds:
-                stack.callback(_hook(block, kind, keep).remove)
+                _hook(registry, block, kind, keep)
         for inputs in batches:
             model.module(**inputs)
     return {key: np.concatenate(parts) if parts else np.zeros(0, np.float32) for key, parts in kept.items()}
 
 
-def _hook(block: MlpBlock, kind: str, keep: Any) -> Any:
+def _hook(registry: Hooks, block: MlpBlock, kind: str, keep: Any) -> None:
     layer = block.layer
-    if kind == "in":
-        return block.first.register_forward_pre_hook(lambda mod, args: keep(layer, kind, args[0]))
-    if kind == "down":
-        return block.down.register_forward_pre_hook(lambda mod, args: keep(layer, kind, args[0]))
+    if kind in ("in", "down"):
+        registry.before(block.first if kind == "in" else block.down, lambda mod, args: keep(layer, kind, args[0]))
+        return
 
     def on_first(mod: Any, args: Any, output: torch.Tensor) -> None:
         pre = output.chunk(2, dim=-1)[0] if block.spec.fused else output  # [gate | up]: the gate
         keep(layer, kind, block.act(pre))
 
-    return block.first.register_forward_hook(on_first)
+    registry.after(block.first, on_first)
 
 
 def _real(inputs: dict) -> torch.Tensor:

@@ -17,12 +17,13 @@ quality of a calibration without the sparse kernels.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 
 from ..errors import InputError
+from ..hooks import Hooks, hooks
 from .calibration import Calibration
 from .calls import CallTracker, choose_cores
 from .execution import _thresholds, check_match
@@ -39,32 +40,31 @@ def dense_with_thresholds(model: Any, calibration: Calibration, *, check_weights
     blocks = mlp_blocks(model)
     refuse_nested(model, blocks, "dense_with_thresholds")
     check_match(model, blocks, calibration, check_weights)
-    tracker = CallTracker()
     cores: dict[int, torch.Tensor] = {}
-    with ExitStack() as stack:
-        stack.enter_context(tracker.attached(model.module))
+    with hooks(model.module) as registry:
+        tracker = CallTracker().attach(registry)
         for block in blocks:
-            for handle in _hooks(block, calibration, tracker, cores):
-                stack.callback(handle.remove)
+            _apply_skips(registry, block, calibration, tracker, cores)
         yield
 
 
-def _hooks(block: MlpBlock, calibration: Calibration, tracker: CallTracker, cores: dict) -> list[Any]:
+def _apply_skips(registry: Hooks, block: MlpBlock, calibration: Calibration, tracker: CallTracker, cores: dict) -> None:
     t = _thresholds(calibration, block)
     method = calibration.method
     if method == "cats":
-        return [block.first.register_forward_hook(_cats_gate(block, t["act"]))]
-    if method == "teal":
-        inputs = [block.first] + ([block.up] if block.up is not None else [])
+        registry.after(block.first, _cats_gate(block, t["act"]))
+    elif method == "teal":
         zero_small = lambda limit: lambda mod, args: (torch.where(args[0].abs() <= limit, 0, args[0]), *args[1:])  # noqa: E731
-        return [m.register_forward_pre_hook(zero_small(t["in"])) for m in inputs] + [
-            block.down.register_forward_pre_hook(zero_small(t["down"]))]
-    if method == "cett":
+        for module in [block.first] + ([block.up] if block.up is not None else []):
+            registry.before(module, zero_small(t["in"]))
+        registry.before(block.down, zero_small(t["down"]))
+    elif method == "cett":
         from ..interventions import threshold
 
         cut = threshold(t["neuron"])
-        return [block.down.register_forward_pre_hook(lambda mod, args: (cut(args[0]), *args[1:]))]
-    return [block.down.register_forward_pre_hook(_core_mask(block, calibration, tracker, cores))]
+        registry.before(block.down, lambda mod, args: (cut(args[0]), *args[1:]))
+    else:
+        registry.before(block.down, _core_mask(block, calibration, tracker, cores))
 
 
 def _cats_gate(block: MlpBlock, limit: torch.Tensor) -> Any:

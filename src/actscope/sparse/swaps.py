@@ -8,8 +8,8 @@ sparse forward, which is what it avoids computing; so such hooks are refused, in
 
 * ``sparsify`` entered while they exist (anyone's): :func:`refuse_hooks`, before any swap;
 * ``edit``/``observe``/``capture`` inside ``sparsify``: every swapped forward carries a
-  :class:`SwapMark` (attribute :data:`actscope.trace.SWAP_MARK`) that the registration check
-  :func:`actscope.trace.refuse_hidden_site` reads.
+  :class:`SwapMark` (attribute :data:`actscope.hooks.SWAP_MARK`) that the hook registry reads
+  before it adds any hook.
 
 What is swapped per block (:func:`swap_plan`) and which of the module's own hooks stay right:
 
@@ -24,14 +24,13 @@ OPT                       ``fc2``                the sparse MLP               ou
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from ..errors import InputError
-from ..trace import SWAP_MARK, swap_mark
+from ..hooks import SWAP_MARK, Hooks, swap_mark
 from .families import MlpBlock
 
 STILL_WORKS = "blocks.{i}.mlp.out, blocks.{i}.resid.*, blocks.{i}.attn.*, embed and logits"
@@ -67,14 +66,14 @@ def swap_plan(block: MlpBlock) -> list[tuple[torch.nn.Module, str, tuple[str, ..
     return [(block.first, PASS, ("input",)), (block.act, PASS, ()), (block.down, RUNNER, ("output",))]
 
 
-def install(stack: ExitStack, block: MlpBlock, runner: Any, names: dict[int, str]) -> None:
-    """Swap ``block``'s forwards (``runner`` for the sparse MLP) until ``stack`` closes."""
-    explain = _explain(block, names)
+def install(registry: Hooks, block: MlpBlock, runner: Any) -> None:
+    """Swap ``block``'s forwards (``runner`` for the sparse MLP) for as long as ``registry`` lives."""
+    explain = _explain(block, module_names(registry.root))
     for module, role, keeps in swap_plan(block):
         mark = SwapMark(keeps, explain)
         if role == RUNNER:
             setattr(runner, SWAP_MARK, mark)
-        swap_forward(stack, module, runner if role == RUNNER else Passthrough(mark))
+        registry.swap_forward(module, runner if role == RUNNER else Passthrough(mark))
 
 
 def _explain(block: MlpBlock, names: dict[int, str]) -> str:
@@ -87,21 +86,6 @@ def _explain(block: MlpBlock, names: dict[int, str]) -> str:
             f"the wrong tensor; under sparse execution {STILL_WORKS} still work: use blocks.{block.layer}.mlp.out, or leave "
             "the sparsify block first (actscope.sparse.dense_with_thresholds applies the same skips to the dense model, "
             "where every site can be hooked)")
-
-
-def swap_forward(stack: ExitStack, module: torch.nn.Module, forward: Callable) -> None:
-    """Set ``module.forward`` until ``stack`` closes, then restore exactly what was there
-    (an instance attribute some other tool set, or nothing: the class's method)."""
-    had, old = "forward" in module.__dict__, module.__dict__.get("forward")
-
-    def restore() -> None:
-        if had:
-            module.forward = old
-        else:
-            del module.forward
-
-    module.forward = forward
-    stack.callback(restore)
 
 
 # -- refusals ------------------------------------------------------------------------------------

@@ -221,18 +221,16 @@ def _mlp_activation_ratios(model, tokenizer, docs: Sequence[str]) -> dict:
             stats[i][2] += real.numel()
         return hook
 
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook_for(i))
-               for i, layer in enumerate(layers)]
+    from actscope.hooks import hooks
+
     model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), 64):
-                input_ids, mask, _ = _pad_batch(rows[start:start + 64], tokenizer.pad_token_id)
-                current_mask[0] = mask
-                model(input_ids=input_ids, attention_mask=mask)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), hooks(model) as registry:
+        for i, layer in enumerate(layers):
+            registry.before(layer.mlp.down_proj, hook_for(i))
+        for start in range(0, len(rows), 64):
+            input_ids, mask, _ = _pad_batch(rows[start:start + 64], tokenizer.pad_token_id)
+            current_mask[0] = mask
+            model(input_ids=input_ids, attention_mask=mask)
     pos = [s[0] / max(s[2], 1) for s in stats]
     nz = [s[1] / max(s[2], 1) for s in stats]
     return {"positive_per_layer": pos, "nonzero_per_layer": nz,
