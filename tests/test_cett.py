@@ -11,6 +11,7 @@ import actscope
 from actscope.errors import InputError
 from actscope.metrics.cett import (
     CausalLMLoss,
+    CettSparsity,
     CettThresholds,
     ClassifierAccuracy,
     ClassifierKL,
@@ -18,7 +19,6 @@ from actscope.metrics.cett import (
     MaskedLMLoss,
     cett_of_dropped,
     cett_sparsity,
-    load_cett,
     output_projection,
     record_cett_curves,
 )
@@ -327,8 +327,8 @@ def test_sweep_settings_grow_with_p(searched):
 # -- files -----------------------------------------------------------------------------------
 def test_file_round_trip_and_refusal_for_another_model(searched, relu_lm, tmp_path):
     result, *_ = searched
-    path = result.save(tmp_path / "cett")
-    back = load_cett(path, relu_lm)
+    path = result.save(tmp_path / "cett.safetensors")
+    back = CettSparsity.load(path, relu_lm)
     for name in ("objective", "p", "sparsity", "degradation", "passes", "total_passes", "converged"):
         assert getattr(back, name) == getattr(result, name)
     np.testing.assert_array_equal(back.eps, result.eps)
@@ -340,8 +340,8 @@ def test_file_round_trip_and_refusal_for_another_model(searched, relu_lm, tmp_pa
     assert CettThresholds.load(path, relu_lm).weight_hash == result.thresholds.weight_hash
     with pytest.raises(InputError, match="already exists"):
         result.save(path)
-    with pytest.raises(InputError, match="another model"):
-        load_cett(path, actscope.load(tiny_lm("silu")))
+    with pytest.raises(InputError, match="not for model"):
+        CettSparsity.load(path, actscope.load(tiny_lm("silu")))
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 import actscope
 from actscope.errors import InputError
 from actscope.metrics.core import sentence_core, token_core
-from actscope.sparse import Calibration, calibrate, load_calibration
+from actscope.sparse import Calibration, calibrate
 from actscope.zoo.tiny import tiny_model
 
 LOW = 3
@@ -113,7 +113,7 @@ def test_round_trip(llama, tmp_path, method, kw):
     cal = calibrate(llama, data(), method=method, **kw)
     path = cal.save(tmp_path / "cal.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.safetensors"]  # no temporary left behind
-    back = load_calibration(path, llama)
+    back = Calibration.load(path, llama)
     assert isinstance(back, Calibration)
     for name in ("method", "family", "model_name", "weight_hash", "layers", "units"):
         assert getattr(back, name) == getattr(cal, name)
@@ -135,9 +135,9 @@ def test_another_models_calibration_is_refused(llama, tmp_path):
     from actscope.store import weight_hash
 
     with pytest.raises(InputError) as error:
-        load_calibration(path, other)
+        Calibration.load(path, other)
     message = str(error.value)
-    assert "is a calibration for model 'LlamaForCausalLM'" in message
+    assert f"{path} was made for model 'LlamaForCausalLM'" in message
     assert "not for model 'other-llama'" in message
     assert weight_hash(llama.module)[:12] in message and weight_hash(other.module)[:12] in message
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import actscope
 from actscope.cli.main import app
 from actscope.errors import InputError
-from actscope.sparse import calibrate, load_calibration
+from actscope.sparse import Calibration, calibrate
 from test_sparse_cli import WORDS, save_tiny_llama
 
 FIX = "recompute it with `actscope sparsify` or actscope.sparse.calibrate"
@@ -82,11 +82,16 @@ def remove_tensor(name):
 
 CORRUPTIONS = {
     **{f"no {key}": (drop(key), f"its header has no '{key}'") for key in (
-        "method", "family", "model_name", "weight_hash", "layers", "units", "expected_sparsity",
+        "method", "family", "layers", "units", "expected_sparsity",
         "expected_weight_skipped", "per_layer", "settings")},
-    "no format": (drop("format"), "of version 1 (its header has format None, version 1)"),
-    "wrong format": (setting("format", "safetensors"), "(its header has format 'safetensors', version 1)"),
-    "wrong version": (setting("version", 7), "(its header has format 'actscope-sparse-calibration', version 7)"),
+    "no model": (drop("model"), "its header's 'model' is None, expected {'name': the model's name, 'weight_hash': 64 hex digits}"),
+    "no weight hash": (setting("model", {"name": "model"}), "its header's 'model' is {'name': 'model'}, expected"),
+    "no format": (drop("format"), "is not a file actscope wrote (its 'actscope' header has format None, expected 'actscope-bound')"),
+    "wrong format": (setting("format", "safetensors"), "(its 'actscope' header has format 'safetensors', expected 'actscope-bound')"),
+    "older format": (setting("format", "actscope-sparse-calibration"),
+                     "is a sparse calibration in an older actscope format ('actscope-sparse-calibration'), which this version no longer reads"),
+    "wrong version": (setting("version", 7), "has format version 7; this actscope reads version 1: upgrade actscope, or recompute it"),
+    "version as text": (setting("version", "1"), "has format version '1'; this actscope reads version 1"),
     "unknown method": (setting("method", "fast"), "header 'method' is 'fast', expected one of cats, teal, cett, core"),
     "layers not a list": (setting("layers", 2), "header 'layers' is 2, expected a list of distinct layer numbers ≥ 0"),
     "layers of text": (setting("layers", ["0", "1"]), "header 'layers' is ['0', '1'], expected a list of distinct"),
@@ -127,7 +132,7 @@ def test_a_corrupt_file_is_refused_with_its_fault(saved, tmp_path, case):
     target = tmp_path / "edited.safetensors"
     rewrite(path, target, edit)
     with pytest.raises(InputError) as error:
-        load_calibration(target, model)
+        Calibration.load(target, model)
     text = " ".join(str(error.value).split())
     assert text.startswith(str(target)), text
     assert message in text, text
@@ -138,7 +143,7 @@ def test_the_untouched_file_still_loads(saved, tmp_path):
     """The rewrite itself changes nothing: a copy made without an edit loads."""
     _, model, path = saved
     rewrite(path, tmp_path / "copy.safetensors", lambda header, tensors: None)
-    assert load_calibration(tmp_path / "copy.safetensors", model).method == "cats"
+    assert Calibration.load(tmp_path / "copy.safetensors", model).method == "cats"
 
 
 runner = CliRunner()
@@ -158,7 +163,7 @@ def test_generate_with_a_corrupt_file_exits_2(saved, tmp_path, case):
 # -- saving ------------------------------------------------------------------------------------
 def test_saved_file_follows_the_umask(saved, tmp_path):
     _, model, path = saved
-    cal = load_calibration(path, model)
+    cal = Calibration.load(path, model)
     old = os.umask(0o022)
     try:
         written = cal.save(tmp_path / "out.safetensors")
@@ -174,7 +179,7 @@ def test_overwrite_never_replaces_a_users_file(saved, tmp_path, content):
     from safetensors.torch import save_file
 
     _, model, path = saved
-    cal = load_calibration(path, model)
+    cal = Calibration.load(path, model)
     target = tmp_path / "data.safetensors"
     if content is None:
         save_file({"weights": torch.ones(3)}, str(target))
@@ -184,7 +189,7 @@ def test_overwrite_never_replaces_a_users_file(saved, tmp_path, content):
     with pytest.raises(InputError) as error:
         cal.save(target, overwrite=True)
     text = " ".join(str(error.value).split())
-    assert f"{target} exists and is not an actscope sparse calibration" in text
+    assert f"{target} exists and is not a file actscope wrote" in text
     assert "it is not replaced, even with overwrite" in text
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.safetensors"]
@@ -192,15 +197,15 @@ def test_overwrite_never_replaces_a_users_file(saved, tmp_path, content):
 
 def test_overwrite_replaces_an_actscope_calibration(saved, tmp_path):
     _, model, path = saved
-    cal = load_calibration(path, model)
+    cal = Calibration.load(path, model)
     target = tmp_path / "cal.safetensors"
     rewrite(path, target, setting("expected_sparsity", [0.0, 0.0]))  # ours, but different
     cal.save(target, overwrite=True)
-    assert list(load_calibration(target, model).expected_sparsity) == list(cal.expected_sparsity)
+    assert list(Calibration.load(target, model).expected_sparsity) == list(cal.expected_sparsity)
 
 
 @pytest.mark.parametrize("where,message", [
-    ("foreign", "exists and is not an actscope sparse calibration"),
+    ("foreign", "exists and is not a file actscope wrote"),
     ("under a file", "is a file, not a folder; choose another --out"),
 ])
 def test_sparsify_cli_refuses_the_out_path_before_loading_the_model(tmp_path, where, message):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import actscope
 import actscope.sparse
 from actscope.cli.main import app
-from actscope.sparse import calibrate, load_calibration
+from actscope.sparse import Calibration, calibrate
 from conftest import word_tokenizer
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -51,7 +51,7 @@ def test_sparsify_writes_the_api_calibration_and_reports(workspace, tmp_path):
     text = " ".join(result.output.split())
     assert "sparsity" in text and "perplexity on held-out text (sparsity=0.5;" in text
     model = actscope.load(model_dir)
-    saved = load_calibration(out, model)
+    saved = Calibration.load(out, model)
     direct = calibrate(model, docs[:24], method="cats", sparsity=0.5)  # the last 20 % (6 docs) are held out
     for key, value in direct.thresholds.items():
         assert torch.equal(saved.thresholds[key], value)
@@ -65,7 +65,7 @@ def test_sparsify_cett_takes_p_in_percent(workspace, tmp_path):
     out = tmp_path / "cett.safetensors"
     result = run("sparsify", model_dir, "--data", data, "--p", "1", "--out", out)
     assert result.exit_code == 0, result.output
-    saved = load_calibration(out, actscope.load(model_dir))
+    saved = Calibration.load(out, actscope.load(model_dir))
     assert saved.method == "cett" and saved.settings["p"] == 0.01
 
 
@@ -103,4 +103,4 @@ def test_generate_refuses_another_models_calibration(workspace, tmp_path):
     assert run("sparsify", model_dir, "--data", data, "--sparsity", "0.5", "--method", "teal", "--out", out).exit_code == 0
     result = run("generate", other, "--prompt", "w1 w2", "--calibration", out)
     assert result.exit_code == 2
-    assert "is a calibration for model" in " ".join(result.output.split())
+    assert f"{out} was made for model 'model'" in " ".join(result.output.split())

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from .errors import DataError, InputError
-from .models import Model, as_model  # noqa: F401 - as_model: until every caller imports it from models
+from .models import Model
 
 HELD_OUT = 0.2
 

@@ -24,7 +24,7 @@ def generate(
     with friendly_errors():
         import actscope
         from actscope.errors import DataError, InputError
-        from actscope.sparse import load_calibration, sparsify
+        from actscope.sparse import Calibration, sparsify
 
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -34,7 +34,7 @@ def generate(
             raise DataError(f"{model_dir} has no tokenizer; generate needs one to read --prompt and print the text")
         rows = [("dense", *_run(model, prompt, max_new_tokens))]
         if calibration is not None:
-            loaded = load_calibration(calibration, model)
+            loaded = Calibration.load(calibration, model)
             with sparsify(model, loaded, check_weights=False) as handle:
                 rows.append((f"sparse ({loaded.method})", *_run(model, prompt, max_new_tokens)))
             rows[-1] = (*rows[-1], float(handle.realised().decode_sparsity.mean()))

@@ -9,9 +9,6 @@ from rich.table import Table
 
 from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries
 
-HELD_OUT_SHARE = 0.2  # of --data, evaluated but never calibrated on, when --eval-data is absent
-
-
 def sparsify(
     model_dir: Path = typer.Argument(..., help="Hugging Face causal-LM directory (with its tokenizer)."),
     data: Path = typer.Option(..., "--data", "-d", help="Calibration text: .txt, .jsonl, .csv, .tsv, .parquet or a saved dataset."),
@@ -20,7 +17,8 @@ def sparsify(
     p: Optional[float] = typer.Option(None, "--p", help="CETT: allowed perplexity increase in percent (1 = 1 %)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="cats/teal/core: target sparsity in [0, 1)."),
     alpha: float = typer.Option(0.4, "--alpha", help="core: token-wise core fraction α."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the perplexity report (default: the last 20 % of --data, not calibrated on)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the perplexity report (default: the last --held-out share of --data, not calibrated on)."),
+    held_out: Optional[float] = typer.Option(None, "--held-out", help="Share of --data held out for the perplexity report when --eval-data is absent (default 0.2)."),
     column: Optional[str] = typer.Option(None, "--column", help="Text column of a table-shaped data file."),
     batch_size: int = typer.Option(8, "--batch-size", help="Documents per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate documents to this many tokens."),
@@ -33,35 +31,29 @@ def sparsify(
     with friendly_errors():
         import actscope
         from actscope.data import load_corpus
-        from actscope.errors import InputError
         from actscope.sparse import calibrate, evaluate
-        from actscope.sparse.calibration import check_target
+        from actscope.store.bound import check_target
 
         chosen = method or ("cett" if p is not None else "cats")
-        if out.exists() and not overwrite:
-            raise InputError(f"{out} already exists; pass --overwrite or choose another --out")
-        check_target(out.expanduser(), overwrite, "--out")  # a user's file, a folder, no write access: before the work
-        calibration_docs, held_out = _split(load_corpus(data, column=column).documents, eval_data, column)
+        check_target(out.expanduser(), overwrite, "--out", kind="sparse-calibration")  # a user's file, a folder, no write access: before the work
+        calibration_docs, held_out_docs = _split(load_corpus(data, column=column).documents, eval_data, column, held_out)
         model = actscope.load(model_dir, device=device, trust_remote_code=trust_remote_code)
         model.module.eval()
         calibration = calibrate(model, list(calibration_docs), method=chosen, sparsity=sparsity,
                                 p=None if p is None else p / 100, alpha=alpha, batch_size=batch_size, max_length=max_length)
         calibration.save(out, overwrite=overwrite)
         _layers(calibration)
-        _quality(evaluate(model, calibration, list(held_out), batch_size=batch_size, max_length=max_length))
+        _quality(evaluate(model, calibration, list(held_out_docs), batch_size=batch_size, max_length=max_length))
         console.print(f"wrote {out}")
 
 
-def _split(documents: tuple[str, ...], eval_data: Optional[Path], column: Optional[str]) -> tuple:
+def _split(documents: tuple[str, ...], eval_data: Optional[Path], column: Optional[str], held_out: Optional[float]) -> tuple:
     from actscope.data import load_corpus
-    from actscope.errors import DataError
+    from actscope.feeding import HELD_OUT, split_held_out
 
     if eval_data is not None:
         return documents, load_corpus(eval_data, column=column).documents
-    if len(documents) < 2:
-        raise DataError(f"--data has {len(documents)} document; pass at least 2 (some are held out) or --eval-data")
-    cut = len(documents) - max(1, round(HELD_OUT_SHARE * len(documents)))
-    return documents[:cut], documents[cut:]
+    return split_held_out(documents, HELD_OUT if held_out is None else held_out)
 
 
 SHORT_NAMES = {"expected_sparsity": "sparsity", "expected_weight_skipped": "weights skipped",

@@ -2,7 +2,8 @@
 
 * :func:`calibrate` — what to skip: CATS gate quantiles, TEAL input thresholds, CETT-PPL-p%
   per-unit thresholds, or CoreInfer's per-prompt core sets (α, β);
-* :class:`Calibration` / :func:`load_calibration` — one safetensors file, refused for other weights;
+* :class:`Calibration` — ``cal.save(path)`` / ``Calibration.load(path, model)``: one safetensors
+  file, refused for other weights (:mod:`actscope.store.bound`);
 * :func:`sparsify` — a context in which every MLP block reads only its active weight rows
   (through :mod:`actscope.sparse.kernels`), exactly equal to :func:`dense_with_thresholds`
   up to float rounding; hooks inside the MLPs (``mlp.pre``, ``mlp.post``) are refused in
@@ -19,7 +20,6 @@ from typing import Any
 _EXPORTS = {
     "calibrate": ".methods",
     "Calibration": ".calibration",
-    "load_calibration": ".calibration",
     "sparsify": ".execution",
     "SparseHandle": ".execution",
     "RealisedSparsity": ".execution",

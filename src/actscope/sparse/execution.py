@@ -12,7 +12,7 @@ Hooks that the swapped forwards would hide are refused (:mod:`~actscope.sparse.s
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..hooks import hooks
 from ..results import TableResult
 from .calibration import KINDS, Calibration
 from .calls import CallTracker
 from .families import MlpBlock, mlp_blocks
 from .forwards import SparseMlp, Tally
 from .layout import lay_out
-from .swaps import install, module_names, refuse_hooks, refuse_nested
+from .swaps import install, refuse_hooks, refuse_nested
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,18 +121,17 @@ def sparsify(model: Any, calibration: Calibration, *, check_weights: bool = True
     refuse_nested(model, blocks, "a second sparsify")
     check_match(model, blocks, calibration, check_weights)
     refuse_hooks(model, blocks)
-    names = module_names(model.module)
     tracker = CallTracker()
     handle = SparseHandle(calibration, tracker)
     cores: dict[int, torch.Tensor] = {}
-    with ExitStack() as stack:
-        stack.enter_context(tracker.attached(model.module))
+    with hooks(model.module) as registry:
+        tracker.attach(registry)
         for block in blocks:
             # OPT's activation module is bypassed below, so the runner keeps its own forward.
             act = _own_forward(block.act) if block.spec.chained else block.act
             runner = SparseMlp(block, lay_out(block, calibration.method == "teal"), calibration.method,
                                _thresholds(calibration, block), dict(calibration.settings), tracker, cores, handle.record, act)
-            install(stack, block, runner, names)
+            install(registry, block, runner)
         yield handle
 
 
@@ -139,7 +139,7 @@ def check_match(model: Any, blocks: list[MlpBlock], calibration: Calibration, ch
     """Refuse a calibration made for another model (shapes always; weights when asked)."""
     if not isinstance(calibration, Calibration):
         raise InputError(f"calibration must be an actscope.sparse.Calibration, got {type(calibration).__name__}; "
-                         "use actscope.sparse.calibrate or load_calibration")
+                         "use actscope.sparse.calibrate or actscope.sparse.Calibration.load")
     if model.module.training:
         raise InputError(f"{model.name} is in training mode; sparse execution is for inference: call model.eval()")
     shapes = (tuple(b.layer for b in blocks), tuple(b.units for b in blocks))
@@ -150,15 +150,9 @@ def check_match(model: Any, blocks: list[MlpBlock], calibration: Calibration, ch
             f"{sorted(set(shapes[1]))} units); calibrate this model"
         )
     if check_weights:
-        from ..store import weight_hash
+        from ..store.bound import check_weights as check_bound_weights
 
-        actual = weight_hash(model.module)
-        if actual != calibration.weight_hash:
-            raise InputError(
-                f"the calibration is for model '{calibration.model_name}' (weight hash {calibration.weight_hash[:12]}…), not for "
-                f"model '{model.name}' (weight hash {actual[:12]}…); thresholds are only valid for the weights they were "
-                "calibrated on: calibrate this model"
-            )
+        check_bound_weights(calibration.bound_kind, calibration.model_name, calibration.weight_hash, model, "the calibration")
 
 
 def _thresholds(calibration: Calibration, block: MlpBlock) -> dict[str, torch.Tensor]:

@@ -133,28 +133,25 @@ def _teal(model: Any, blocks: list[MlpBlock], batches: list, sparsity: float, al
 
 
 def _core(model: Any, blocks: list[MlpBlock], batches: list, sparsity: float, alpha: float, max_values: int) -> dict:
+    from ..hooks import hooks
     from .calls import CallTracker, choose_cores
 
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
         raise InputError(f"alpha must be a fraction in (0, 1], got {alpha!r}; the paper uses 0.4")
     beta = 1.0 - float(sparsity)
     sizes: dict[int, list[float]] = {b.layer: [] for b in blocks}
-    tracker = CallTracker()
-
     def hook_for(block: MlpBlock) -> Any:
         def pre(mod: Any, args: tuple) -> None:
             cores = choose_cores(args[0].reshape(-1, args[0].shape[-1]), tracker.current, alpha, beta)  # [batch, U]
             sizes[block.layer].extend((cores.sum(1).double() / block.units).tolist())
-        return block.down.register_forward_pre_hook(pre)
+        return pre
 
-    handles = [hook_for(b) for b in blocks]
-    try:
-        with torch.no_grad(), tracker.attached(model.module):
-            for inputs in batches:
-                model.module(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad(), hooks(model.module) as registry:
+        tracker = CallTracker().attach(registry)
+        for block in blocks:
+            registry.before(block.down, hook_for(block))
+        for inputs in batches:
+            model.module(**inputs)
     expected = np.array([1.0 - float(np.mean(sizes[b.layer])) for b in blocks])
     return dict(thresholds={}, expected_sparsity=expected, expected_weight_skipped=expected.copy(),
                 settings={"sparsity": float(sparsity), "alpha": float(alpha), "beta": beta})

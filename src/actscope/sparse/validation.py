@@ -1,4 +1,5 @@
-"""Checks a calibration file's header and tensors before :func:`load_calibration` trusts them.
+"""Checks a calibration file's header and tensors before :meth:`Calibration.load` trusts them
+(after :mod:`actscope.store.bound` checked the envelope: format, version, kind, the model).
 
 A hand-edited or damaged file would otherwise crash deep inside sparse execution or, worse,
 run with a NaN threshold or without its method's settings. Every rule is a row of a table:
@@ -9,17 +10,18 @@ run with a NaN threshold or without its method's settings. Every rule is a row o
 * :data:`SHAPES` — the shape of each threshold kind's tensor (``KINDS`` says which kinds a
   method holds): float, finite and ≥ 0.
 
-A refusal names the file, the key or tensor, its bad value, and the fix: recompute.
+A refusal names the file, the key or tensor, its bad value, and the fix: recompute
+(:func:`actscope.store.bound.refuse`, the same words for every bound file).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NoReturn
 
 import torch
 
-from ..errors import InputError
+from ..store.bound import refuse as refuse_bound, shown
 from .calibration import KINDS, METHODS
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -57,8 +59,6 @@ def _per_layer(value: Any) -> bool:
 HEADER: dict[str, Rule] = {
     "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
     "family": (_text, "the model family's name"),
-    "model_name": (_text, "the model's name"),
-    "weight_hash": (_text, "the model's weight hash"),
     "layers": (_layers, "a list of distinct layer numbers ≥ 0"),
     "units": (_list_of(lambda x: _whole(x) and x >= 1), "a list of unit counts ≥ 1"),
     "expected_sparsity": (_list_of(_fraction()), "a list of fractions in [0, 1]"),
@@ -82,14 +82,8 @@ SHAPES: dict[str, Callable[[int], list[int]]] = {
 }
 
 
-def refuse(source: Path, problem: str) -> None:
-    raise InputError(f"{source} is not a valid actscope sparse calibration: {problem}; recompute it with "
-                     "`actscope sparsify` or actscope.sparse.calibrate (an edited calibration is not trusted)")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "…"
+def refuse(source: Path, problem: str) -> NoReturn:
+    refuse_bound(source, "sparse-calibration", problem)
 
 
 def _check_rules(source: Path, values: Mapping[str, Any], rules: Mapping[str, Rule], where: str, missing: str) -> None:
@@ -97,7 +91,7 @@ def _check_rules(source: Path, values: Mapping[str, Any], rules: Mapping[str, Ru
         if key not in values:
             refuse(source, missing.format(key=key, what=what))
         if not test(values[key]):
-            refuse(source, f"{where} '{key}' is {_show(values[key])}, expected {what}")
+            refuse(source, f"{where} '{key}' is {shown(values[key])}, expected {what}")
 
 
 def check_header(source: Path, header: Mapping[str, Any]) -> None:
@@ -128,7 +122,7 @@ def check_tensors(source: Path, header: Mapping[str, Any], tensors: Mapping[str,
             refuse(source, f"it has an extra tensor '{name}' ({holds})")
     units = tensors["units"].tolist()
     if units != header["units"]:
-        refuse(source, f"tensor 'units' is {_show(units)}, the header says {_show(header['units'])}")
+        refuse(source, f"tensor 'units' is {shown(units)}, the header says {shown(header['units'])}")
     for name, shape in shapes.items():
         _check_threshold(source, name, tensors[name], shape)
 

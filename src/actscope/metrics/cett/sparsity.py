@@ -22,10 +22,8 @@ MLP layers of the evaluation data; the activation ratio of a layer is 1 − its 
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -42,11 +40,12 @@ from .objectives import (
     MaskedLMLoss,
     Objective,
 )
-from ...feeding import as_model
+from ...models import as_model
 from .search import Bisection, Evaluation, Evaluator, bisect_settings, check_p
 from .settings import CettSettings, FatSettings, TopkSettings
-from .thresholds import CettThresholds, load_thresholds, thresholds_for
+from .thresholds import CettThresholds, thresholds_for
 from ...results import TableResult
+from ...store.bound import Bound, WeightBound, refuse
 
 DEFAULT_SWEEP = (0.005, 0.01, 0.02, 0.05)
 METHODS = ("cett", "topk", "fat")
@@ -105,7 +104,7 @@ class SparsitySweep(TableResult):
 
 
 @dataclass(frozen=True, eq=False)
-class CettSparsity(TableResult):
+class CettSparsity(TableResult, WeightBound):
     """CETT-PPL-p% sparsity of one model: per-layer ε and per-unit thresholds (``thresholds``),
     activation ratios after thresholding, overall sparsity, the recorded curves and the sweep.
 
@@ -115,6 +114,7 @@ class CettSparsity(TableResult):
     """
 
     table_name: ClassVar[str] = "cett_sparsity"
+    bound_kind: ClassVar[str] = "cett-sparsity"
 
     objective: str
     p: float
@@ -153,9 +153,21 @@ class CettSparsity(TableResult):
             "dense_activation_ratio": self.dense_activation_ratio.copy(),
         }
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the thresholds (safetensors) and everything else (JSON) to ``path/``."""
-        return self.thresholds.save(path, extra=_summary(self), overwrite=overwrite)
+    # -- files: obj.save(path) / CettSparsity.load(path, model) (actscope.store.bound) ----------
+    def to_bound(self) -> Bound:
+        """The thresholds' tensors and header, and the rest of the result under ``"result"``."""
+        inner = self.thresholds.to_bound()
+        return replace(inner, kind=self.bound_kind, header={**inner.header, "result": _summary(self)})
+
+    @classmethod
+    def from_bound(cls, bound: Bound, model: Any) -> "CettSparsity":
+        thresholds = CettThresholds.from_bound(bound, model)
+        if not isinstance(bound.header.get("result"), dict):
+            refuse(bound.path, cls.bound_kind, "its header has no 'result' object")
+        try:
+            return _rebuilt(bound.header["result"], thresholds)
+        except (KeyError, TypeError, ValueError) as error:
+            refuse(bound.path, cls.bound_kind, f"its 'result' is damaged ({type(error).__name__}: {error})")
 
 
 def cett_sparsity(
@@ -284,11 +296,8 @@ def _summary(result: CettSparsity) -> dict[str, Any]:
     }
 
 
-def load_cett(path: str | os.PathLike, model: Any) -> CettSparsity:
-    """Read a :meth:`CettSparsity.save` directory for ``model`` (refused for other weights)."""
-    thresholds, extra = load_thresholds(path, model)
-    if "curves" not in extra:
-        raise InputError(f"{path} holds thresholds only (no search summary); read it with CettThresholds.load")
+def _rebuilt(extra: dict[str, Any], thresholds: CettThresholds) -> CettSparsity:
+    """The result :func:`_summary` described, around ``thresholds``."""
     c = extra["curves"]
     curves = CettCurves(
         sites=tuple(c["sites"]), layers=tuple(c["layers"]), units=tuple(c["units"]),

@@ -4,19 +4,18 @@ For a CETT target c, layer l gets ε_l = the largest grid ε whose token-average
 (:meth:`CettCurves.eps_for`) and unit i the threshold ``ε_l / ‖W_out[:, i]‖₂``; the edit is
 ``a_i ← 0 if |a_i| < threshold_i`` (:func:`actscope.interventions.threshold`).
 
-A saved file is a directory with ``thresholds.safetensors`` (one float64 ``[d_ff]`` tensor per
-site) and ``cett.json`` (sites, layers, ε, c, the model's weight hash, anything the caller adds).
-Loading refuses a file made for other weights.
+``t.save(path)`` / ``CettThresholds.load(path, model)`` write and read one bound file of kind
+``cett-thresholds`` (:mod:`actscope.store.bound`: one ``.safetensors`` file, atomic, refused for
+other weights): a float64 ``[d_ff]`` tensor per site, and c, the sites, layers and ε in the
+header. ``CettThresholds.load`` also reads a ``cett-sparsity`` file (:meth:`CettSparsity.save`),
+which holds the same thresholds and header fields beside the search's summary.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -26,18 +25,19 @@ from ...sites import plan_sites
 from .core import output_projection, unit_thresholds
 from .curves import CettCurves
 from ...results import TableResult
+from ...store.bound import Bound, WeightBound, refuse, shown
 
-TENSORS_FILE = "thresholds.safetensors"
-JSON_FILE = "cett.json"
-FORMAT = "actscope-cett-thresholds"
-FORMAT_VERSION = 1
+KIND = "cett-thresholds"
 
 
 @dataclass(frozen=True, eq=False)
-class CettThresholds(TableResult):
-    """Per-layer ε and per-unit thresholds for one CETT target ``c`` on one model's weights."""
+class CettThresholds(TableResult, WeightBound):
+    """Per-layer ε and per-unit thresholds for one CETT target ``c`` on one model's weights
+    (``weight_hash``, ``model_name``: the model they were computed on)."""
 
     table_name: ClassVar[str] = "cett_thresholds"
+    bound_kind: ClassVar[str] = KIND
+    also_reads: ClassVar[tuple[str, ...]] = ("cett-sparsity",)  # the same thresholds, with the search's summary
 
     sites: tuple[str, ...]
     layers: tuple[int, ...]
@@ -45,6 +45,7 @@ class CettThresholds(TableResult):
     c: float
     thresholds: Mapping[str, np.ndarray] = field(repr=False)  # site → [d_ff] float64
     weight_hash: str = ""
+    model_name: str = ""
 
     def edits(self) -> dict[str, Any]:
         """``{site: threshold intervention}`` for :func:`actscope.edit`."""
@@ -69,106 +70,82 @@ class CettThresholds(TableResult):
             "threshold": np.concatenate([self.thresholds[site] for site in self.sites]),
         }
 
-    # -- files -------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
-        """Write ``path/`` (``thresholds.safetensors`` + ``cett.json``), atomically.
-
-        ``extra`` (JSON-able) is stored under ``"extra"`` in the JSON file.
-        """
-        from safetensors.torch import save_file
-
-        target = Path(path).expanduser()
-        if target.exists() and not overwrite:
-            raise InputError(f"{target} already exists; pass overwrite=True or choose another path")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-        try:
-            tensors = {site: torch.from_numpy(np.ascontiguousarray(t)) for site, t in self.thresholds.items()}
-            save_file(tensors, str(tmp / TENSORS_FILE))
-            (tmp / JSON_FILE).write_text(json.dumps(self._header(extra), indent=2), encoding="utf-8")
-            _replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
-
-    def _header(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "weight_hash": self.weight_hash,
-            "c": self.c,
-            "sites": list(self.sites),
-            "layers": list(self.layers),
-            "eps": [float(e) for e in self.eps],
-            "extra": dict(extra or {}),
-        }
+    # -- files: obj.save(path) / CettThresholds.load(path, model) (actscope.store.bound) -------
+    def to_bound(self) -> Bound:
+        # torch.tensor copies: a read-only array (one loaded from a file) would warn in from_numpy
+        tensors = {site: torch.tensor(self.thresholds[site], dtype=torch.float64) for site in self.sites}
+        header = {"c": float(self.c), "sites": list(self.sites), "layers": [int(x) for x in self.layers],
+                  "eps": [float(e) for e in self.eps]}
+        return Bound(self.bound_kind, self.model_name, self.weight_hash, header, tensors)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: Any) -> "CettThresholds":
-        """Read thresholds saved for ``model``; refuse a file made for other weights."""
-        thresholds, _ = load_thresholds(path, model)
-        return thresholds
-
-
-def load_thresholds(path: str | os.PathLike, model: Any) -> tuple[CettThresholds, dict[str, Any]]:
-    """``(thresholds, the file's "extra" dict)``; checks format, weight hash and unit counts."""
-    from safetensors.torch import load_file
-
-    from ...store import weight_hash
-    from ...feeding import as_model
-
-    source = Path(path).expanduser()
-    header = _read_header(source)
-    model = as_model(model)
-    actual = weight_hash(model.module)
-    if header["weight_hash"] != actual:
-        raise InputError(
-            f"{source} holds CETT thresholds for another model (weight hash {header['weight_hash'][:12]}…); "
-            f"{model.name} has weight hash {actual[:12]}…. Thresholds are only valid for the weights they "
-            "were computed on: run actscope.metrics.cett.cett_sparsity on this model instead"
+    def from_bound(cls, bound: Bound, model: Any) -> "CettThresholds":
+        """Rebuilt after :func:`check_content` (the envelope and the weights are checked before)."""
+        check_content(bound, model)
+        header, sites = bound.header, bound.header["sites"]
+        return cls(
+            sites=tuple(sites), layers=tuple(header["layers"]), eps=np.asarray(header["eps"], dtype=np.float64),
+            c=float(header["c"]), thresholds={site: bound.tensors[site].numpy().astype(np.float64) for site in sites},
+            weight_hash=bound.weight_hash, model_name=bound.model_name,
         )
-    tensors = load_file(str(source / TENSORS_FILE))
-    sites = tuple(header["sites"])
-    if set(tensors) != set(sites):
-        raise InputError(
-            f"{source / TENSORS_FILE} does not match {JSON_FILE} (sites {sorted(tensors)} vs {list(sites)}); "
-            "the file is damaged, recompute it"
-        )
-    thresholds = CettThresholds(
-        sites=sites,
-        layers=tuple(int(x) for x in header["layers"]),
-        eps=np.asarray(header["eps"], dtype=np.float64),
-        c=float(header["c"]),
-        thresholds={site: tensors[site].numpy().astype(np.float64) for site in sites},
-        weight_hash=actual,
-    )
-    return thresholds, header.get("extra", {})
 
 
-def _read_header(source: Path) -> dict[str, Any]:
-    if not (source / JSON_FILE).is_file() or not (source / TENSORS_FILE).is_file():
-        raise InputError(
-            f"{source} is not a saved CETT threshold directory (it needs {JSON_FILE} and {TENSORS_FILE}); "
-            "pass the path given to save()"
-        )
+# -- what a file must hold: a rule per header key, then the tensors against the model ------------
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _listed(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and all(test(x) for x in v)
+
+
+HEADER: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "c": (_finite, "a finite number ≥ 0"),
+    "sites": (lambda v: _listed(lambda x: isinstance(x, str) and x != "")(v) and len(set(v)) == len(v),
+              "a list of distinct site names"),
+    "layers": (_listed(lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0),
+               "a list of layer numbers ≥ 0"),
+    "eps": (_listed(_finite), "a list of finite numbers ≥ 0"),
+}
+
+
+def check_content(bound: Bound, model: Any) -> None:
+    """The header's keys (:data:`HEADER`), one layer and ε per site, and one float tensor per
+    site of the model's unit count, finite and ≥ 0."""
+    header, source = bound.header, bound.path
+    for key, (test, what) in HEADER.items():
+        if key not in header:
+            refuse(source, KIND, f"its header has no '{key}'")
+        if not test(header[key]):
+            refuse(source, KIND, f"header '{key}' is {shown(header[key])}, expected {what}")
+    sites = header["sites"]
+    if not len(sites) == len(header["layers"]) == len(header["eps"]):
+        refuse(source, KIND, f"its header has {len(sites)} sites, {len(header['layers'])} layers and "
+                             f"{len(header['eps'])} ε values; expected one of each per site")
+    if set(bound.tensors) != set(sites):
+        refuse(source, KIND, f"its tensors {sorted(bound.tensors)} are not its sites {sites}")
+    units = _units(source, model, sites)
+    for site in sites:
+        _check_tensor(source, site, bound.tensors[site], units[site])
+
+
+def _units(source: Path | None, model: Any, sites: list[str]) -> dict[str, int]:
+    """The unit count of each site on ``model`` (the width of its output projection)."""
     try:
-        header = json.loads((source / JSON_FILE).read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise InputError(f"{source / JSON_FILE} is not valid JSON ({error}); the file is damaged, recompute it") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
-        raise InputError(f"{source / JSON_FILE} is not an actscope CETT threshold file of version {FORMAT_VERSION}; recompute it")
-    return header
+        return {site.label: output_projection(model, site)[0].shape[1] for site in plan_sites(model, sites).sites}
+    except InputError as error:
+        refuse(source, KIND, f"its sites do not fit model '{model.name}' ({error})")
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` directory to ``target`` (replacing an old one)."""
-    if target.exists():
-        stale = target.with_name(f".stale-{target.name}-{os.getpid()}")
-        os.rename(target, stale)
-        os.rename(tmp, target)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
+def _check_tensor(source: Path | None, site: str, tensor: torch.Tensor, units: int) -> None:
+    if list(tensor.shape) != [units]:
+        refuse(source, KIND, f"tensor '{site}' has shape {list(tensor.shape)}; the model's {site} has {units} "
+                             "units")
+    if not tensor.is_floating_point():
+        refuse(source, KIND, f"tensor '{site}' has dtype {str(tensor.dtype).removeprefix('torch.')}, expected float64")
+    bad = ~torch.isfinite(tensor) | (tensor < 0)
+    if bool(bad.any()):
+        refuse(source, KIND, f"tensor '{site}' holds {float(tensor[bad][0]):g}; thresholds are finite and ≥ 0")
 
 
 def thresholds_for(curves: CettCurves, c: float, model: Any, *, index: Any = None) -> CettThresholds:
@@ -176,7 +153,7 @@ def thresholds_for(curves: CettCurves, c: float, model: Any, *, index: Any = Non
     ``index``, −1 meaning ε = 0). ``model`` gives the output projections and the weight hash."""
     from ...store import weight_hash
     from .curves import eps_of
-    from ...feeding import as_model
+    from ...models import as_model
 
     model = as_model(model)
     index = curves.index_for(c) if index is None else np.asarray(index, dtype=np.int64)
@@ -186,4 +163,4 @@ def thresholds_for(curves: CettCurves, c: float, model: Any, *, index: Any = Non
         site.label: unit_thresholds(float(e), output_projection(model, site)[0]).cpu().numpy()
         for site, e in zip(plan.sites, eps)
     }
-    return CettThresholds(curves.sites, curves.layers, eps, float(c), per_unit, weight_hash(model.module))
+    return CettThresholds(curves.sites, curves.layers, eps, float(c), per_unit, weight_hash(model.module), model.name)
