@@ -141,9 +141,8 @@ def _has_tokenizer(model: Any, config: MeasureConfig) -> str | None:
 
 
 def _is_moe(model: Any, config: MeasureConfig) -> str | None:
-    from .metrics.moe import RENORMALISE
-
-    return None if model.family in RENORMALISE else "the model is not a supported mixture of experts"
+    routed = model.adapter is not None and model.adapter.router is not None
+    return None if routed else "the model is not a supported mixture of experts"
 
 
 def _has_checkpoints(model: Any, config: MeasureConfig) -> str | None:

@@ -45,8 +45,6 @@ from ..sites import Site
 
 F64 = torch.float64
 LinearMap = Callable[[torch.Tensor], torch.Tensor]  # [d_in, units] → [d_out, units]
-FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "decoder.final_layer_norm", "final_norm")
-POST_NORM_FAMILIES = ("bert", "roberta")
 SCORE_BYTES = 1 << 26  # float64 scores kept at once per chunk of units (64 MiB)
 
 
@@ -186,19 +184,16 @@ def residual_map(model: Any, layer: int | None) -> LinearMap:
     """``N``: the norms between block ``layer``'s MLP output and the unembedding, as one linear map."""
     from ..models.model import resolve_module
 
-    root = model.module
-    if model.family in POST_NORM_FAMILIES:
+    root, readout = model.module, _readout(model)
+    if readout.post_norms is not None:
         prefix = resolve_module(root, model.adapter.blocks)[0]
-        names = [f"{prefix}.{layer}.output.LayerNorm"] + [
-            f"{prefix}.{j}.{part}" for j in range(layer + 1, model.n_layers) for part in ("attention.output.LayerNorm", "output.LayerNorm")
+        names = [f"{prefix}.{layer}.{readout.post_norms[1]}"] + [
+            f"{prefix}.{j}.{part}" for j in range(layer + 1, model.n_layers) for part in readout.post_norms
         ]
-        maps = [norm_map(root.get_submodule(name)) for name in names]
+        maps = [norm_map(root.get_submodule(name), readout.norm_offset) for name in names]
     else:
-        norm = next((found[1] for name in FINAL_NORMS if (found := resolve_module(root, name)) is not None and found[1] is not None), None)
-        maps = [norm_map(norm)] if norm is not None else []
-        project = resolve_module(root, "decoder.project_out")
-        if project is not None and isinstance(project[1], torch.nn.Linear):
-            maps.append(lambda d, w=project[1].weight.detach().to(F64): w @ d)
+        found = [resolve_module(root, path) for path in readout.final]
+        maps = [linear_map(module, readout.norm_offset) for _, module in filter(None, found) if module is not None]
 
     def apply(directions: torch.Tensor) -> torch.Tensor:
         for step in maps:
@@ -208,21 +203,35 @@ def residual_map(model: Any, layer: int | None) -> LinearMap:
     return apply
 
 
-def norm_map(norm: torch.nn.Module) -> LinearMap:
-    """A norm module as the linear map on directions ``[d, units]`` described above."""
+def _readout(model: Any) -> Any:
+    from ..models.adapters import Readout
+
+    return model.adapter.readout if model.adapter is not None else Readout()
+
+
+def linear_map(module: torch.nn.Module, norm_offset: float) -> LinearMap:
+    """A module after the last block as a linear map on directions: a projection (OPT's
+    ``project_out``) is its weight, anything else a norm."""
+    if isinstance(module, torch.nn.Linear):
+        weight = module.weight.detach().to(F64)
+        return lambda d: weight @ d
+    return norm_map(module, norm_offset)
+
+
+def norm_map(norm: torch.nn.Module, offset: float = 0.0) -> LinearMap:
+    """A norm module as the linear map on directions ``[d, units]`` described above; an
+    RMSNorm scales by ``offset + weight`` (the card's ``norm_offset``: Gemma's is 1)."""
     weight = getattr(norm, "weight", None)
     gain = torch.ones(1, dtype=F64) if weight is None else weight.detach().to(F64)
     name = type(norm).__name__
     if "RMS" not in name and ("LayerNorm" in name or getattr(norm, "bias", None) is not None):
         return lambda d: gain[:, None] * (d - d.mean(dim=0, keepdim=True))
-    if name.startswith("Gemma"):
-        gain = 1.0 + gain  # Gemma's RMSNorm multiplies by (1 + weight)
+    gain = offset + gain
     return lambda d: gain[:, None] * d
 
 
 def _is_encoder(model: Any) -> bool:
-    config = model.config
-    return model.family in POST_NORM_FAMILIES and not getattr(config, "is_decoder", False)
+    return _readout(model).bidirectional and not getattr(model.config, "is_decoder", False)
 
 
 def _special_tokens(tokenizer: Any, vocab: int) -> torch.Tensor:

@@ -114,12 +114,10 @@ def downstream_weight(model: Any, site: Any) -> torch.Tensor | None:
     selected heads or units; None when the site is not the input of a linear layer."""
     if site.hook.at != "input":
         return None
-    module = model.module.get_submodule(site.path)
-    if isinstance(module, torch.nn.Linear):
-        weight = module.weight  # [out, in]
-    elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-        weight = module.weight.T  # GPT-2's Conv1D keeps [in, out]
-    else:
+    from ..models.adapters import out_in_weight
+
+    weight = out_in_weight(model.module.get_submodule(site.path))  # [out, in]
+    if weight is None:
         return None
     weight = weight.detach()
     if site.hook.layout == "heads":

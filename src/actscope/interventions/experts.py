@@ -144,14 +144,9 @@ def _is_index(value: Any) -> bool:
 
 def _layer_plan(model: Any, layer: int, edit: ExpertEdit) -> tuple[torch.nn.Module, _RoutingRule]:
     """The router module of ``layer`` and the rule that re-routes it."""
-    from ..metrics.moe import RENORMALISE
     from ..sites import plan_sites
 
-    if model.family not in RENORMALISE:
-        raise InputError(
-            f"experts: {model.name} (family {model.family or 'unknown'}) is not a supported mixture-of-experts model; "
-            f"supported: {', '.join(RENORMALISE)}"
-        )
+    routing = model.router("experts")
     try:
         site = plan_sites(model, f"blocks.{layer}.moe.router").sites[0]
     except SiteError:
@@ -163,7 +158,7 @@ def _layer_plan(model: Any, layer: int, edit: ExpertEdit) -> tuple[torch.nn.Modu
     n_experts, k = int(router.weight.shape[0]), int(router.top_k)
     off, on = edit.off.get(layer, ()), edit.on.get(layer, ())
     _check_layer(layer, off, on, n_experts, k)
-    return router, _RoutingRule(_mask(off, n_experts), _mask(on, n_experts), k, RENORMALISE[model.family](model.config))
+    return router, _RoutingRule(_mask(off, n_experts), _mask(on, n_experts), k, routing.renormalise(model.config))
 
 
 def _check_layer(layer: int, off: tuple[int, ...], on: tuple[int, ...], n_experts: int, k: int) -> None:

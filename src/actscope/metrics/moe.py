@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -43,14 +43,6 @@ from ..results import TableResult
 from .tables import eps_column
 
 DEFAULT_EPS = 1e-3
-
-# Whether the top-k weights are renormalised to sum to one, per family (see the module docstring).
-RENORMALISE: dict[str, Callable[[Any], bool]] = {
-    "mixtral": lambda config: True,
-    "qwen2_moe": lambda config: bool(getattr(config, "norm_topk_prob", False)),
-    "olmoe": lambda config: bool(getattr(config, "norm_topk_prob", False)),
-}
-
 
 def route(logits: torch.Tensor, k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(probs [n, E], weights [n, k], experts [n, k])`` from router logits ``[n, E]``."""
@@ -157,16 +149,11 @@ def _rows(tracer: _RoutingTracer) -> list[dict[str, Any]]:
 
 
 def _routing_rule(model: Any) -> tuple[int, bool]:
-    family = model.family
-    if family not in RENORMALISE:
-        raise InputError(
-            f"moe_routing: {model.name} (family {family or 'unknown'}) is not a supported mixture-of-experts model; "
-            f"supported: {', '.join(RENORMALISE)}"
-        )
+    router = model.router("moe_routing")
     k = getattr(model.config, "num_experts_per_tok", None)
     if not isinstance(k, int) or k < 1:
         raise InputError(f"moe_routing: {model.name}'s config has num_experts_per_tok={k!r}; it must be a whole number >= 1")
-    return k, RENORMALISE[family](model.config)
+    return k, router.renormalise(model.config)
 
 
 def moe_routing(

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapters import Adapter, Hook, adapter_for
+from .adapters import Adapter, Hook, Router, adapter_for
 
 # Upper bound of the ``{e}`` placeholder when an adapter counts experts.
 PLACEHOLDERS = ("i", "e")
@@ -95,6 +95,19 @@ class Model:
             return 0
         return int(self.adapter.experts(self.config))
 
+    def router(self, caller: str) -> Router:
+        """The card's mixture-of-experts routing rule; an InputError naming the families that
+        have one when this model is not a mixture of experts actscope knows."""
+        if self.adapter is None or self.adapter.router is None:
+            from ..errors import InputError
+            from .adapters import cards
+
+            raise InputError(
+                f"{caller}: {self.name} (family {self.family or 'unknown'}) is not a supported mixture-of-experts model; "
+                f"supported: {', '.join(c.family for c in cards() if c.router is not None)}"
+            )
+        return self.adapter.router
+
     @cached_property
     def catalog(self) -> dict[str, SiteEntry]:
         """Every canonical site this model offers, in a stable order."""
@@ -124,6 +137,11 @@ class Model:
 
         return list_sites(self, shapes=shapes)
 
+    @property
+    def takes_images(self) -> bool:
+        """A vision model (its config has an image size and channels): inputs are pixels, not tokens."""
+        return hasattr(self.config, "image_size") and hasattr(self.config, "num_channels")
+
     def example_inputs(self) -> dict[str, Any] | None:
         """A tiny input for discovering site shapes (batch 1, a few positions)."""
         if self._example_inputs is not None:
@@ -131,7 +149,7 @@ class Model:
         config = self.config
         if config is None:
             return None
-        if hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        if self.takes_images:
             size = config.image_size
             size = (size, size) if isinstance(size, int) else tuple(size)
             return {"pixel_values": torch.zeros(1, config.num_channels, *size, device=self.device)}

@@ -26,7 +26,7 @@ _EXPORTS = {
     "dense_with_thresholds": ".reference",
     "evaluate": ".quality",
     "QualityReport": ".quality",
-    "MLP_SPECS": ".families",
+    "sparse_families": ".families",
 }
 
 

@@ -1,11 +1,11 @@
-"""Which modules form each MLP block, per model family: a data table over the adapters.
+"""The modules of each block's MLP, resolved on one model through its family card.
 
-The adapters (``actscope.models.adapters``) already say where each block's neuron lives: the
-input of the output projection (``blocks.{i}.mlp.post``) and the pre-activation (``mlp.pre``,
-the gate of a gated MLP). This table adds only what sparse execution needs beyond that: the
-up projection of gated MLPs, the activation attribute, and whether weights are fused or stored
-transposed. The MLP's *container* is the parent of the output projection: the MLP module for
-every family but OPT, whose ``fc1``/``activation_fn``/``fc2`` live on the decoder layer itself.
+The card (:class:`actscope.models.adapters.Mlp`) says how the MLP computes its neuron (gated or
+plain, fused gate|up, the activation's and up projection's attributes, the projections on the
+block itself for OPT); the sites say where the neuron lives (the input of the output projection,
+``blocks.{i}.mlp.post``) and the pre-activation (``mlp.pre``, the gate of a gated MLP). The MLP's
+*container* is the parent of the output projection: the MLP module for every family but OPT,
+whose ``fc1``/``activation_fn``/``fc2`` live on the decoder layer itself.
 """
 from __future__ import annotations
 
@@ -15,42 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-
-
-@dataclass(frozen=True)
-class MlpSpec:
-    """What the adapters do not say about a family's MLP.
-
-    ``gated``: ``down(act(gate(x)) * up(x))``, else ``down(act(up(x)))``. ``up``: attribute of
-    the up projection of a gated MLP (empty when ``fused``: Phi-3's ``gate_up_proj`` outputs
-    ``[gate | up]``). ``act``: attribute of the activation. ``conv1d``: GPT-2's ``Conv1D``
-    stores ``[in, out]`` weights. ``chained``: no MLP module (OPT), so the container is the block.
-    """
-
-    gated: bool
-    act: str
-    up: str = ""
-    fused: bool = False
-    conv1d: bool = False
-    chained: bool = False
-
-
-_LLAMA_LIKE = MlpSpec(gated=True, act="act_fn", up="up_proj")
-
-MLP_SPECS: dict[str, MlpSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "phi3": MlpSpec(gated=True, act="activation_fn", fused=True),
-    "gpt2": MlpSpec(gated=False, act="act", conv1d=True),
-    "gpt_neox": MlpSpec(gated=False, act="act"),
-    "opt": MlpSpec(gated=False, act="activation_fn", chained=True),
-}
-
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
+from ..models.adapters import Mlp, out_in_weight
 
 
 @dataclass(frozen=True)
@@ -59,7 +24,7 @@ class MlpBlock:
     the pre-activation (``gate_proj``, ``gate_up_proj`` or the plain up projection)."""
 
     layer: int
-    spec: MlpSpec
+    spec: Mlp
     container: torch.nn.Module
     first: torch.nn.Module
     up: torch.nn.Module | None  # gated and not fused only
@@ -71,24 +36,33 @@ class MlpBlock:
     @property
     def units(self) -> int:
         """Number of MLP units (``d_mlp``)."""
-        weight = self.down.weight
-        return int(weight.shape[0] if self.spec.conv1d else weight.shape[1])
+        return int(out_in_weight(self.down).shape[1])
 
 
-def spec_for(model: Any) -> MlpSpec:
-    """The family's spec; a clear refusal for MoE and unknown families."""
-    family = model.family
-    if family in MOE_FAMILIES:
+def spec_for(model: Any) -> Mlp:
+    """The card's MLP part; a clear refusal for mixture-of-experts models and models without one."""
+    card = model.adapter
+    if card is not None and card.router is not None:
         raise InputError(
-            f"{model.name} is a mixture-of-experts model ({family}); sparse MLP execution supports the dense-MLP "
-            f"families only ({', '.join(MLP_SPECS)}): the experts already skip most of the MLP"
+            f"{model.name} is a mixture-of-experts model ({model.family}); sparse MLP execution supports dense-MLP "
+            f"models only ({', '.join(sparse_families())}): the experts already skip most of the MLP"
         )
-    if family not in MLP_SPECS:
+    if model.takes_images:
+        raise InputError(f"{model.name} takes images; sparse MLP execution is for language models (token inputs): "
+                         f"{', '.join(sparse_families())}")
+    if card is None or card.mlp is None:
         raise InputError(
-            f"{model.name} (family {family or 'unknown'}) has no sparse-execution table; supported families: "
-            f"{', '.join(MLP_SPECS)}"
+            f"{model.name} (family {model.family or 'unknown'}) has no MLP card for sparse execution; supported "
+            f"families: {', '.join(sparse_families())}"
         )
-    return MLP_SPECS[family]
+    return card.mlp
+
+
+def sparse_families() -> list[str]:
+    """The families whose card lets sparse execution run their MLPs."""
+    from ..models.adapters import cards
+
+    return [card.family for card in cards() if card.mlp is not None and card.router is None and not (card.tiny and card.tiny.images)]
 
 
 def mlp_blocks(model: Any) -> list[MlpBlock]:
@@ -112,11 +86,6 @@ def mlp_blocks(model: Any) -> list[MlpBlock]:
     if not blocks:
         raise InputError(f"{model.name} has no MLP blocks to sparsify")
     return blocks
-
-
-def out_in_weight(module: torch.nn.Module, conv1d: bool) -> torch.Tensor:
-    """The weight as ``[out, in]`` (a view; ``Conv1D`` stores ``[in, out]``)."""
-    return module.weight.T if conv1d else module.weight
 
 
 def bias_of(module: torch.nn.Module) -> torch.Tensor | None:

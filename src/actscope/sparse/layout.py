@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .families import MlpBlock, bias_of, out_in_weight
+from ..models.adapters import out_in_weight
+from .families import MlpBlock, bias_of
 
 
 @dataclass(frozen=True)
@@ -39,19 +40,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def lay_out(block: MlpBlock, teal: bool) -> Weights:
     """The weights of ``block``; ``teal`` adds the transposed input-side matrix."""
-    conv = block.spec.conv1d
-    first = out_in_weight(block.first, conv)  # [U, d] or [2U, d] (fused gate|up)
+    first = out_in_weight(block.first)  # [U, d] or [2U, d] (fused gate|up)
     first_bias = bias_of(block.first)
     units = block.units
     if block.spec.gated and block.spec.fused:
         gate, up = first[:units], first[units:]
         gate_bias, up_bias = (first_bias[:units], first_bias[units:]) if first_bias is not None else (None, None)
     elif block.spec.gated:
-        gate, up, gate_bias = first, out_in_weight(block.up, conv), first_bias
+        gate, up, gate_bias = first, out_in_weight(block.up), first_bias
         up_bias = bias_of(block.up)
     else:
         gate, up, gate_bias, up_bias = None, first, None, first_bias
-    down_t = block.down.weight if conv else block.down.weight.T  # [U, d_out]
+    down_t = out_in_weight(block.down).T  # [U, d_out]
     first_t, teal_bias = None, None
     if teal:
         stacked = up if gate is None else torch.cat([gate, up])  # [U or 2U, d]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ...errors import InputError
+from ...models.adapters import out_in_weight
 from ...sites import Site
 
 F64 = torch.float64
@@ -33,18 +34,14 @@ def output_projection(model: Any, site: Site) -> tuple[torch.Tensor, torch.Tenso
     """
     check_neuron_site(site)
     module = model.module.get_submodule(site.path)
-    weight = getattr(module, "weight", None)
-    if isinstance(module, torch.nn.Linear):
-        w_out = weight.detach().to(F64)  # [d_model, d_ff]
-    elif type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:
-        w_out = weight.detach().to(F64).T  # Conv1D computes x @ W + b with W [d_ff, d_model]
-    else:
+    weight = out_in_weight(module)  # [d_model, d_ff]
+    if weight is None:
         raise InputError(
             f"{site.label}: CETT needs the output projection behind the neuron, but {site.path} is a "
             f"{type(module).__name__}; only nn.Linear and transformers' Conv1D are supported"
         )
     bias = getattr(module, "bias", None)
-    return w_out.contiguous(), None if bias is None else bias.detach().to(F64)
+    return weight.detach().to(F64).contiguous(), None if bias is None else bias.detach().to(F64)
 
 
 def check_neuron_site(site: Site) -> None:

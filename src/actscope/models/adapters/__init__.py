@@ -1,29 +1,33 @@
-"""Adapter registry: one table per model family, looked up by ``config.model_type``.
+"""The family cards: one module per family, each an ``ADAPTERS`` list of cards, looked up by
+``config.model_type``.
 
-Adding a family = adding a module with an ``ADAPTERS`` list here and a tiny-config row in
-``actscope.zoo.tiny``.
+Adding a family = adding its module (sites, MLP, router, readout, tiny model: see
+:class:`~actscope.models.adapters.base.Adapter`) and its name in :data:`FAMILY_MODULES`; the
+tiny-model zoo, the family tests and every feature that reads cards pick it up from there.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from importlib import import_module
 from typing import Any
 
-from .base import Adapter, Hook, HookCall, ReadContext
+from .base import Adapter, Hook, HookCall, Mlp, ReadContext, Readout, Router, Tiny, out_in_weight
 
 FAMILY_MODULES = ("llama", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "bert", "vit", "moe")
 
 
+@lru_cache(maxsize=1)
+def cards() -> tuple[Adapter, ...]:
+    """Every family card, in the order of :data:`FAMILY_MODULES`."""
+    return tuple(card for name in FAMILY_MODULES for card in import_module(f"{__name__}.{name}").ADAPTERS)
+
+
 def _registry() -> dict[str, Adapter]:
-    table: dict[str, Adapter] = {}
-    for name in FAMILY_MODULES:
-        for adapter in import_module(f"{__name__}.{name}").ADAPTERS:
-            for model_type in adapter.model_types:
-                table[model_type] = adapter
-    return table
+    return {model_type: card for card in cards() for model_type in card.model_types}
 
 
 def adapter_for(config: Any) -> Adapter | None:
-    """The adapter for a Hugging Face config, or None for an unknown family."""
+    """The card for a Hugging Face config, or None for a family without one."""
     model_type = getattr(config, "model_type", None)
     return _registry().get(model_type) if model_type else None
 
@@ -32,4 +36,5 @@ def supported_model_types() -> list[str]:
     return sorted(_registry())
 
 
-__all__ = ["Adapter", "Hook", "HookCall", "ReadContext", "adapter_for", "supported_model_types"]
+__all__ = ["Adapter", "Hook", "HookCall", "Mlp", "ReadContext", "Readout", "Router", "Tiny", "adapter_for", "cards",
+           "out_in_weight", "supported_model_types"]

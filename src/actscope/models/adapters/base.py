@@ -103,24 +103,100 @@ class Hook:
 
 
 @dataclass(frozen=True)
+class Mlp:
+    """How a block's MLP computes its neuron, beyond where the sites hook (what sparse execution,
+    CETT and the family tests read). The first projection is the module ``mlp.pre`` reads (the
+    gate of a gated MLP), the output projection the one ``mlp.post`` feeds; their container is the
+    output projection's parent. ``down(act(gate(x)) · up(x))`` when ``gated``, else
+    ``down(act(first(x)))``. A weight's orientation is read from its module's type
+    (:func:`out_in_weight`: ``nn.Linear`` stores ``[out, in]``, GPT-2's ``Conv1D`` ``[in, out]``)."""
+
+    gated: bool
+    act: str  # the activation's attribute on the container
+    up: str = ""  # gated and not fused: the up projection's attribute on the container
+    fused: bool = False  # gated: one projection outputs [gate | up] (Phi-3)
+    chained: bool = False  # no MLP module: the projections and the activation live on the block (OPT)
+
+
+@dataclass(frozen=True)
+class Router:
+    """How a mixture-of-experts layer routes each token: softmax over every expert (in float32),
+    the top ``k`` (``config.num_experts_per_tok``), their weights renormalised to sum to one when
+    ``renormalise(config)``. ``experts(config)`` is the number of experts."""
+
+    experts: Callable[[Any], int]
+    renormalise: Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Readout:
+    """How the residual stream reaches the unembedding (neuron → vocabulary decoding).
+
+    Pre-norm models: ``final`` are the modules applied after the last block, in order (the final
+    norm; OPT's ``project_out``). Post-norm encoders: ``post_norms`` are each block's two norms on
+    the residual path, after attention and after the MLP (relative to the block); a neuron's
+    direction passes its own block's second and both of every later block's. ``norm_offset``: an
+    RMSNorm that scales by ``offset + weight`` (Gemma's ``1 + weight``). ``bidirectional``: an
+    encoder, whose unit at position p writes into the prediction of p itself, not of p + 1."""
+
+    final: tuple[str, ...] = ()
+    post_norms: tuple[str, str] | None = None
+    norm_offset: float = 0.0
+    bidirectional: bool = False
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """A tiny random-init model of the family for tests: ``config()`` builds its Hugging Face
+    config, ``model_class`` names the transformers class; inputs are token ids from
+    ``first_token`` up (RoBERTa's lowest ids are special), or images when ``images``."""
+
+    config: Callable[[], Any]
+    model_class: str
+    first_token: int = 0
+    images: bool = False
+
+
+@dataclass(frozen=True)
 class Adapter:
-    """Canonical site templates of one model family.
+    """A family's card: everything actscope knows about one model family, in one place.
 
     ``sites`` keys are canonical names with placeholders, e.g. ``"blocks.{i}.mlp.post"`` or
     ``"blocks.{i}.moe.experts.{e}.post"`` or ``"embed"``. ``blocks`` is the path of the block
-    list (its length gives the ``{i}`` range); ``experts`` gives the ``{e}`` range from the
-    config (0 when the family has no experts).
+    list (its length gives the ``{i}`` range). ``mlp``: how the dense MLP computes its neuron
+    (None: no dense MLP to run sparsely); ``router``: how a mixture-of-experts layer routes (its
+    experts give the ``{e}`` range); ``readout``: the path from the stream to the unembedding;
+    ``tiny``: the family's tiny test model. Nothing outside the cards branches on a family.
     """
 
     family: str
     model_types: tuple[str, ...]
     blocks: str
     sites: Mapping[str, Hook]
-    experts: Callable[[Any], int] = field(default=lambda config: 0)
+    mlp: Mlp | None = None
+    router: Router | None = None
+    readout: Readout = Readout()
+    tiny: Tiny | None = None
     notes: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", with_derived_sites(self.sites))
+
+    def experts(self, config: Any) -> int:
+        """The number of experts of a mixture-of-experts layer (0 for a dense family)."""
+        return int(self.router.experts(config)) if self.router is not None else 0
+
+
+def out_in_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """A linear layer's weight as ``[out, in]`` (a view, never a copy): ``nn.Linear``'s own, the
+    transpose of transformers' ``Conv1D`` (GPT-2, which computes ``x @ W + b`` with ``W [in, out]``),
+    or None for any other module."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, torch.nn.Linear):
+        return weight
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.T
+    return None
 
 
 def with_derived_sites(sites: Mapping[str, Hook]) -> dict[str, Hook]:

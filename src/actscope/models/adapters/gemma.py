@@ -18,8 +18,9 @@ Gemma 2 adds a norm *after* each sub-block, before the residual add:
 """
 import torch
 
-from .base import Adapter, Hook, HookCall, ReadContext, read_output
-from .llama import LLAMA_SITES
+from .base import Adapter, Hook, HookCall, ReadContext, Readout, Tiny, read_output
+from .llama import LLAMA_MLP, LLAMA_SITES
+from .tiny import HEADS, HIDDEN, decoder_shape, hf_config
 
 
 def softcapped_logits(call: HookCall, ctx: ReadContext) -> torch.Tensor:
@@ -42,7 +43,15 @@ GEMMA2_SITES = {
     "logits": Hook("lm_head", "output", softcapped_logits),
 }
 
+# Gemma's RMSNorm scales by (1 + weight).
+GEMMA_READOUT = Readout(final=("norm",), norm_offset=1.0)
+D_HEAD = HIDDEN // HEADS
+
 ADAPTERS = [
-    Adapter("gemma", ("gemma",), "layers", LLAMA_SITES),
-    Adapter("gemma2", ("gemma2",), "layers", GEMMA2_SITES),
+    Adapter("gemma", ("gemma",), "layers", LLAMA_SITES, LLAMA_MLP, readout=GEMMA_READOUT,
+            tiny=Tiny(lambda: hf_config("GemmaConfig", **decoder_shape(num_key_value_heads=2, head_dim=D_HEAD)), "GemmaForCausalLM")),
+    Adapter("gemma2", ("gemma2",), "layers", GEMMA2_SITES, LLAMA_MLP, readout=GEMMA_READOUT,
+            tiny=Tiny(lambda: hf_config("Gemma2Config", **decoder_shape(num_key_value_heads=2, head_dim=D_HEAD,
+                                                                       query_pre_attn_scalar=D_HEAD, sliding_window=4)),
+                      "Gemma2ForCausalLM")),
 ]

@@ -9,8 +9,9 @@
   ``mlp.post`` the input of ``mlp.c_proj``; ``resid.mid`` is the input of ``ln_2``.
 * Cross-attention layers (``add_cross_attention``) are not part of the table.
 """
-from .base import Adapter
+from .base import Adapter, Mlp, Readout, Tiny
 from .common import decoder_sites, fused_value, mha_parts
+from .tiny import FFN, HEADS, HIDDEN, INIT_RANGE, LAYERS, POSITIONS, VOCAB, hf_config
 
 GPT2_SITES = decoder_sites(
     layer="h.{i}",
@@ -26,4 +27,8 @@ GPT2_SITES = decoder_sites(
     v_read=fused_value(mha_parts),
 )
 
-ADAPTERS = [Adapter("gpt2", ("gpt2",), "h", GPT2_SITES)]
+TINY = Tiny(lambda: hf_config("GPT2Config", vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FFN, n_layer=LAYERS, n_head=HEADS,
+                               n_positions=POSITIONS, initializer_range=INIT_RANGE, bos_token_id=0, eos_token_id=0),
+            "GPT2LMHeadModel")
+
+ADAPTERS = [Adapter("gpt2", ("gpt2",), "h", GPT2_SITES, Mlp(gated=False, act="act"), readout=Readout(final=("ln_f",)), tiny=TINY)]

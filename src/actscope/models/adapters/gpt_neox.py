@@ -16,8 +16,9 @@ would be that point, but one table serves both and the parallel form is the one 
 """
 import torch
 
-from .base import Adapter, HookCall, ReadContext, read_output
+from .base import Adapter, HookCall, Mlp, ReadContext, Readout, Tiny, read_output
 from .common import decoder_sites, n_heads
+from .tiny import decoder_shape, hf_config
 
 
 def per_head_value(call: HookCall, ctx: ReadContext) -> torch.Tensor:
@@ -43,4 +44,7 @@ GPT_NEOX_SITES = decoder_sites(
 )
 del GPT_NEOX_SITES["blocks.{i}.resid.mid"]  # parallel residual: see the module docstring
 
-ADAPTERS = [Adapter("gpt_neox", ("gpt_neox",), "layers", GPT_NEOX_SITES)]
+ADAPTERS = [
+    Adapter("gpt_neox", ("gpt_neox",), "layers", GPT_NEOX_SITES, Mlp(gated=False, act="act"), readout=Readout(final=("final_layer_norm",)),
+            tiny=Tiny(lambda: hf_config("GPTNeoXConfig", **decoder_shape(bos_token_id=0, eos_token_id=0)), "GPTNeoXForCausalLM")),
+]

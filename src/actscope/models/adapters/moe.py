@@ -30,9 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, Hook, HookCall, ReadContext, read_output
+from .base import Adapter, Hook, HookCall, ReadContext, Router, Tiny, read_output
 from .common import config_value
-from .llama import LLAMA_SITES
+from .llama import LLAMA_MLP, LLAMA_READOUT, LLAMA_SITES
+from .tiny import EXPERTS, FFN, HEADS, TOP_K, decoder_shape, hf_config, ids
 
 BLOCK = "layers.{i}"
 
@@ -88,8 +89,25 @@ def n_experts(config: Any) -> int:
     return config_value(config, "num_local_experts", "num_experts")
 
 
+# The routers of transformers 5.x (MixtralTopKRouter, Qwen2MoeTopKRouter, OlmoeTopKRouter): softmax,
+# top k, and the k weights renormalised always (Mixtral) or when config.norm_topk_prob (the others).
+ALWAYS = Router(n_experts, lambda config: True)
+WHEN_ASKED = Router(n_experts, lambda config: bool(getattr(config, "norm_topk_prob", False)))
+
+
+def tiny_moe(config_class: str, model_class: str, kv_heads: int = 2, **extra: Any) -> Tiny:
+    return Tiny(lambda: hf_config(config_class, **decoder_shape(num_key_value_heads=kv_heads, num_experts_per_tok=TOP_K, **ids(), **extra)),
+                model_class)
+
+
 ADAPTERS = [
-    Adapter("mixtral", ("mixtral",), "layers", moe_sites(), experts=n_experts),
-    Adapter("qwen2_moe", ("qwen2_moe",), "layers", moe_sites(shared=True, dense=True), experts=n_experts),
-    Adapter("olmoe", ("olmoe",), "layers", moe_sites(), experts=n_experts),
+    Adapter("mixtral", ("mixtral",), "layers", moe_sites(), router=ALWAYS, readout=LLAMA_READOUT,
+            tiny=tiny_moe("MixtralConfig", "MixtralForCausalLM", num_local_experts=EXPERTS)),
+    # Qwen2-MoE blocks in mlp_only_layers are dense, Llama-like MLPs (the tiny model's block 1 is one).
+    Adapter("qwen2_moe", ("qwen2_moe",), "layers", moe_sites(shared=True, dense=True), LLAMA_MLP, router=WHEN_ASKED,
+            readout=LLAMA_READOUT,
+            tiny=tiny_moe("Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=EXPERTS, moe_intermediate_size=48,
+                          shared_expert_intermediate_size=FFN, mlp_only_layers=[1])),
+    Adapter("olmoe", ("olmoe",), "layers", moe_sites(), router=WHEN_ASKED, readout=LLAMA_READOUT,
+            tiny=tiny_moe("OlmoeConfig", "OlmoeForCausalLM", kv_heads=HEADS, num_experts=EXPERTS)),
 ]

@@ -15,8 +15,9 @@
 """
 from typing import Any
 
-from .base import Adapter, Hook, HookCall, ReadContext, read_input, read_output
+from .base import Adapter, Hook, HookCall, Mlp, ReadContext, Readout, Tiny, read_input, read_output
 from .common import attention_weights, n_heads, split_heads
+from .tiny import FFN, HEADS, HIDDEN, INIT_RANGE, LAYERS, POSITIONS, VOCAB, hf_config
 
 BLOCK = "decoder.layers.{i}"
 
@@ -43,4 +44,14 @@ OPT_SITES = {
     "logits": Hook("lm_head", "output"),
 }
 
-ADAPTERS = [Adapter("opt", ("opt",), "decoder.layers", OPT_SITES)]
+TINY = Tiny(lambda: hf_config("OPTConfig", vocab_size=VOCAB, hidden_size=HIDDEN, word_embed_proj_dim=HIDDEN, ffn_dim=FFN,
+                               num_hidden_layers=LAYERS, num_attention_heads=HEADS, max_position_embeddings=POSITIONS,
+                               init_std=INIT_RANGE, pad_token_id=1, bos_token_id=0, eos_token_id=0),
+            "OPTForCausalLM")
+
+ADAPTERS = [
+    # fc1, activation_fn and fc2 live on the decoder layer; the post-norm opt-350m has no final
+    # norm (a missing module is skipped) and projects out of its word-embedding width.
+    Adapter("opt", ("opt",), "decoder.layers", OPT_SITES, Mlp(gated=False, act="activation_fn", chained=True),
+            readout=Readout(final=("decoder.final_layer_norm", "decoder.project_out")), tiny=TINY),
+]

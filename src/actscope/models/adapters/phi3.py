@@ -8,8 +8,9 @@
 * ``resid.mid`` is the input of ``post_attention_layernorm``: the stream after the
   attention output passed ``resid_attn_dropout`` (an identity in eval mode) and was added.
 """
-from .base import Adapter
+from .base import Adapter, Mlp, Readout, Tiny
 from .common import decoder_sites, first_half, fused_value, gqa_parts
+from .tiny import POSITIONS, decoder_shape, hf_config, ids
 
 PHI3_SITES = decoder_sites(
     layer="layers.{i}",
@@ -26,4 +27,8 @@ PHI3_SITES = decoder_sites(
     pre_read=first_half,
 )
 
-ADAPTERS = [Adapter("phi3", ("phi3",), "layers", PHI3_SITES)]
+ADAPTERS = [
+    Adapter("phi3", ("phi3",), "layers", PHI3_SITES, Mlp(gated=True, act="activation_fn", fused=True), readout=Readout(final=("norm",)),
+            tiny=Tiny(lambda: hf_config("Phi3Config", **decoder_shape(num_key_value_heads=2, original_max_position_embeddings=POSITIONS, **ids())),
+                      "Phi3ForCausalLM")),
+]

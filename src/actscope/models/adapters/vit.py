@@ -7,8 +7,9 @@
   neuron ``mlp.post`` the input of ``mlp.fc2``.
 * ``logits`` is the output of ``classifier`` (``ViTForImageClassification``).
 """
-from .base import Adapter
+from .base import Adapter, Mlp, Readout, Tiny
 from .common import decoder_sites
+from .tiny import FFN, HEADS, HIDDEN, INIT_RANGE, LAYERS, hf_config
 
 VIT_SITES = decoder_sites(
     layer="layers.{i}",
@@ -24,4 +25,9 @@ VIT_SITES = decoder_sites(
     lm_head="classifier",
 )
 
-ADAPTERS = [Adapter("vit", ("vit",), "layers", VIT_SITES)]
+TINY = Tiny(lambda: hf_config("ViTConfig", hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, image_size=32, patch_size=8, num_channels=3,
+                               initializer_range=INIT_RANGE),
+            "ViTModel", images=True)
+
+ADAPTERS = [Adapter("vit", ("vit",), "layers", VIT_SITES, Mlp(gated=False, act="activation_fn"), readout=Readout(final=("layernorm",)), tiny=TINY)]
