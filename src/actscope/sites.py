@@ -115,11 +115,11 @@ def _parse_item(model: "Model", item: str) -> list[Site]:
     if match is None:
         raise SiteError(f"cannot parse site '{item}'; write e.g. blocks.3.mlp.post[17,42] or module:PATH@output")
     base, select = match.group("base").strip(), match.group("select")
-    entries = [_module_entry(model, base)] if base.startswith("module:") else _match_canonical(model, base)
+    entries = [module_entry(model, base)] if base.startswith("module:") else _match_canonical(model, base)
     return [_with_selection(entry, select, item) for entry in entries]
 
 
-def _module_entry(model: "Model", base: str) -> SiteEntry:
+def module_entry(model: "Model", base: str) -> SiteEntry:
     body = base[len("module:"):]
     path, _, side = body.partition("@")
     side = side or "output"
@@ -219,67 +219,3 @@ def _indices(text: str, item: str) -> tuple[int, ...]:
     if not values or min(values) < 0:
         raise SiteError(f"'{item}': indices must be non-negative integers")
     return tuple(sorted(set(values)))
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    """One row of ``model.sites()``: a site that exists, where it hooks, and its shape."""
-
-    name: str
-    module: str
-    at: str
-    layout: str
-    shape: tuple[str | int, ...] | None
-
-
-def list_sites(model: "Model", shapes: bool = True) -> list[SiteInfo]:
-    """Every site of ``model`` (canonical ones, or every module when it has no adapter)."""
-    if model.adapter is not None:
-        plan = Plan(tuple(Site(e.name, e.path, e.hook, e.index) for e in model.catalog.values()))
-    else:
-        names = [name for name, _ in model.module.named_modules() if name]
-        plan = Plan(tuple(_module_site(model, name) for name in names))
-    found = _discover_shapes(model, plan) if shapes else {}
-    return [
-        SiteInfo(s.name, s.path, s.hook.at, s.hook.layout, found.get(s.name))
-        for s in plan.sites
-    ]
-
-
-def _module_site(model: "Model", name: str) -> Site:
-    entry = _module_entry(model, f"module:{name}@output")
-    return Site(entry.name, entry.path, entry.hook, ())
-
-
-def _discover_shapes(model: "Model", plan: Plan) -> dict[str, tuple[str | int, ...]]:
-    """Run the model once on a tiny input and record each site's shape symbolically."""
-    import torch
-
-    from .models.model import EXAMPLE_POSITIONS
-    from .trace import capture
-
-    inputs = model.example_inputs()
-    if inputs is None:
-        return {}
-    with torch.no_grad(), capture(model, plan, announce=False) as captured:
-        model(**inputs)
-    shapes = {}
-    for site in plan.sites:
-        first = captured.readings[site.label][:1] and [captured.readings[site.label][0].values]
-        tensors = captured.tensors[site.label] or first
-        if tensors:
-            shapes[site.name] = _symbolic(tuple(tensors[0].shape), site.hook.layout, EXAMPLE_POSITIONS)
-    return shapes
-
-
-def _symbolic(shape: tuple[int, ...], layout: str, positions: int) -> tuple[str | int, ...]:
-    names: list[str | int] = list(shape)
-    if layout == "tokens" or (layout == "flat" and names and names[0] == positions):
-        names[0] = "tokens"
-        return tuple(names)
-    if names and names[0] == 1:
-        names[0] = "batch"
-    for axis in range(1, len(names) - (0 if layout == "pattern" else 1)):
-        if names[axis] == positions:
-            names[axis] = "pos"
-    return tuple(names)

@@ -17,8 +17,9 @@ import torch
 
 from .errors import MemoryGuardError, SiteError
 from .hooks import Hooks, hooks
+from .models import Model, as_model
 from .models.adapters.base import HookCall, ReadContext
-from .sites import Plan, Site, plan_sites
+from .sites import Plan, Site, module_entry, plan_sites
 
 log = logging.getLogger("actscope")
 
@@ -55,10 +56,8 @@ class Tracer:
     """Registers the hooks of a plan and hands each site's tensor to ``on_site``."""
 
     def __init__(self, model: Any, sites: str | Sequence[str] | Plan | None = None, *, announce: bool = True) -> None:
-        from .models.model import Model
-
         self.announce = announce
-        self.model = model if isinstance(model, Model) else _wrap(model)
+        self.model = as_model(model)
         self.plan = sites if isinstance(sites, Plan) else plan_sites(self.model, sites)
         self.batch: BatchInfo | None = None
         self.next_examples: torch.Tensor | None = None
@@ -119,12 +118,6 @@ class Tracer:
 
     def _batch_info(self) -> BatchInfo:
         return self.batch or BatchInfo(None, torch.zeros(1, dtype=torch.int64))
-
-
-def _wrap(module: Any):
-    from .models.loading import wrap
-
-    return wrap(module)
 
 
 def _batch_grid(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
@@ -357,3 +350,65 @@ def capture(
     capturer = Capture(model, sites, max_bytes=max_bytes, flat=flat, announce=announce)
     with capturer.attached():
         yield capturer
+
+
+# -- what a model offers -------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteInfo:
+    """One row of ``model.sites()``: a site that exists, where it hooks, and its shape."""
+
+    name: str
+    module: str
+    at: str
+    layout: str
+    shape: tuple[str | int, ...] | None
+
+
+def list_sites(model: Model, shapes: bool = True) -> list[SiteInfo]:
+    """Every site of ``model`` (canonical ones, or every module when it has no adapter)."""
+    if model.adapter is not None:
+        plan = Plan(tuple(Site(e.name, e.path, e.hook, e.index) for e in model.catalog.values()))
+    else:
+        names = [name for name, _ in model.module.named_modules() if name]
+        plan = Plan(tuple(_module_site(model, name) for name in names))
+    found = _discover_shapes(model, plan) if shapes else {}
+    return [
+        SiteInfo(s.name, s.path, s.hook.at, s.hook.layout, found.get(s.name))
+        for s in plan.sites
+    ]
+
+
+def _module_site(model: Model, name: str) -> Site:
+    entry = module_entry(model, f"module:{name}@output")
+    return Site(entry.name, entry.path, entry.hook, ())
+
+
+def _discover_shapes(model: Model, plan: Plan) -> dict[str, tuple[str | int, ...]]:
+    """Run the model once on a tiny input and record each site's shape symbolically."""
+    from .models.model import EXAMPLE_POSITIONS
+
+    inputs = model.example_inputs()
+    if inputs is None:
+        return {}
+    with torch.no_grad(), capture(model, plan, announce=False) as captured:
+        model(**inputs)
+    shapes = {}
+    for site in plan.sites:
+        first = captured.readings[site.label][:1] and [captured.readings[site.label][0].values]
+        tensors = captured.tensors[site.label] or first
+        if tensors:
+            shapes[site.name] = _symbolic(tuple(tensors[0].shape), site.hook.layout, EXAMPLE_POSITIONS)
+    return shapes
+
+
+def _symbolic(shape: tuple[int, ...], layout: str, positions: int) -> tuple[str | int, ...]:
+    names: list[str | int] = list(shape)
+    if layout == "tokens" or (layout == "flat" and names and names[0] == positions):
+        names[0] = "tokens"
+        return tuple(names)
+    if names and names[0] == 1:
+        names[0] = "batch"
+    for axis in range(1, len(names) - (0 if layout == "pattern" else 1)):
+        if names[axis] == positions:
+            names[axis] = "pos"
+    return tuple(names)

@@ -37,7 +37,7 @@ def profile(
         import actscope
         from actscope.data import load_corpus
         from actscope.store import check_target
-        config = actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column)
+        config = actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column).checked()
         model = actscope.load(model_dir, device=device, trust_remote_code=trust_remote_code)
         plan = actscope.plan_sites(model, sites)
         corpus = load_corpus(data, column=column)

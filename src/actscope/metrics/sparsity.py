@@ -178,12 +178,18 @@ def _as_run(model_or_run: Any, data: Any, sites: Any, threshold: float | None, o
                 "drop them, or pass the model instead of the run"
             )
         return model_or_run if isinstance(model_or_run, Run) else open_run(model_or_run)
-    from ..profiling import profile
+    from ..feeding import source_for
+    from ..models import as_model
+    from ..sites import plan_sites
     from ..stats import DEFAULT_EPS
+    from .observed import ProfileConfig, observe_run
 
     if threshold is not None and "eps" not in options and threshold not in DEFAULT_EPS:
         options = {**options, "eps": tuple(sorted({*DEFAULT_EPS, threshold}))}
-    return profile(model_or_run, data, sites=sites if sites is not None else DEFAULT_SITES, **options)
+    config = ProfileConfig(**options).checked()
+    model = as_model(model_or_run)
+    plan = plan_sites(model, sites if sites is not None else DEFAULT_SITES)
+    return observe_run(model, plan, source_for(model, data, **vars(config.limits)), config)[0]
 
 
 def _select_sites(run: Any, sites: str | Sequence[str] | None) -> list[str]:

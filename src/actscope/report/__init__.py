@@ -20,7 +20,7 @@ def render_report(run: Any) -> str:
     """The report of ``run`` (a Run, or a run directory) as one HTML string."""
     from .data import page_payload
     from .html import page_html
-    from .sections import build_sections
+    from .page import build_sections
 
     run = _as_run(run)
     return page_html(run, build_sections(run), page_payload(run))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from .bidi import isolate
+from ..drawing.bidi import isolate
 
 
 def header_html(run: Any) -> str:

@@ -15,7 +15,7 @@ from html import escape
 from importlib.resources import files
 from typing import Any
 
-from .bidi import isolate, plain_isolated
+from ..drawing.bidi import isolate, plain_isolated
 from .header import header_html
 from .sections import Section
 

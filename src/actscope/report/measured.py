@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import charts
+from ..drawing import charts
 from .sections import Section, column_named, column_values, long_to_grid, table_slot
 
 

@@ -11,16 +11,14 @@ import math
 import re
 from dataclasses import dataclass
 from html import escape
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from . import charts
-from .bidi import plain_isolated
+from ..drawing import charts
+from ..drawing.bidi import plain_isolated
 
-# Tables with a dedicated section (or shown inside the unit cards); any other is generic.
-DEDICATED = ("layers", "heads", "extreme_heads", "cett_sweep", "cett_layers", "moe_experts", "outliers")
-IN_CARDS = ("neurons", "examples", "decoded")
+IN_CARDS = ("neurons", "examples", "decoded")  # tables shown inside the unit cards
 FIRING_BINS = 100  # at most this many points per units-firing curve, whatever the unit count
 
 
@@ -39,26 +37,6 @@ def table_slot(name: str) -> str:
 def slug(name: str) -> str:
     """A table name as an HTML id fragment (names come from the run, so keep only safe chars)."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", name)
-
-
-def build_sections(run: Any) -> list[Section]:
-    """Every section the run has data for, in page order (the header is separate)."""
-    from . import measured
-
-    builders: list[Callable[[Any], Section | None]] = [
-        _layers, _histograms, _firing, _sinks, measured.extreme_heads, measured.cett_sweep, measured.cett_layers,
-        measured.moe_experts, measured.outliers, _neurons,
-    ]
-    sections = [section for build in builders if (section := build(run)) is not None]
-    taken = {section.id for section in sections}
-    for name in run.tables:
-        if name not in DEDICATED and name not in IN_CARDS:
-            section_id = f"table-{slug(name)}"
-            while section_id in taken:  # "a b" and "a-b" share a slug
-                section_id += "-"
-            taken.add(section_id)
-            sections.append(Section(section_id, "Table:", table_slot(name), subject=name))
-    return sections
 
 
 def column_named(table: Any, *names: str) -> str | None:
@@ -81,7 +59,7 @@ def _criteria(layers: Any) -> list[tuple[str, str, str]]:
     return [c for c in found if c[1] in layers.column_names]
 
 
-def _layers(run: Any) -> Section | None:
+def layers_section(run: Any) -> Section | None:
     if "layers" not in run.tables:
         return None
     layers = run.tables["layers"]
@@ -107,7 +85,7 @@ def _sites_with(run: Any, prefix: str) -> list[str]:
     return [name.removeprefix(prefix) for name in run.arrays if name.startswith(prefix)]
 
 
-def _histograms(run: Any) -> Section | None:
+def histograms_section(run: Any) -> Section | None:
     sites = _sites_with(run, "hist.counts.")
     if not sites:
         return None
@@ -135,7 +113,7 @@ def _trim(edges: list[float], counts: list[float], margin: int = 4) -> tuple[lis
     return edges[lo:hi + 1], counts[lo:hi]
 
 
-def _firing(run: Any) -> Section | None:
+def firing_section(run: Any) -> Section | None:
     sites = _sites_with(run, "firing.")
     if not sites:
         return None
@@ -161,7 +139,7 @@ def _firing_curve(counts: np.ndarray) -> tuple[list[float], list[float]]:
     return centres.tolist(), (padded / max(counts.sum(), 1.0)).tolist()
 
 
-def _sinks(run: Any) -> Section | None:
+def sinks_section(run: Any) -> Section | None:
     if "heads" not in run.tables:
         return None
     heads = run.tables["heads"]
@@ -184,7 +162,7 @@ def long_to_grid(rows: list, columns: list, values: list) -> tuple[list[str], li
     return row_keys, column_keys, matrix
 
 
-def _neurons(run: Any) -> Section | None:
+def neurons_section(run: Any) -> Section | None:
     if "neurons" not in run.tables:
         return None
     body = (

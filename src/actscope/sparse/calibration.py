@@ -21,9 +21,7 @@ import torch
 
 from ..results import TableResult
 from ..store.bound import Bound, WeightBound
-
-METHODS = ("cats", "teal", "cett", "core")
-KINDS = {"cats": ("act",), "teal": ("in", "down"), "cett": ("neuron",), "core": ()}
+from .validation import KINDS, METHODS, check_header, check_model, check_tensors
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +88,6 @@ class Calibration(TableResult, WeightBound):
         """Rebuilt after :mod:`~actscope.sparse.validation` checked the header and tensors (the
         envelope and the weights are checked before, by :meth:`WeightBound.load`)."""
         from .families import mlp_blocks
-        from .validation import check_header, check_model, check_tensors
 
         header, tensors = bound.header, bound.tensors
         check_header(bound.path, header)

@@ -22,7 +22,9 @@ from typing import Any, Callable, Mapping, NoReturn
 import torch
 
 from ..store.bound import refuse as refuse_bound, shown
-from .calibration import KINDS, METHODS
+
+METHODS = ("cats", "teal", "cett", "core")
+KINDS = {"cats": ("act",), "teal": ("in", "down"), "cett": ("neuron",), "core": ()}  # threshold tensors per method
 
 Rule = tuple[Callable[[Any], bool], str]
 

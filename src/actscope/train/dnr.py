@@ -92,7 +92,7 @@ class DeadNeuronRates(TableResult):
     def plot(self, path: str | os.PathLike | None = None) -> str:
         """The DNR per step, one line per site (and the pooled ``all``), as a standalone SVG
         that any browser opens; also written to ``path`` when given."""
-        from ..report.charts import lines
+        from ..drawing.charts import lines
 
         sites = dict.fromkeys(self.site.tolist())
         series = {site: (self.step[self.site == site].tolist(), self.dnr[self.site == site].tolist()) for site in sites}
