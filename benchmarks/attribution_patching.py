@@ -30,8 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from actscope.explain.attribution import attribution_patching, compare_effects  # noqa: E402
-from actscope.explain.patching import activation_patching, logit_difference  # noqa: E402
+from actscope.explain import attribution_patching, compare_effects  # noqa: E402
+from actscope.explain import activation_patching, logit_difference  # noqa: E402
 
 
 def gpt2_small(seed: int) -> torch.nn.Module:

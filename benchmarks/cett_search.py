@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import actscope  # noqa: E402
 from actscope.data import builtin_corpus  # noqa: E402
-from actscope.metrics.cett import CausalLMLoss, EmbeddingFidelity, cett_sparsity  # noqa: E402
+from actscope.metrics import CausalLMLoss, EmbeddingFidelity, cett_sparsity  # noqa: E402
 from actscope.zoo import held_out_corpus, tiny_lm  # noqa: E402
 
 

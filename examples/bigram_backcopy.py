@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import actscope  # noqa: E402
-from actscope.metrics.extreme import extreme_tokens  # noqa: E402
+from actscope.metrics import extreme_tokens  # noqa: E402
 from actscope.zoo.backcopy import BackcopyConfig, read_meta, task_of, train_backcopy  # noqa: E402
 
 EVAL_SEED = 10_000_000  # far from every training seed (seed · 1_000_003 + step)

@@ -1,8 +1,8 @@
 """Measured figures for temporal sparsity and core neurons on the embedded MiniLM."""
 import numpy as np
 import actscope
-from actscope.metrics.core import core_neurons
-from actscope.metrics.temporal import temporal_sparsity
+from actscope.metrics import core_neurons
+from actscope.metrics import temporal_sparsity
 
 model = actscope.load()
 ts = temporal_sparsity(model, None, sites="blocks.*.mlp.post", max_tokens=2000)

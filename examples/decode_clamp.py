@@ -7,7 +7,7 @@ language):
 
 1. profile both MLP neuron sites on 200 held-out documents (per-unit max activation, top-8
    activating examples);
-2. decode every neuron (``actscope.explain.decode.decode``, top 5 promoted tokens = X) and
+2. decode every neuron (``actscope.explain.decode``, top 5 promoted tokens = X) and
    measure its agreement with its top-activating contexts (``decode_agreement``: the fraction of
    its 8 top examples whose next word is in X);
 3. pick the 4 neurons with the clearest decoded tokens (highest agreement, then highest top-1
@@ -35,7 +35,7 @@ import torch
 
 import actscope
 from actscope import interventions as iv
-from actscope.explain.decode import decode, decode_agreement
+from actscope.explain import decode, decode_agreement
 from actscope.zoo.lm import encode_documents, held_out_corpus, tiny_lm
 
 TOP = 5

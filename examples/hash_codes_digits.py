@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import actscope
-from actscope.metrics.codes import activation_codes
+from actscope.metrics import activation_codes
 
 CONFIG = {"seed": 0, "hidden": 256, "epochs": 30, "batch_size": 64, "lr": 1e-3, "test_size": 0.25, "version": 1}
 MAX_REDUNDANCY = 0.05

@@ -17,9 +17,9 @@ import torch
 
 import actscope
 from actscope import interventions as iv
-from actscope.explain.attribution import attribution_patching, compare_effects
+from actscope.explain import attribution_patching, compare_effects
 from actscope.explain.induction import induction_scores, previous_token_scores
-from actscope.explain.patching import activation_patching
+from actscope.explain import activation_patching
 from actscope.zoo.induction import InductionConfig, copy_metrics, copy_targets, read_meta, sequences, train_induction
 
 # Pass thresholds, fixed before the recorded runs.

@@ -4,7 +4,7 @@ and wider ones are sparser.
 Two tiny GPT-2-style causal LMs with a plain ReLU MLP (``FFN(x) = W_out relu(W_in x)``;
 d_model 32, 2 blocks, 4 heads) that differ only in MLP width (128 and 512 units) are trained
 identically (same seed, data, batches and schedule) on actscope's synthetic language, then
-profiled on held-out documents with ``actscope.metrics.sparsity.activation_sparsity``:
+profiled on held-out documents with ``actscope.metrics.activation_sparsity``:
 the activation ratio is the fraction of MLP units with ``a > 0`` per token, averaged over real
 tokens, per block; the model's figure pools its blocks (fired unit-token pairs over all pairs).
 The paper's claim holds here when both trained models fire on fewer than 20 % of their units
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import actscope
-from actscope.metrics.sparsity import activation_sparsity
+from actscope.metrics import activation_sparsity
 from actscope.zoo import build_tokenizer, generate_corpus, held_out_corpus, tiny_lm
 from actscope.zoo.lm import cache_root, encode_documents
 

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from actscope.zoo.cnn import mobilenet_v2
-from actscope.metrics.memory import activation_memory
+from actscope.metrics import activation_memory
 result = activation_memory(mobilenet_v2(), torch.zeros(1, 3, 224, 224), torch.int8)
 t = result.to_table()
 blocks = [i for i, n in enumerate(t["name"]) if n.startswith("0.") and n.count(".") == 1]

@@ -1,7 +1,7 @@
 """Outlier channels (max/median |a| and kurtosis) of the embedded MiniLM residual stream."""
 import actscope
 from actscope.data import builtin_corpus
-from actscope.metrics.outliers import outlier_channels
+from actscope.metrics import outlier_channels
 model = actscope.load()  # the embedded all-MiniLM-L6-v2
 texts = list(builtin_corpus().documents)[:64]
 result = outlier_channels(model, texts, sites="blocks.*.resid.post", threshold=20)

@@ -36,7 +36,7 @@ import torch
 
 import actscope
 from actscope.metrics.eigenscore import eigenscore, eigenscore_efficient, eigenscore_exact
-from actscope.metrics.sensitivity import neuron_sensitivity
+from actscope.metrics import neuron_sensitivity
 from actscope.zoo import build_tokenizer, generate_corpus, held_out_corpus, tiny_lm
 from actscope.zoo.lm import cache_root, encode_documents
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 import actscope
-from actscope.metrics.cett import CausalLMLoss, cett_sparsity
+from actscope.metrics import CausalLMLoss, cett_sparsity
 from actscope.zoo import held_out_corpus, tiny_lm
 
 P = 0.01

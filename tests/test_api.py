@@ -9,13 +9,32 @@ import actscope
 DOCUMENTED = [
     "load", "wrap", "observe", "capture", "edit", "interventions", "profile", "open_run", "plan_sites", "Model", "Run",
     "Plan", "ProfileConfig", "ActscopeError", "InputError", "SiteError", "DataError", "ModelLoadError", "RunDirError",
+    "explain", "metrics", "sparse", "train",
 ]
+# The short paths the README teaches: actscope.<package>.<name>.
+SHORT_PATHS = {
+    "explain": ["decode", "decode_agreement", "top_examples", "contrast", "ablation_effect", "token_probability",
+                "activation_patching", "logit_difference", "attribution_patching", "compare_effects", "subspace_patching",
+                "learn_subspace", "circuit_overlap", "induction_scores"],
+    "metrics": ["activation_sparsity", "cett_sparsity", "CausalLMLoss", "CettThresholds", "temporal_sparsity", "core_neurons",
+                "activation_codes", "neuron_sensitivity", "eigenscore", "extreme_tokens", "outlier_channels",
+                "activation_memory", "moe_routing"],
+    "sparse": ["calibrate", "Calibration", "sparsify", "evaluate", "dense_with_thresholds"],
+}
 
 
 def test_documented_names_are_exported():
     for name in DOCUMENTED:
         assert hasattr(actscope, name), name
         assert name in actscope.__all__, name
+
+
+def test_short_paths_reach_every_public_function():
+    for package, names in SHORT_PATHS.items():
+        module = getattr(actscope, package)
+        assert set(names) <= set(module.__all__), package
+        for name in module.__all__:
+            assert callable(getattr(module, name)), f"actscope.{package}.{name}"
 
 
 def test_import_is_lazy():

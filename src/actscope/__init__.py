@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import interventions, sparse, train
+from . import explain, interventions, metrics, sparse, train
 from .errors import ActscopeError, DataError, InputError, ModelLoadError, RunDirError, SiteError
 from .interventions import edit
 from .models import Model, load, wrap
@@ -30,8 +30,10 @@ __all__ = [
     "__version__",
     "capture",
     "edit",
+    "explain",
     "interventions",
     "load",
+    "metrics",
     "observe",
     "open_run",
     "profile",

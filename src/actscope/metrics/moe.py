@@ -177,4 +177,4 @@ def moe_routing(
     return MoERouting(columns, k, renormalise, float(eps))
 
 
-__all__ = ["MoERouting", "RENORMALISE", "moe_routing", "route"]
+__all__ = ["MoERouting", "moe_routing", "route"]
