@@ -42,7 +42,7 @@ def profile(
     """
     config = (config or ProfileConfig(**options)).checked()
     model = as_model(model, device)
-    plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
+    plan = plan_sites(model, sites)
     source = source_for(model, data, **vars(config.limits))
     chosen = _chosen_metrics(metrics, source)
     if chosen and measure_config is not None:

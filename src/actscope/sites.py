@@ -72,8 +72,11 @@ class Plan:
         ]
 
 
-def plan_sites(model: "Model", selection: str | Sequence[str] | None = None) -> Plan:
-    """Parse and validate a selection against ``model``; raise SiteError with suggestions."""
+def plan_sites(model: "Model", selection: "str | Sequence[str] | Plan | None" = None) -> Plan:
+    """Parse and validate a selection against ``model``; raise SiteError with suggestions. A
+    :class:`Plan` (already parsed and validated) passes through: parse once at the edge."""
+    if isinstance(selection, Plan):
+        return selection
     items = split_items(selection if selection is not None else _default_selection(model))
     if not items:
         raise SiteError("the site selection is empty; pass e.g. --sites 'blocks.*.mlp.post'")

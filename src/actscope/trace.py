@@ -58,7 +58,7 @@ class Tracer:
     def __init__(self, model: Any, sites: str | Sequence[str] | Plan | None = None, *, announce: bool = True) -> None:
         self.announce = announce
         self.model = as_model(model)
-        self.plan = sites if isinstance(sites, Plan) else plan_sites(self.model, sites)
+        self.plan = plan_sites(self.model, sites)
         self.batch: BatchInfo | None = None
         self.next_examples: torch.Tensor | None = None
         self._example_counter = 0

@@ -18,8 +18,8 @@ from typing import Any
 
 # A function named like its module must be bound here, once: importing the submodule would
 # otherwise leave the package attribute pointing at the module, not the function.
-from .contrast import contrast
-from .decode import decode
+from .contrast import contrast as contrast
+from .decode import decode as decode
 
 _EXPORTS = {
     "decode": ".decode", "decode_agreement": ".decode", "DecodedNeurons": ".decode", "DecodeAgreement": ".decode",

@@ -19,7 +19,7 @@ from typing import Any
 
 # A function named like its module must be bound here, once: importing the submodule would
 # otherwise leave the package attribute pointing at the module, not the function.
-from .eigenscore import eigenscore
+from .eigenscore import eigenscore as eigenscore
 
 _EXPORTS = {
     "activation_sparsity": ".sparsity", "ActivationSparsity": ".sparsity",

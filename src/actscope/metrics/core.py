@@ -259,7 +259,7 @@ def core_neurons(
     texts, lengths = _checked_texts(texts), _checked_prefixes(prefixes)
     model = as_model(model)
     ids = tokenize(model, texts, max_length)
-    plan = site if isinstance(site, Plan) else plan_sites(model, site)
+    plan = plan_sites(model, site)
     _refuse_patterns(plan)
     rows = [(t, len(row)) for t, row in enumerate(ids)]
     rows += [(t, k) for t, row in enumerate(ids) for k in lengths if k < len(row)]

@@ -244,7 +244,7 @@ def temporal_sparsity(
 
     thresholds = _checked_eps(eps)
     model = as_model(model)
-    plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
+    plan = plan_sites(model, sites)
     _refuse_patterns(plan)
     tracer = _DeltaTracer(model, plan, thresholds)
     feed(tracer, data, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, column=column)

@@ -21,7 +21,7 @@ import torch
 
 from ..results import TableResult
 from ..store.bound import Bound, WeightBound
-from .validation import KINDS, METHODS, check_header, check_model, check_tensors
+from .validation import KINDS, check_header, check_model, check_tensors
 
 
 @dataclass(frozen=True, eq=False)

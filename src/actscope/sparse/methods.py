@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .calibration import METHODS, Calibration
+from .calibration import Calibration
+from .validation import METHODS
 from .families import MlpBlock, mlp_blocks
 from .recording import DEFAULT_MAX_VALUES, record_abs
 from .swaps import refuse_nested

@@ -5,7 +5,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-import torch
 from torch import Tensor
 
 from actscope.errors import InputError

@@ -238,7 +238,7 @@ def record_cett_curves(
     if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
         raise InputError(f"grid_points must be a whole number of at least 2, got {grid_points!r}; e.g. 128")
     model = as_model(model)
-    plan = sites if isinstance(sites, Plan) else plan_sites(model, sites)
+    plan = plan_sites(model, sites)
     tracer = _CurveTracer(model, plan, grid_points)
     with torch.no_grad(), tracer.attached():
         for inputs in input_batches(model, data, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens):

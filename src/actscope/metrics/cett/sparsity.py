@@ -30,14 +30,8 @@ import numpy as np
 
 from ...errors import InputError
 from ...sites import Plan, plan_sites
-from .core import cett_of_dropped, output_projection, unit_thresholds
 from .curves import CettCurves, record_cett_curves
 from .objectives import (
-    CausalLMLoss,
-    ClassifierAccuracy,
-    ClassifierKL,
-    EmbeddingFidelity,
-    MaskedLMLoss,
     Objective,
 )
 from ...models import as_model
