@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .errors import InputError, SiteError
 from .feeding import HELD_OUT
+from .models import Model, ModelLike
 
 NEURONS = "blocks.*.mlp.post"
 ALL = "all"
@@ -66,7 +67,7 @@ class Measurement:
     run: Callable[[Any, Sequence[str], MeasureConfig], Measured]
 
 
-def measure(model: Any, texts: Sequence[str], metrics: str | Sequence[str] = ALL, config: MeasureConfig | None = None,
+def measure(model: ModelLike, texts: Sequence[str], metrics: str | Sequence[str] = ALL, config: MeasureConfig | None = None,
             progress: Callable[[str], None] | None = None) -> list[Measured]:
     """Run the named measurements (``"all"``, a comma-separated string or a list) on ``texts``.
 
@@ -117,7 +118,7 @@ Check = Callable[[Any, MeasureConfig], "str | None"]
 
 
 def _has_sites(selection: str, what: str) -> Check:
-    def applies(model: Any, config: MeasureConfig) -> str | None:
+    def applies(model: Model, config: MeasureConfig) -> str | None:
         try:
             from .sites import plan_sites
 
@@ -130,22 +131,22 @@ def _has_sites(selection: str, what: str) -> Check:
 
 
 def _all_of(*checks: Check) -> Check:
-    def applies(model: Any, config: MeasureConfig) -> str | None:
+    def applies(model: Model, config: MeasureConfig) -> str | None:
         return next((reason for reason in (check(model, config) for check in checks) if reason), None)
 
     return applies
 
 
-def _has_tokenizer(model: Any, config: MeasureConfig) -> str | None:
+def _has_tokenizer(model: Model, config: MeasureConfig) -> str | None:
     return None if model.tokenizer is not None else "the model has no tokenizer (text measurements need one)"
 
 
-def _is_moe(model: Any, config: MeasureConfig) -> str | None:
+def _is_moe(model: Model, config: MeasureConfig) -> str | None:
     routed = model.adapter is not None and model.adapter.router is not None
     return None if routed else "the model is not a supported mixture of experts"
 
 
-def _has_checkpoints(model: Any, config: MeasureConfig) -> str | None:
+def _has_checkpoints(model: Model, config: MeasureConfig) -> str | None:
     if config.checkpoints:
         return None
     return ("needs earlier checkpoints of the model (--checkpoints DIR,DIR,… in training order); the Efficient "
@@ -173,7 +174,7 @@ OBJECTIVES = (  # class-name suffix of the model → the CETT performance metric
 )
 
 
-def objective_for(model: Any, texts: Sequence[str], config: MeasureConfig) -> Any:
+def objective_for(model: Model, texts: Sequence[str], config: MeasureConfig) -> Any:
     from .metrics.cett import objectives as cett_objectives
 
     name = type(model.module).__name__
@@ -181,7 +182,7 @@ def objective_for(model: Any, texts: Sequence[str], config: MeasureConfig) -> An
     return getattr(cett_objectives, chosen)(texts, batch_size=config.batch_size, max_length=config.max_length)
 
 
-def _cett(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+def _cett(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
     from .metrics.cett import cett_sparsity
 
     calibration, evaluation = _cett_split(texts, config)
@@ -208,7 +209,7 @@ def _dense_sparsity(result: Any) -> float:
     return 1.0 - float((np.asarray(result.dense_activation_ratio) * units).sum() / units.sum())
 
 
-def _temporal(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+def _temporal(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
     from .metrics.temporal import temporal_sparsity
 
     result = temporal_sparsity(model, _head(texts, config), NEURONS, batch_size=config.batch_size, max_length=config.max_length)
@@ -219,7 +220,7 @@ def _temporal(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measur
                     (f"temporal sparsity (|Δa| ≤ {max(table['eps']):g}), mean over layers: {mean:.1%}",))
 
 
-def _core(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+def _core(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
     import numpy as np
 
     from .metrics.core import core_neurons
@@ -233,7 +234,7 @@ def _core(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
     return Measured("core", {"core_neurons": result.to_table(), "core_stability": result.curve.to_table()}, lines)
 
 
-def _codes(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+def _codes(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
     from .feeding import materialised
     from .metrics.codes import activation_codes
 
@@ -244,7 +245,7 @@ def _codes(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
     return Measured("codes", {"activation_codes": result.to_table()}, lines)
 
 
-def _extreme(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+def _extreme(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
     from .metrics.extreme import extreme_tokens
 
     result = extreme_tokens(model, _head(texts, config), batch_size=config.batch_size, max_length=config.max_length)
@@ -254,7 +255,7 @@ def _extreme(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measure
     return Measured("extreme", {"extreme_heads": result.to_table(), "extreme_layers": result.layers_table()}, lines)
 
 
-def _outliers(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+def _outliers(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
     from .metrics.outliers import outlier_channels
 
     result = outlier_channels(model, _head(texts, config), batch_size=config.batch_size, max_length=config.max_length)
@@ -264,7 +265,7 @@ def _outliers(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measur
     return Measured("outliers", {"outliers": result.to_table(), "outlier_sites": summary}, lines)
 
 
-def _memory(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+def _memory(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
     from .feeding import materialised
     from .metrics.memory import activation_memory
 
@@ -276,7 +277,7 @@ def _memory(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured
     return Measured("memory", {"activation_memory": result.to_table()}, lines)
 
 
-def _moe(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+def _moe(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
     import numpy as np
 
     from .metrics.moe import moe_routing
@@ -287,7 +288,7 @@ def _moe(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
     return Measured("moe", {"moe_experts": table}, lines)
 
 
-def _sensitivity(model: Any, texts: Sequence[str], config: MeasureConfig) -> Measured:
+def _sensitivity(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
     from .metrics.sensitivity import neuron_sensitivity
 
     checkpoints = [*config.checkpoints, model]  # training order, this model last (our choice)

@@ -17,7 +17,7 @@ import torch
 
 from .errors import MemoryGuardError, SiteError
 from .hooks import Hooks, hooks
-from .models import Model, as_model
+from .models import Model, ModelLike, as_model
 from .models.adapters.base import HookCall, ReadContext
 from .sites import Plan, Site, module_entry, plan_sites
 
@@ -55,7 +55,7 @@ class Reading:
 class Tracer:
     """Registers the hooks of a plan and hands each site's tensor to ``on_site``."""
 
-    def __init__(self, model: Any, sites: str | Sequence[str] | Plan | None = None, *, announce: bool = True) -> None:
+    def __init__(self, model: ModelLike, sites: str | Sequence[str] | Plan | None = None, *, announce: bool = True) -> None:
         self.announce = announce
         self.model = as_model(model)
         self.plan = plan_sites(self.model, sites)
@@ -226,7 +226,7 @@ def _check_range(site: Site, chosen: tuple[int, ...], size: int, what: str) -> N
 
 # -- eager attention -------------------------------------------------------------------
 @contextmanager
-def eager_attention(model: Any, announce: bool = True) -> Iterator[None]:
+def eager_attention(model: Model, announce: bool = True) -> Iterator[None]:
     """Switch a Hugging Face model to eager attention (which returns probabilities)."""
     module = model.module
     config = getattr(module, "config", None)
@@ -248,7 +248,7 @@ class Observer(Tracer):
     """Streams every site into accumulators: ``SiteStats`` per unit site, ``HeadSink`` per
     attention pattern. Read them from ``.stats`` after (or during) the context."""
 
-    def __init__(self, model: Any, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None) -> None:
+    def __init__(self, model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None) -> None:
         super().__init__(model, sites)
         self.k = k
         self.eps = tuple(eps) if eps is not None else None
@@ -287,7 +287,7 @@ class Observer(Tracer):
 
 
 @contextmanager
-def observe(model: Any, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None) -> Iterator[Observer]:
+def observe(model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None) -> Iterator[Observer]:
     """Observe ``sites`` of ``model`` while the block runs; statistics land in ``.stats``."""
     observer = Observer(model, sites, k=k, eps=eps)
     with observer.attached():
@@ -302,7 +302,7 @@ class Capture(Tracer):
     """Keeps each site's tensors (detached, on the CPU) up to ``max_bytes`` in all."""
 
     def __init__(
-        self, model: Any, sites: Any = None, *, max_bytes: int = DEFAULT_CAPTURE_BYTES, flat: bool = False, announce: bool = True
+        self, model: Model, sites: Any = None, *, max_bytes: int = DEFAULT_CAPTURE_BYTES, flat: bool = False, announce: bool = True
     ) -> None:
         super().__init__(model, sites, announce=announce)
         self.max_bytes = max_bytes
@@ -344,7 +344,7 @@ class Capture(Tracer):
 
 @contextmanager
 def capture(
-    model: Any, sites: Any = None, *, max_bytes: int = DEFAULT_CAPTURE_BYTES, flat: bool = False, announce: bool = True
+    model: Model, sites: Any = None, *, max_bytes: int = DEFAULT_CAPTURE_BYTES, flat: bool = False, announce: bool = True
 ) -> Iterator[Capture]:
     """Keep the tensors of ``sites`` while the block runs (``flat=True``: real tokens × units)."""
     capturer = Capture(model, sites, max_bytes=max_bytes, flat=flat, announce=announce)

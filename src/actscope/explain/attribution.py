@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..models import Model, ModelLike, as_model
 from ..results import TableResult
 from .patching import (
-    PER, Component, ComponentEffects, Metric, as_inputs, as_model, check_pair, components, effects_table,
+    PER, Component, ComponentEffects, Metric, as_inputs, check_pair, components, effects_table,
     output_logits, plan_editable, record, scalar,
 )
 
@@ -46,7 +47,7 @@ class GradientProbe:
 
 
 def attribution_patching(
-    model: Any,
+    model: ModelLike,
     clean: Any,
     corrupted: Any,
     metric: Metric,
@@ -85,7 +86,7 @@ def attribution_patching(
     return effects_table("attribution", rows, m_clean, m_corrupt, forward_passes=2, backward_passes=1)
 
 
-def _corrupted_gradients(model: Any, inputs: dict, sites: list, metric: Metric) -> tuple[float, dict[str, GradientProbe]]:
+def _corrupted_gradients(model: Model, inputs: dict, sites: list, metric: Metric) -> tuple[float, dict[str, GradientProbe]]:
     from ..interventions import edit
 
     probes = {site.label: GradientProbe() for site in sites}

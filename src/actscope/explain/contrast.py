@@ -48,6 +48,7 @@ from ..errors import InputError, SiteError
 from ..results import TableResult
 from ..sites import Site
 from ..trace import Tracer, flatten, split_token_id
+from ..models import Model, ModelLike
 
 KINDS = ("unit", "head", "expert")
 ALTERNATIVES = ("greater", "two-sided")
@@ -81,7 +82,7 @@ def site_kind(site: Site) -> str:
 class _PromptMeans(Tracer):
     """Per site, the sum and token count of each prompt's per-token values."""
 
-    def __init__(self, model: Any, sites: Any, top_k: int | None) -> None:
+    def __init__(self, model: Model, sites: Any, top_k: int | None) -> None:
         super().__init__(model, sites)
         for site in self.plan.sites:
             site_kind(site)  # refuse pattern / expert-neuron sites before any forward pass
@@ -130,7 +131,7 @@ class _PromptMeans(Tracer):
         return torch.stack([self.sums[label][e] / self.counts[label][e] for e in examples])
 
 
-def prompt_means(model: Any, data: Any, sites: Any, *, batch_size: int = 8, max_length: int = 128) -> tuple[np.ndarray, list[Target]]:
+def prompt_means(model: ModelLike, data: Any, sites: Any, *, batch_size: int = 8, max_length: int = 128) -> tuple[np.ndarray, list[Target]]:
     """Per-prompt means ``[prompts, items]`` (float64) of every item of ``sites``, and the items."""
     from ..models import as_model
     from ..feeding import feed
@@ -147,7 +148,7 @@ def prompt_means(model: Any, data: Any, sites: Any, *, batch_size: int = 8, max_
     return torch.cat(blocks, dim=1).numpy(), targets
 
 
-def _top_k(model: Any, sites: Any) -> int | None:
+def _top_k(model: Model, sites: Any) -> int | None:
     from ..sites import plan_sites
 
     if not any(site.name.endswith("moe.router") for site in plan_sites(model, sites).sites):
@@ -225,7 +226,7 @@ class ContrastResult(TableResult):
 
 
 def contrast(
-    model: Any, behaviour: Any, control: Any, sites: Any = "blocks.*.mlp.post", *,
+    model: ModelLike, behaviour: Any, control: Any, sites: Any = "blocks.*.mlp.post", *,
     n_permutations: int = 1000, seed: int = 0, alternative: str = "greater", rank_by: str = "effect_size",
     batch_size: int = 8, max_length: int = 128,
 ) -> ContrastResult:
@@ -314,7 +315,7 @@ def describe(targets: Iterable[Target]) -> str:
 
 
 def ablation_effect(
-    model: Any, behaviour_metric: Callable[[Any], float], ranking: ContrastResult | Sequence[Target], n: int,
+    model: Model, behaviour_metric: Callable[[Any], float], ranking: ContrastResult | Sequence[Target], n: int,
     random_seed: int = 0, *, draws: int = 1, pool: Sequence[Target] | None = None,
 ) -> AblationEffect:
     """Switch off the top ``n`` targets, then ``draws`` random sets of the same size, and report
@@ -359,7 +360,7 @@ def _random_like(top: Sequence[Target], pool: Sequence[Target], rng: np.random.G
     return tuple(chosen)
 
 
-def _metric(model: Any, behaviour_metric: Callable[[Any], float], targets: Sequence[Target]) -> float:
+def _metric(model: Model, behaviour_metric: Callable[[Any], float], targets: Sequence[Target]) -> float:
     with torch.no_grad(), switched_off(model, targets):
         value = behaviour_metric(model)
     try:
@@ -368,7 +369,7 @@ def _metric(model: Any, behaviour_metric: Callable[[Any], float], targets: Seque
         raise InputError(f"ablation_effect: the behaviour metric must return a number, got {value!r}") from None
 
 
-def switched_off(model: Any, targets: Sequence[Target]) -> Any:
+def switched_off(model: Model, targets: Sequence[Target]) -> Any:
     """One context that zeroes the unit and head targets and forbids the expert targets."""
     from contextlib import ExitStack
 
@@ -410,7 +411,7 @@ def token_probability(prompts: Sequence[str] | Sequence[Sequence[int]], tokens: 
     if len(targets) != len(prompts):
         raise InputError(f"token_probability: {len(targets)} target tokens for {len(prompts)} prompts; give one per prompt or a single one")
 
-    def metric(model: Any) -> float:
+    def metric(model: ModelLike) -> float:
         from ..feeding import calls, token_rows
         from ..models import as_model
 
@@ -431,7 +432,7 @@ def token_probability(prompts: Sequence[str] | Sequence[Sequence[int]], tokens: 
     return metric
 
 
-def _token_ids(model: Any, prompt: Any) -> list[int]:
+def _token_ids(model: Model, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise InputError(f"token_probability: {model.name} has no tokenizer; give prompts as token-id lists")
@@ -443,7 +444,7 @@ def _token_ids(model: Any, prompt: Any) -> list[int]:
     return ids
 
 
-def _single_token(model: Any, token: Any) -> int:
+def _single_token(model: Model, token: Any) -> int:
     if isinstance(token, (int, np.integer)) and not isinstance(token, bool):
         return int(token)
     if isinstance(token, str) and model.tokenizer is not None:

@@ -42,6 +42,7 @@ import torch
 from ..errors import InputError
 from ..results import TableResult
 from ..sites import Site
+from ..models import Model, ModelLike
 
 F64 = torch.float64
 LinearMap = Callable[[torch.Tensor], torch.Tensor]  # [d_in, units] → [d_out, units]
@@ -81,7 +82,7 @@ class DecodedNeurons(TableResult):
         return list(self.token[keep][order])
 
 
-def decode(model: Any, sites: str | Sequence[str] = "blocks.*.mlp.post", *, top: int = 10, skip_special: bool = True) -> DecodedNeurons:
+def decode(model: ModelLike, sites: str | Sequence[str] = "blocks.*.mlp.post", *, top: int = 10, skip_special: bool = True) -> DecodedNeurons:
     """The ``top`` promoted and suppressed tokens of every unit of ``sites`` (neuron sites:
     ``blocks.{i}.mlp.post``, ``moe.shared.post``, ``moe.experts.{e}.post``; unit selections
     like ``blocks.3.mlp.post[17]`` decode only those units). ``skip_special``: leave out the
@@ -101,7 +102,7 @@ def decode(model: Any, sites: str | Sequence[str] = "blocks.*.mlp.post", *, top:
     return DecodedNeurons(**columns, target="same" if _is_encoder(model) else "next")
 
 
-def _decode_site(model: Any, site: Site, unembed: torch.Tensor, top: int, skipped: torch.Tensor) -> dict[str, np.ndarray]:
+def _decode_site(model: Model, site: Site, unembed: torch.Tensor, top: int, skipped: torch.Tensor) -> dict[str, np.ndarray]:
     w_out = neuron_directions(model, site)  # [d_model, d_ff]
     units = np.asarray(site.units if site.units is not None else range(w_out.shape[1]), dtype=np.int64)
     if units.size and units.max() >= w_out.shape[1]:
@@ -147,7 +148,7 @@ def _rows(site: Site, units: np.ndarray, promoted: tuple, suppressed: tuple, top
 
 
 # -- the three matrices ----------------------------------------------------------------------
-def neuron_directions(model: Any, site: Site) -> torch.Tensor:
+def neuron_directions(model: Model, site: Site) -> torch.Tensor:
     """``W_out`` ``[d_model, d_ff]`` (float64) of a neuron site: column i is unit i's direction."""
     from ..metrics.cett.core import output_projection
 
@@ -160,7 +161,7 @@ def neuron_directions(model: Any, site: Site) -> torch.Tensor:
         raise InputError(f"{site.label}: decoding needs an MLP neuron site (blocks.{{i}}.mlp.post); {error}") from None
 
 
-def _expert_down(model: Any, site: Site) -> torch.Tensor:
+def _expert_down(model: Model, site: Site) -> torch.Tensor:
     module = model.module.get_submodule(site.path)
     weight = getattr(module, "down_proj", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
@@ -169,7 +170,7 @@ def _expert_down(model: Any, site: Site) -> torch.Tensor:
     return down.T.contiguous() if getattr(module, "is_transposed", False) else down  # [hidden, d_expert]
 
 
-def unembedding(model: Any) -> torch.Tensor:
+def unembedding(model: Model) -> torch.Tensor:
     """``W_U`` ``[vocab, d_model]`` (float64): the output embedding, else the (tied) input one."""
     module = model.module
     for getter in ("get_output_embeddings", "get_input_embeddings"):
@@ -180,7 +181,7 @@ def unembedding(model: Any) -> torch.Tensor:
     raise InputError(f"{model.name} has neither an output nor an input embedding matrix, so neurons cannot be decoded into tokens")
 
 
-def residual_map(model: Any, layer: int | None) -> LinearMap:
+def residual_map(model: Model, layer: int | None) -> LinearMap:
     """``N``: the norms between block ``layer``'s MLP output and the unembedding, as one linear map."""
     from ..models.model import resolve_module
 
@@ -203,7 +204,7 @@ def residual_map(model: Any, layer: int | None) -> LinearMap:
     return apply
 
 
-def _readout(model: Any) -> Any:
+def _readout(model: Model) -> Any:
     from ..models.adapters import Readout
 
     return model.adapter.readout if model.adapter is not None else Readout()
@@ -230,7 +231,7 @@ def norm_map(norm: torch.nn.Module, offset: float = 0.0) -> LinearMap:
     return lambda d: gain[:, None] * d
 
 
-def _is_encoder(model: Any) -> bool:
+def _is_encoder(model: Model) -> bool:
     return _readout(model).bidirectional and not getattr(model.config, "is_decoder", False)
 
 

@@ -16,13 +16,14 @@ mean attention from every position after the first real token to the position ju
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from ..errors import InputError
 from ..results import TableResult
+from ..models import Model, ModelLike
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def previous_token_score_from_pattern(pattern: torch.Tensor, offset: int = 0) ->
 
 
 def induction_scores(
-    model: Any, seq_len: int = 16, batch: int = 8, seed: int = 0, *, bos: int | None = None,
+    model: Model, seq_len: int = 16, batch: int = 8, seed: int = 0, *, bos: int | None = None,
     low: int | None = None, high: int | None = None,
 ) -> HeadScores:
     """Induction-head score of every head of every block (``blocks.*.attn.pattern``).
@@ -105,7 +106,7 @@ def induction_scores(
 
 
 def previous_token_scores(
-    model: Any, seq_len: int = 16, batch: int = 8, seed: int = 0, *, bos: int | None = None,
+    model: Model, seq_len: int = 16, batch: int = 8, seed: int = 0, *, bos: int | None = None,
     low: int | None = None, high: int | None = None,
 ) -> HeadScores:
     """Previous-token score of every head on the same ``[BOS] r r`` sequences."""
@@ -115,8 +116,8 @@ def previous_token_scores(
     return HeadScores("previous_token", scores.numpy(), _layers(patterns), seq_len, batch)
 
 
-def _sequences(model: Any, seq_len: int, batch: int, seed: int, bos: int | None, low: int | None, high: int | None) -> tuple[torch.Tensor, int]:
-    from .patching import as_model
+def _sequences(model: ModelLike, seq_len: int, batch: int, seed: int, bos: int | None, low: int | None, high: int | None) -> tuple[torch.Tensor, int]:
+    from ..models import as_model
 
     model = as_model(model)
     config = model.config
@@ -133,10 +134,10 @@ def _sequences(model: Any, seq_len: int, batch: int, seed: int, bos: int | None,
     return ids, (1 if bos is not None else 0)
 
 
-def _patterns(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def _patterns(model: ModelLike, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{site: [batch, head, q, k]}`` for every block's attention pattern, one forward."""
     from ..trace import capture
-    from .patching import as_model
+    from ..models import as_model
 
     model = as_model(model)
     with torch.no_grad(), capture(model, "blocks.*.attn.pattern", announce=False) as captured:

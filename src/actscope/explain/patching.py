@@ -23,6 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..results import TableResult
+from ..models import Model, ModelLike, as_model
 
 Metric = Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]  # (logits, inputs) -> scalar
 PER = ("site", "head", "unit", "position")
@@ -131,14 +132,7 @@ class ComponentEffects(TableResult):
 
 
 # -- inputs, outputs and the model --------------------------------------------------------
-def as_model(model: Any) -> Any:
-    from ..models.loading import wrap
-    from ..models.model import Model
-
-    return model if isinstance(model, Model) else wrap(model)
-
-
-def as_inputs(model: Any, value: Any, what: str) -> dict[str, Any]:
+def as_inputs(model: Model, value: Any, what: str) -> dict[str, Any]:
     """A model-input dict from a dict, a token-id tensor ``[batch, pos]``, or text(s)."""
     if isinstance(value, Mapping):
         return dict(value)
@@ -187,7 +181,7 @@ def scalar(value: Any, what: str = "metric") -> torch.Tensor:
     return value.reshape(())
 
 
-def evaluate(model: Any, inputs: Mapping[str, Any], metric: Metric, edits: Mapping[str, Any] | None = None) -> float:
+def evaluate(model: Model, inputs: Mapping[str, Any], metric: Metric, edits: Mapping[str, Any] | None = None) -> float:
     """``metric`` of one forward pass of ``model`` on ``inputs``, with optional ``edits``."""
     from ..interventions import edit
 
@@ -195,7 +189,7 @@ def evaluate(model: Any, inputs: Mapping[str, Any], metric: Metric, edits: Mappi
         return float(scalar(metric(output_logits(model(**inputs)), inputs)))
 
 
-def plan_editable(model: Any, sites: Any) -> list[Any]:
+def plan_editable(model: Model, sites: Any) -> list[Any]:
     from ..interventions.context import _check_editable
     from ..sites import plan_sites
 
@@ -216,7 +210,7 @@ class Recorder:
         return x
 
 
-def record(model: Any, inputs: Mapping[str, Any], sites: Sequence[Any], metric: Metric) -> tuple[dict[str, torch.Tensor], float]:
+def record(model: Model, inputs: Mapping[str, Any], sites: Sequence[Any], metric: Metric) -> tuple[dict[str, torch.Tensor], float]:
     """One forward: each site's tensor as its intervention sees it, and the metric."""
     from ..interventions import edit
 
@@ -297,7 +291,7 @@ def _site_name(component: Component) -> str:
 
 # -- activation patching ------------------------------------------------------------------
 def activation_patching(
-    model: Any,
+    model: ModelLike,
     clean: Any,
     corrupted: Any,
     metric: Metric,

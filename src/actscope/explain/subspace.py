@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..models import Model, ModelLike, as_model
 from ..results import TableResult
-from .patching import Metric, as_inputs, as_model, check_pair, evaluate, last_positions, output_logits, plan_editable, record, scalar
+from .patching import Metric, as_inputs, check_pair, evaluate, last_positions, output_logits, plan_editable, record, scalar
 
 Loss = Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]  # (patched logits, inputs) -> scalar
 
@@ -109,7 +110,7 @@ def row_null_split(directions: torch.Tensor, weight: torch.Tensor) -> RowNullSpl
     return RowNullSplit(row.norm(dim=1).numpy(), null.norm(dim=1).numpy(), directions.norm(dim=1).numpy(), int(basis.shape[0]))
 
 
-def downstream_weight(model: Any, site: Any) -> torch.Tensor | None:
+def downstream_weight(model: Model, site: Any) -> torch.Tensor | None:
     """``[out, d]``: the weight of the linear layer whose input is the site, restricted to the
     selected heads or units; None when the site is not the input of a linear layer."""
     if site.hook.at != "input":
@@ -171,7 +172,7 @@ def subspace_edit(clean: torch.Tensor, basis: Any, heads: bool) -> Callable[[tor
     return apply
 
 
-def _one_site(model: Any, site: str) -> Any:
+def _one_site(model: Model, site: str) -> Any:
     planned = plan_editable(model, site)
     if len(planned) != 1:
         raise InputError(f"subspace patching works on one site; '{site}' selects {len(planned)} ({', '.join(s.label for s in planned[:4])}…)")
@@ -179,7 +180,7 @@ def _one_site(model: Any, site: str) -> Any:
 
 
 def subspace_patching(
-    model: Any,
+    model: ModelLike,
     clean: Any,
     corrupted: Any,
     metric: Metric,
@@ -235,7 +236,7 @@ def clean_distribution_loss(clean_logits: torch.Tensor, clean_inputs: Mapping[st
 
 
 def learn_subspace(
-    model: Any,
+    model: ModelLike,
     clean: Any,
     corrupted: Any,
     metric: Metric,

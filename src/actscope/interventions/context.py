@@ -19,7 +19,7 @@ from ..errors import SiteError
 from ..models.adapters.base import HookCall, ReadContext, read_input, read_output
 from ..sites import Site, plan_sites
 from ..hooks import Hooks, hooks
-from ..models import as_model
+from ..models import Model, ModelLike, as_model
 from ..trace import auto_layout
 
 Intervention = Callable[[torch.Tensor], torch.Tensor]
@@ -38,7 +38,7 @@ class Editor:
 
 
 @contextmanager
-def edit(model: Any, edits: Mapping[str, Intervention | Sequence[Intervention]]) -> Iterator[Editor]:
+def edit(model: ModelLike, edits: Mapping[str, Intervention | Sequence[Intervention]]) -> Iterator[Editor]:
     """Apply ``{site selection: intervention(s)}`` to ``model`` inside the block.
 
     Keys use the site grammar (globs, ranges, ``[units]``, ``[head=…]``, module sites); an
@@ -53,7 +53,7 @@ def edit(model: Any, edits: Mapping[str, Intervention | Sequence[Intervention]])
         yield editor
 
 
-def _planned(model: Any, edits: Mapping[str, Any]) -> list[tuple[Site, tuple[Intervention, ...]]]:
+def _planned(model: Model, edits: Mapping[str, Any]) -> list[tuple[Site, tuple[Intervention, ...]]]:
     planned = []
     for key, value in edits.items():
         functions = tuple(value) if isinstance(value, (list, tuple)) else (value,)
@@ -87,7 +87,7 @@ def _check_editable(site: Site) -> None:
         )
 
 
-def _register(registry: Hooks, model: Any, site: Site, functions: tuple[Intervention, ...]) -> None:
+def _register(registry: Hooks, model: Model, site: Site, functions: tuple[Intervention, ...]) -> None:
     module = model.module.get_submodule(site.path)
     ctx = ReadContext(dict(site.index), model.config)
     name = f"edit {site.label} ({site.path}@{site.hook.at})"

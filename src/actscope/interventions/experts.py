@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import InputError, SiteError
+from ..models import Model, ModelLike
 
 ExpertSelection = Mapping[int, Sequence[int]] | Iterable[tuple[int, int]]
 
@@ -57,7 +58,7 @@ class ExpertEdit:
 
 
 @contextmanager
-def experts(model: Any, off: ExpertSelection | None = None, on: ExpertSelection | None = None) -> Iterator[ExpertEdit]:
+def experts(model: ModelLike, off: ExpertSelection | None = None, on: ExpertSelection | None = None) -> Iterator[ExpertEdit]:
     """Forbid (``off``) or force (``on``) routing to chosen experts of chosen layers.
 
     ``off`` / ``on``: ``{layer: [expert, …]}`` or ``[(layer, expert), …]``. ``model``: a
@@ -142,7 +143,7 @@ def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _layer_plan(model: Any, layer: int, edit: ExpertEdit) -> tuple[torch.nn.Module, _RoutingRule]:
+def _layer_plan(model: Model, layer: int, edit: ExpertEdit) -> tuple[torch.nn.Module, _RoutingRule]:
     """The router module of ``layer`` and the rule that re-routes it."""
     from ..sites import plan_sites
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..errors import InputError
+from ..models import Model, ModelLike
 
 Intervention = Callable[[torch.Tensor], torch.Tensor]
 
@@ -192,7 +193,7 @@ def _named_activations() -> dict[str, Intervention]:
 
 
 @contextmanager
-def replace_activation(model: Any, where: Any = None, new_fn: str | Intervention = "relu") -> Iterator[tuple[str, ...]]:
+def replace_activation(model: ModelLike, where: Any = None, new_fn: str | Intervention = "relu") -> Iterator[tuple[str, ...]]:
     """Replace the MLP activation function of some blocks inside a ``with`` block.
 
     ``where``: None (every block), a block index, a list of them, or a selection string
@@ -227,7 +228,7 @@ def _activation_function(new_fn: str | Intervention) -> Intervention:
     return known[new_fn]
 
 
-def _block_indices(model: Any, where: Any) -> list[int]:
+def _block_indices(model: Model, where: Any) -> list[int]:
     from ..sites import _segment_matches
 
     count = model.n_layers
@@ -250,7 +251,7 @@ def _block_indices(model: Any, where: Any) -> list[int]:
     return sorted(set(chosen))
 
 
-def _activation_modules(model: Any, blocks: list[int]) -> list[str]:
+def _activation_modules(model: Model, blocks: list[int]) -> list[str]:
     """Paths of the activation modules of ``blocks``; refuses an instance shared with other blocks."""
     from ..models.model import resolve_module
 

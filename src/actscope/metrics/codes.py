@@ -36,6 +36,7 @@ from ..errors import InputError
 from ..sites import Plan
 from ..trace import POS_BITS, Reading, Tracer, flatten
 from ..results import TableResult
+from ..models import Model
 
 PER_CHOICES = ("example", "token", "last")
 KNN_K = 9
@@ -138,7 +139,7 @@ class ActivationCodes(TableResult):
 
 # -- the measurement --------------------------------------------------------------------
 def activation_codes(
-    model: Any,
+    model: Model,
     inputs: torch.Tensor | Mapping[str, Any] | Sequence[Mapping[str, Any]],
     sites: str | Sequence[str] | Plan,
     *,
@@ -209,7 +210,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
 class _CodeTracer(Tracer):
     """Turns each site's reading into code rows; ``take()`` joins the sites of one call."""
 
-    def __init__(self, model: Any, sites: Any, per: str) -> None:
+    def __init__(self, model: Model, sites: Any, per: str) -> None:
         super().__init__(model, sites)
         _check_layouts(self.plan)
         self.per = per

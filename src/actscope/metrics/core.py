@@ -36,6 +36,7 @@ from ..errors import DataError, InputError, SiteError
 from ..sites import Plan, Site, plan_sites
 from ..trace import Tracer, flatten, split_token_id
 from ..results import TableResult
+from ..models import Model, ModelLike
 
 DEFAULT_PREFIXES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -215,7 +216,7 @@ class _RowCore:
 class _CoreTracer(Tracer):
     """Turns each forward call's real tokens into per-row (text or prefix) core statistics."""
 
-    def __init__(self, model: Any, plan: Plan, alpha: float, full_rows: int) -> None:
+    def __init__(self, model: Model, plan: Plan, alpha: float, full_rows: int) -> None:
         super().__init__(model, plan)
         self.alpha = alpha
         self.full_rows = full_rows  # rows below this number are full texts, the rest prefixes
@@ -232,7 +233,7 @@ class _CoreTracer(Tracer):
 
 
 def core_neurons(
-    model: Any,
+    model: ModelLike,
     texts: Sequence[str],
     site: str | Sequence[str] | Plan = "blocks.*.mlp.post",
     *,

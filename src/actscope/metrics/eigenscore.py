@@ -51,6 +51,7 @@ import torch
 
 from ..errors import InputError
 from ..results import TableResult
+from ..models import Model
 
 DEFAULT_ALPHA = 1e-3
 DEFAULT_PROBES = 128
@@ -210,7 +211,7 @@ class EigenScore(TableResult):
 
 
 def eigenscore(
-    model: Any,
+    model: Model,
     prompt: str,
     k: int = 10,
     *,
@@ -275,7 +276,7 @@ def _check_sampling(temperature: Any, top_p: Any, top_k: Any) -> None:
         raise InputError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
 
 
-def _as_model(model: Any, tokenizer: Any) -> Any:
+def _as_model(model: Model, tokenizer: Any) -> Any:
     from ..models import Model, load, wrap
 
     if isinstance(model, (str, os.PathLike)):
@@ -296,7 +297,7 @@ def _as_model(model: Any, tokenizer: Any) -> Any:
     return model
 
 
-def _answer_site(model: Any, site: str | None) -> str:
+def _answer_site(model: Model, site: str | None) -> str:
     from ..sites import plan_sites
 
     if site is None:
@@ -318,7 +319,7 @@ def _prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def _eos_ids(model: Any) -> set[int]:
+def _eos_ids(model: Model) -> set[int]:
     config = getattr(model.module, "generation_config", None)
     eos = getattr(config, "eos_token_id", None)
     if eos is None:
@@ -326,7 +327,7 @@ def _eos_ids(model: Any) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
-def _sample(model: Any, prompt_ids: torch.Tensor, k: int, new: int, temperature: float, top_p: float, top_k: int, seed: int) -> torch.Tensor:
+def _sample(model: Model, prompt_ids: torch.Tensor, k: int, new: int, temperature: float, top_p: float, top_k: int, seed: int) -> torch.Tensor:
     module = model.module
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -354,7 +355,7 @@ def _answers(generated: torch.Tensor, eos: set[int]) -> tuple[tuple[int, ...], .
     return tuple(answers)
 
 
-def _embed(model: Any, prompt_ids: torch.Tensor, answer_ids: tuple[tuple[int, ...], ...], site: str, pool: str) -> torch.Tensor:
+def _embed(model: Model, prompt_ids: torch.Tensor, answer_ids: tuple[tuple[int, ...], ...], site: str, pool: str) -> torch.Tensor:
     """``[k, d]``: ``site`` pooled over each answer's tokens, one forward over prompt + answer."""
     from ..trace import capture, split_token_id
 

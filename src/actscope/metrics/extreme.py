@@ -35,6 +35,7 @@ import torch
 
 from ..errors import DataError, InputError, SiteError
 from ..results import TableResult
+from ..models import Model
 
 SITES = ("blocks.*.attn.pattern", "blocks.*.attn.v", "blocks.*.resid.post")
 TokenFilter = Callable[[torch.Tensor], torch.Tensor]  # input_ids [batch, pos] -> bool [batch, pos]
@@ -147,7 +148,7 @@ class DomainStates(TableResult):
 
 # -- public functions --------------------------------------------------------------------
 def extreme_tokens(
-    model: Any,
+    model: Model,
     data: Any,
     sink_position: int = 0,
     dormant_threshold: float = 0.5,
@@ -181,7 +182,7 @@ def extreme_tokens(
 
 
 def classify_domains(
-    model: Any,
+    model: Model,
     domains: Mapping[str, Any],
     sink_position: int = 0,
     dormant_threshold: float = 0.5,
@@ -219,7 +220,7 @@ def _check_options(sink_position: Any, dormant_threshold: Any, token_filter: Any
                          f"{type(token_filter).__name__}; pass e.g. token_filter=lambda ids: ids != 5.")
 
 
-def _as_model(model: Any) -> Any:
+def _as_model(model: Model) -> Any:
     from ..models import Model, load, wrap
 
     if isinstance(model, Model):
@@ -232,7 +233,7 @@ def _as_model(model: Any) -> Any:
                      "an nn.Module or a model directory.")
 
 
-def _plan(model: Any) -> Any:
+def _plan(model: Model) -> Any:
     from ..sites import plan_sites
 
     try:
@@ -252,7 +253,7 @@ def _layers(plan: Any) -> list[int]:
     return sorted(common)
 
 
-def _input_dicts(model: Any, data: Any, batch_size: int, max_length: int) -> Iterator[dict[str, Any]]:
+def _input_dicts(model: Model, data: Any, batch_size: int, max_length: int) -> Iterator[dict[str, Any]]:
     """Model-input dicts on the model's device: tokenized batches of strings, or the user's dicts."""
     from ..feeding import input_batches
 

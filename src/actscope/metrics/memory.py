@@ -39,6 +39,7 @@ from ..hooks import Hooks, hooks
 from ..sites import Plan, Site, plan_sites
 from ..trace import Tracer
 from ..results import TableResult
+from ..models import Model
 
 UNDEFINED = -1  # input/peak bytes of a site row: a site reads one tensor, it runs nothing
 
@@ -146,7 +147,7 @@ def _ancestors(name: str) -> list[str]:
 class _SiteBytes(Tracer):
     """Bytes of the tensor every canonical site reads (experts: the gathered values)."""
 
-    def __init__(self, model: Any, plan: Plan, dtype: torch.dtype | None) -> None:
+    def __init__(self, model: Model, plan: Plan, dtype: torch.dtype | None) -> None:
         super().__init__(model, plan, announce=False)
         self.dtype = dtype
         self.bytes: dict[str, int] = {}
@@ -213,7 +214,7 @@ def _site_rows(tracer: _SiteBytes) -> list[dict[str, Any]]:
     return rows
 
 
-def _block_paths(model: Any) -> dict[str, tuple[str, int]]:
+def _block_paths(model: Model) -> dict[str, tuple[str, int]]:
     from ..models import resolve_module
 
     found = resolve_module(model.module, model.adapter.blocks)
@@ -223,7 +224,7 @@ def _block_paths(model: Any) -> dict[str, tuple[str, int]]:
     return {f"{path}.{i}": (f"blocks.{i}", i) for i in range(len(blocks))}
 
 
-def _memory_plan(model: Any, sites: Any) -> Plan | None:
+def _memory_plan(model: Model, sites: Any) -> Plan | None:
     if model.adapter is None and sites is None:
         return None
     if sites is not None:
@@ -233,7 +234,7 @@ def _memory_plan(model: Any, sites: Any) -> Plan | None:
     return Plan(tuple(Site(e.name, e.path, e.hook, e.index) for e in model.catalog.values() if not e.hook.needs_eager))
 
 
-def _call(model: Any, inputs: Any) -> None:
+def _call(model: Model, inputs: Any) -> None:
     if isinstance(inputs, Mapping):
         model(**inputs)
     elif isinstance(inputs, torch.Tensor):
@@ -248,7 +249,7 @@ def _call(model: Any, inputs: Any) -> None:
 
 
 def activation_memory(
-    model: Any, inputs: Any, dtype: torch.dtype | str | None = None, *, sites: str | Sequence[str] | None = None,
+    model: Model, inputs: Any, dtype: torch.dtype | str | None = None, *, sites: str | Sequence[str] | None = None,
     modules: bool = False,
 ) -> ActivationMemory:
     """Bytes of every layer's activations for one forward pass on ``inputs`` (their size

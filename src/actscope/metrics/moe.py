@@ -38,7 +38,7 @@ from ..errors import InputError
 from ..sites import Site
 from ..trace import Tracer, flatten
 from ..feeding import feed
-from ..models import as_model
+from ..models import Model, ModelLike, as_model
 from ..results import TableResult
 from .tables import eps_column
 
@@ -94,7 +94,7 @@ class _ExpertNeurons:
 
 
 class _RoutingTracer(Tracer):
-    def __init__(self, model: Any, k: int, renormalise: bool, eps: float) -> None:
+    def __init__(self, model: Model, k: int, renormalise: bool, eps: float) -> None:
         super().__init__(model, ["blocks.*.moe.router", "blocks.*.moe.experts.*.post"])
         self.k, self.renormalise, self.eps = k, renormalise, eps
         self.layers: dict[int, _LayerRouting] = {}
@@ -148,7 +148,7 @@ def _rows(tracer: _RoutingTracer) -> list[dict[str, Any]]:
     return rows
 
 
-def _routing_rule(model: Any) -> tuple[int, bool]:
+def _routing_rule(model: Model) -> tuple[int, bool]:
     router = model.router("moe_routing")
     k = getattr(model.config, "num_experts_per_tok", None)
     if not isinstance(k, int) or k < 1:
@@ -157,7 +157,7 @@ def _routing_rule(model: Any) -> tuple[int, bool]:
 
 
 def moe_routing(
-    model: Any, data: Any, *, eps: float = DEFAULT_EPS, batch_size: int = 8, max_length: int = 128,
+    model: ModelLike, data: Any, *, eps: float = DEFAULT_EPS, batch_size: int = 8, max_length: int = 128,
     max_tokens: int | None = None,
 ) -> MoERouting:
     """Routing frequency, mean routing weight and neuron activation ratio per (layer, expert).

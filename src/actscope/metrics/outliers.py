@@ -37,6 +37,7 @@ from ..errors import DataError, InputError
 from ..sites import Site
 from ..trace import Tracer, flatten
 from ..results import TableResult
+from ..models import Model, ModelLike
 
 F64 = torch.float64
 DEFAULT_SITES = "blocks.*.resid.post"
@@ -181,7 +182,7 @@ def _check_bins(lo: Any, hi: Any, bins_per_decade: Any) -> tuple[float, float, i
 class _ChannelTracer(Tracer):
     """Feeds every site's real-token rows into its own :class:`ChannelOutlierStats`."""
 
-    def __init__(self, model: Any, sites: Any, bins: tuple[float, float, int]) -> None:
+    def __init__(self, model: Model, sites: Any, bins: tuple[float, float, int]) -> None:
         super().__init__(model, sites)
         self.bins = bins
         self.stats: dict[str, ChannelOutlierStats] = {}
@@ -297,7 +298,7 @@ def _check_threshold(threshold: Any) -> float:
 
 # -- the entry point -----------------------------------------------------------------------------
 def outlier_channels(
-    model: Any,
+    model: ModelLike,
     data: Any,
     sites: str | Sequence[str] = DEFAULT_SITES,
     *,

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import InputError
 from ..results import TableResult
+from ..models import Model
 
 AUTO_SITE = "auto"
 DEFAULT_POSITION = -2  # the second-to-last real token, as in the paper
@@ -198,7 +199,7 @@ def _as_model(checkpoint: Any, number: int) -> Any:
     )
 
 
-def _resolve_site(model: Any, site: str) -> str:
+def _resolve_site(model: Model, site: str) -> str:
     """``auto`` → the penultimate block's output; anything else must name exactly one site."""
     from ..sites import plan_sites
 
@@ -260,7 +261,7 @@ def _tokenize(texts: list[str], tokenizer: Any) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _representation(model: Any, batch: dict[str, torch.Tensor], site: str, position: int, batch_size: int) -> torch.Tensor:
+def _representation(model: Model, batch: dict[str, torch.Tensor], site: str, position: int, batch_size: int) -> torch.Tensor:
     """``[inputs, units]``: ``site`` at the ``position``-th real token of every input."""
     from ..trace import capture, split_token_id
 

@@ -28,6 +28,7 @@ from ..sites import Plan, Site, plan_sites
 from ..trace import Reading, Tracer, flatten, split_token_id
 from ..results import TableResult
 from .tables import eps_column
+from ..models import Model, ModelLike
 
 DEFAULT_EPS = (0.0, 1e-3, 1e-2, 1e-1)
 
@@ -192,7 +193,7 @@ def _in_token_order(reading: Reading) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _DeltaTracer(Tracer):
-    def __init__(self, model: Any, plan: Plan, eps: tuple[float, ...]) -> None:
+    def __init__(self, model: Model, plan: Plan, eps: tuple[float, ...]) -> None:
         super().__init__(model, plan)
         self.eps = eps
         self.counts: dict[str, _DeltaCounts] = {}
@@ -221,7 +222,7 @@ def _check_one_position_axis(site: Site, value: Any) -> None:
 
 
 def temporal_sparsity(
-    model: Any,
+    model: ModelLike,
     data: Any = None,
     sites: str | Sequence[str] | Plan = "blocks.*.mlp.post",
     eps: float | Sequence[float] = DEFAULT_EPS,

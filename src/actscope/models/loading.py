@@ -12,7 +12,7 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import torch
 
@@ -73,7 +73,12 @@ def load(
     return Model(module, tokenizer, name=name, source=str(directory))
 
 
-def as_model(model: Any, device: str | None = None) -> Model:
+# What every public function accepts as a model: an actscope Model, any nn.Module, a Hugging Face
+# directory, or None for the embedded default. It converts once, with as_model; internals take Model.
+ModelLike = Union[Model, torch.nn.Module, str, os.PathLike, None]
+
+
+def as_model(model: ModelLike, device: str | None = None) -> Model:
     """A :class:`Model` from a Model, any ``nn.Module``, a Hugging Face directory, or None (the
     embedded default): what every public function does once, at its edge."""
     if isinstance(model, Model):

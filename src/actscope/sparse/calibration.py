@@ -22,6 +22,7 @@ import torch
 from ..results import TableResult
 from ..store.bound import Bound, WeightBound
 from .validation import KINDS, check_header, check_model, check_tensors
+from ..models import Model
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,7 +85,7 @@ class Calibration(TableResult, WeightBound):
         return Bound(self.bound_kind, self.model_name, self.weight_hash, header, tensors)
 
     @classmethod
-    def from_bound(cls, bound: Bound, model: Any) -> "Calibration":
+    def from_bound(cls, bound: Bound, model: Model) -> "Calibration":
         """Rebuilt after :mod:`~actscope.sparse.validation` checked the header and tensors (the
         envelope and the weights are checked before, by :meth:`WeightBound.load`)."""
         from .families import mlp_blocks

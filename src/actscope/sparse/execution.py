@@ -28,6 +28,7 @@ from .families import MlpBlock, mlp_blocks
 from .forwards import SparseMlp, Tally
 from .layout import lay_out
 from .swaps import install, refuse_hooks, refuse_nested
+from ..models import Model, ModelLike
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,7 +98,7 @@ class SparseHandle:
 
 
 @contextmanager
-def sparsify(model: Any, calibration: Calibration, *, check_weights: bool = True) -> Iterator[SparseHandle]:
+def sparsify(model: ModelLike, calibration: Calibration, *, check_weights: bool = True) -> Iterator[SparseHandle]:
     """Run ``model``'s MLP blocks sparsely with ``calibration`` while the block runs.
 
     ``check_weights``: compare the model's weight hash with the calibration's (reads every
@@ -135,7 +136,7 @@ def sparsify(model: Any, calibration: Calibration, *, check_weights: bool = True
         yield handle
 
 
-def check_match(model: Any, blocks: list[MlpBlock], calibration: Calibration, check_weights: bool) -> None:
+def check_match(model: Model, blocks: list[MlpBlock], calibration: Calibration, check_weights: bool) -> None:
     """Refuse a calibration made for another model (shapes always; weights when asked)."""
     if not isinstance(calibration, Calibration):
         raise InputError(f"calibration must be an actscope.sparse.Calibration, got {type(calibration).__name__}; "

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..models.adapters import Mlp, out_in_weight
+from ..models import Model
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class MlpBlock:
         return int(out_in_weight(self.down).shape[1])
 
 
-def spec_for(model: Any) -> Mlp:
+def spec_for(model: Model) -> Mlp:
     """The card's MLP part; a clear refusal for mixture-of-experts models and models without one."""
     card = model.adapter
     if card is not None and card.router is not None:
@@ -65,7 +66,7 @@ def sparse_families() -> list[str]:
     return [card.family for card in cards() if card.mlp is not None and card.router is None and not (card.tiny and card.tiny.images)]
 
 
-def mlp_blocks(model: Any) -> list[MlpBlock]:
+def mlp_blocks(model: Model) -> list[MlpBlock]:
     """One :class:`MlpBlock` per layer, resolved on the model through its adapter's paths."""
     from ..models.model import resolve_module
 

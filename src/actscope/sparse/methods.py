@@ -33,10 +33,11 @@ from .validation import METHODS
 from .families import MlpBlock, mlp_blocks
 from .recording import DEFAULT_MAX_VALUES, record_abs
 from .swaps import refuse_nested
+from ..models import Model, ModelLike
 
 
 def calibrate(
-    model: Any,
+    model: ModelLike,
     data: Any,
     *,
     method: str,
@@ -85,7 +86,7 @@ def _check_method_settings(method: Any, sparsity: Any, p: Any) -> None:
         raise InputError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}; e.g. 0.5")
 
 
-def _check_eval_mode(model: Any) -> None:
+def _check_eval_mode(model: Model) -> None:
     if model.module.training:
         raise InputError(f"{model.name} is in training mode; sparse calibration and execution are for inference: call model.eval()")
 
@@ -103,7 +104,7 @@ def _weight_share(block: MlpBlock, gate_up: float, down: float) -> float:
     return (inputs * gate_up + down) / (inputs + 1)
 
 
-def _cats(model: Any, blocks: list[MlpBlock], batches: list, sparsity: float, alpha: float, max_values: int) -> dict:
+def _cats(model: Model, blocks: list[MlpBlock], batches: list, sparsity: float, alpha: float, max_values: int) -> dict:
     values = record_abs(model, blocks, batches, ("act",), max_values=max_values)
     thresholds, expected, skipped = {}, [], []
     for block in blocks:
@@ -118,7 +119,7 @@ def _cats(model: Any, blocks: list[MlpBlock], batches: list, sparsity: float, al
                 settings={"sparsity": float(sparsity)})
 
 
-def _teal(model: Any, blocks: list[MlpBlock], batches: list, sparsity: float, alpha: float, max_values: int) -> dict:
+def _teal(model: Model, blocks: list[MlpBlock], batches: list, sparsity: float, alpha: float, max_values: int) -> dict:
     values = record_abs(model, blocks, batches, ("in", "down"), max_values=max_values)
     thresholds, expected, s_in, s_down = {}, [], [], []
     for block in blocks:
@@ -133,7 +134,7 @@ def _teal(model: Any, blocks: list[MlpBlock], batches: list, sparsity: float, al
                 settings={"sparsity": float(sparsity)})
 
 
-def _core(model: Any, blocks: list[MlpBlock], batches: list, sparsity: float, alpha: float, max_values: int) -> dict:
+def _core(model: Model, blocks: list[MlpBlock], batches: list, sparsity: float, alpha: float, max_values: int) -> dict:
     from ..hooks import hooks
     from .calls import CallTracker, choose_cores
 
@@ -158,7 +159,7 @@ def _core(model: Any, blocks: list[MlpBlock], batches: list, sparsity: float, al
                 settings={"sparsity": float(sparsity), "alpha": float(alpha), "beta": beta})
 
 
-def _cett(model: Any, data: Any, p: float, batch_size: int, max_length: int, eval_data: Any) -> dict:
+def _cett(model: Model, data: Any, p: float, batch_size: int, max_length: int, eval_data: Any) -> dict:
     from ..metrics.cett import CausalLMLoss, cett_sparsity
 
     objective = CausalLMLoss(eval_data if eval_data is not None else data, batch_size=batch_size, max_length=max_length)

@@ -22,6 +22,7 @@ import torch
 from ..errors import DataError
 from ..results import TableResult
 from .calibration import Calibration
+from ..models import Model, ModelLike
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,7 +64,7 @@ def setting_text(calibration: Calibration) -> str:
     return f"sparsity={s['sparsity']:g}"
 
 
-def evaluate(model: Any, calibration: Calibration, data: Any, *, batch_size: int = 8, max_length: int = 128) -> QualityReport:
+def evaluate(model: ModelLike, calibration: Calibration, data: Any, *, batch_size: int = 8, max_length: int = 128) -> QualityReport:
     """Dense and sparse perplexity of ``model`` on ``data`` (strings, a text source or
     model-input dicts) with ``calibration`` (scoring in the module docstring)."""
     from ..models import as_model
@@ -93,13 +94,13 @@ def evaluate(model: Any, calibration: Calibration, data: Any, *, batch_size: int
     )
 
 
-def _all_tokens_loss(model: Any, batches: list[dict]) -> tuple[float, int]:
+def _all_tokens_loss(model: Model, batches: list[dict]) -> tuple[float, int]:
     from ..metrics.cett.objectives import next_token_loss
 
     return _mean(*next_token_loss(model, batches))
 
 
-def _continuation_loss(model: Any, batches: list[dict]) -> tuple[float, int]:
+def _continuation_loss(model: Model, batches: list[dict]) -> tuple[float, int]:
     from ..feeding import real_token_mask
 
     total, count = 0.0, 0

@@ -20,12 +20,13 @@ import torch
 from ..hooks import Hooks, hooks
 from .calls import CallTracker
 from .families import MlpBlock
+from ..models import Model
 
 DEFAULT_MAX_VALUES = 1 << 22
 
 
 def record_abs(
-    model: Any, blocks: Sequence[MlpBlock], batches: list[dict], kinds: Sequence[str], *, max_values: int = DEFAULT_MAX_VALUES, seed: int = 0
+    model: Model, blocks: Sequence[MlpBlock], batches: list[dict], kinds: Sequence[str], *, max_values: int = DEFAULT_MAX_VALUES, seed: int = 0
 ) -> dict[tuple[int, str], np.ndarray]:
     """``{(layer, kind): float32 |values| [m]}`` over the real tokens of ``batches``."""
     tokens = sum(int(_real(inputs).sum()) for inputs in batches)

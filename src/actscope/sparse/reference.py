@@ -29,10 +29,11 @@ from .calls import CallTracker, choose_cores
 from .execution import _thresholds, check_match
 from .families import MlpBlock, mlp_blocks
 from .swaps import refuse_nested
+from ..models import ModelLike
 
 
 @contextmanager
-def dense_with_thresholds(model: Any, calibration: Calibration, *, check_weights: bool = True) -> Iterator[None]:
+def dense_with_thresholds(model: ModelLike, calibration: Calibration, *, check_weights: bool = True) -> Iterator[None]:
     """The dense model with ``calibration``'s skips applied as masks, while the block runs."""
     from ..models import as_model
 

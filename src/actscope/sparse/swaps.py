@@ -32,6 +32,7 @@ import torch
 from ..errors import InputError
 from ..hooks import SWAP_MARK, Hooks, swap_mark
 from .families import MlpBlock
+from ..models import Model
 
 STILL_WORKS = "blocks.{i}.mlp.out, blocks.{i}.resid.*, blocks.{i}.attn.*, embed and logits"
 RUNNER, PASS = "runner", "passthrough"
@@ -94,14 +95,14 @@ def module_names(root: torch.nn.Module) -> dict[int, str]:
     return {id(m): name or "<root>" for name, m in root.named_modules()}
 
 
-def refuse_nested(model: Any, blocks: list[MlpBlock], action: str) -> None:
+def refuse_nested(model: Model, blocks: list[MlpBlock], action: str) -> None:
     """Refuse ``action`` (which needs the dense MLP forwards) inside a ``sparsify`` block."""
     if any(swap_mark(module) is not None for block in blocks for module, _, _ in swap_plan(block)):
         raise InputError(f"model '{model.name}' already runs sparsely (inside a sparsify block); {action} needs the "
                          "dense MLP forwards: call it outside the sparsify block")
 
 
-def refuse_hooks(model: Any, blocks: list[MlpBlock]) -> None:
+def refuse_hooks(model: Model, blocks: list[MlpBlock]) -> None:
     """Refuse to swap while hooks exist where the swapped forwards would hide them."""
     names = module_names(model.module)
     found = [f"{names[id(module)]}@{at}" for block in blocks for module, at in _hidden_hooks(block)]
@@ -127,7 +128,7 @@ def _hidden_hooks(block: MlpBlock) -> Iterator[tuple[torch.nn.Module, str]]:
                     yield module, at
 
 
-def _site_names(model: Any) -> dict[str, str]:
+def _site_names(model: Model) -> dict[str, str]:
     """``{"PATH@AT": canonical MLP site name}``, to name a hooked module the way users do."""
     from ..errors import SiteError
     from ..sites import plan_sites

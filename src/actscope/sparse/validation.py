@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, NoReturn
 import torch
 
 from ..store.bound import refuse as refuse_bound, shown
+from ..models import Model
 
 METHODS = ("cats", "teal", "cett", "core")
 KINDS = {"cats": ("act",), "teal": ("in", "down"), "cett": ("neuron",), "core": ()}  # threshold tensors per method
@@ -147,7 +148,7 @@ def _check_threshold(source: Path, name: str, tensor: torch.Tensor, shape: list[
         refuse(source, f"tensor '{name}' holds {float(tensor[bad][0]):g}; thresholds are finite and ≥ 0")
 
 
-def check_model(source: Path, header: Mapping[str, Any], model: Any, blocks: list) -> None:
+def check_model(source: Path, header: Mapping[str, Any], model: Model, blocks: list) -> None:
     """The header's layers and units are the model's MLP blocks (its weight hash already matched)."""
     layers, units = [b.layer for b in blocks], [b.units for b in blocks]
     if (header["layers"], header["units"]) != (layers, units):

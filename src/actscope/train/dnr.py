@@ -42,6 +42,7 @@ from ..errors import InputError, SiteError
 from ..results import TableResult
 from ..sites import Plan, Site
 from ..trace import Tracer, flatten
+from ..models import Model
 
 ALL = "all"  # site name of the pooled, overall row
 POS = "pos"
@@ -126,7 +127,7 @@ class DeadNeuronTracker:
     Use it as a context manager, or call ``start()`` and ``close()`` yourself.
     """
 
-    def __init__(self, model: Any, sites: str | Sequence[str] | Plan | None = None, *, criterion: str | float = POS) -> None:
+    def __init__(self, model: Model, sites: str | Sequence[str] | Plan | None = None, *, criterion: str | float = POS) -> None:
         from ..models.loading import wrap
         from ..models.model import Model
 
@@ -232,7 +233,7 @@ class DeadNeuronTracker:
 class _Counter(Tracer):
     """Adds, per site, the (pairs, zero pairs) of every forward call to ``pending``."""
 
-    def __init__(self, model: Any, sites: Any, threshold: float | None) -> None:
+    def __init__(self, model: Model, sites: Any, threshold: float | None) -> None:
         super().__init__(model, sites)
         for site in self.plan.sites:
             if site.hook.layout == "pattern":

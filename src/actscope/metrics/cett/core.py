@@ -15,18 +15,18 @@ transformers' ``Conv1D`` (GPT-2; weight ``[d_ff, d_model]``, transposed here).
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
 from ...errors import InputError
 from ...models.adapters import out_in_weight
 from ...sites import Site
+from ...models import Model
 
 F64 = torch.float64
 
 
-def output_projection(model: Any, site: Site) -> tuple[torch.Tensor, torch.Tensor | None]:
+def output_projection(model: Model, site: Site) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(W_out [d_model, d_ff], bias [d_model] or None)`` of the module ``site`` feeds, float64.
 
     ``site`` must be a whole neuron site read at the input of its projection

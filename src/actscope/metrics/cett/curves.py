@@ -44,6 +44,7 @@ from ...trace import Tracer, flatten
 from .core import F64, check_neuron_site, output_projection
 from ...feeding import input_batches
 from ...results import TableResult
+from ...models import Model, ModelLike
 
 DEFAULT_GRID_POINTS = 128
 TAIL_FLOOR = 1e-4  # CETT a typical token's whole tail may carry below the grid
@@ -206,7 +207,7 @@ def eps_of(grid: np.ndarray, index: Sequence[int] | np.ndarray) -> np.ndarray:
 
 # -- the pass ----------------------------------------------------------------------------------
 class _CurveTracer(Tracer):
-    def __init__(self, model: Any, sites: Any, grid_points: int) -> None:
+    def __init__(self, model: Model, sites: Any, grid_points: int) -> None:
         super().__init__(model, sites)
         self.stats: dict[str, CettCurveStats] = {}
         for site in self.plan.sites:
@@ -218,7 +219,7 @@ class _CurveTracer(Tracer):
 
 
 def record_cett_curves(
-    model: Any,
+    model: ModelLike,
     data: Any,
     sites: str | Sequence[str] | Plan = "blocks.*.mlp.post",
     *,

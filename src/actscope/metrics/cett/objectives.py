@@ -31,6 +31,7 @@ import torch
 
 from ...errors import DataError, InputError
 from ...feeding import materialised, real_token_mask
+from ...models import Model
 
 
 class Objective(Protocol):
@@ -38,9 +39,9 @@ class Objective(Protocol):
 
     name: str
 
-    def reference(self, model: Any) -> Any: ...
+    def reference(self, model: Model) -> Any: ...
 
-    def degradation(self, model: Any, reference: Any) -> float: ...
+    def degradation(self, model: Model, reference: Any) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class _Reference:
     value: Any  # the dense loss, embeddings, log-probabilities or accuracy
 
 
-def _forward(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
+def _forward(model: Model, inputs: dict[str, torch.Tensor]) -> Any:
     with torch.no_grad():
         return model.module(**inputs)
 
@@ -73,10 +74,10 @@ class _Evaluated:
     """An objective measured on fixed evaluation batches: the dense reference keeps the
     batches and the dense value of ``measure(model, batches)``, which subclasses define."""
 
-    def batches(self, model: Any) -> list[dict[str, torch.Tensor]]:
+    def batches(self, model: Model) -> list[dict[str, torch.Tensor]]:
         return materialised(model, self.data, batch_size=self.batch_size, max_length=self.max_length, what="evaluation")
 
-    def reference(self, model: Any) -> _Reference:
+    def reference(self, model: Model) -> _Reference:
         batches = self.batches(model)
         return _Reference(batches, self.measure(model, batches))
 
@@ -84,7 +85,7 @@ class _Evaluated:
 class _LossRatio(_Evaluated):
     """Objectives whose degradation is ``exp(L_sparse − L_dense) − 1`` of the loss ``measure``."""
 
-    def degradation(self, model: Any, reference: _Reference) -> float:
+    def degradation(self, model: Model, reference: _Reference) -> float:
         return _degradation_of_loss(self.measure(model, reference.batches), reference.value)
 
 
@@ -97,7 +98,7 @@ class CausalLMLoss(_LossRatio):
     batch_size: int = 16
     max_length: int = 128
 
-    def measure(self, model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    def measure(self, model: Model, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         """Mean next-token cross-entropy (nats) over real tokens that have a real successor."""
         total, count = next_token_loss(model, batches)
         if count == 0:
@@ -105,7 +106,7 @@ class CausalLMLoss(_LossRatio):
         return total / count
 
 
-def next_token_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
+def next_token_loss(model: Model, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
     """(summed next-token cross-entropy in nats, tokens scored) over real tokens that have a
     real successor."""
     total, count = 0.0, 0
@@ -133,7 +134,7 @@ class MaskedLMLoss(_LossRatio):
     batch_size: int = 16
     max_length: int = 128
 
-    def batches(self, model: Any) -> list[dict[str, torch.Tensor]]:
+    def batches(self, model: Model) -> list[dict[str, torch.Tensor]]:
         """The evaluation batches with masked inputs and ``labels`` (−100 = not scored)."""
         if not 0 < self.mask_fraction < 1:
             raise InputError(f"mask_fraction must be between 0 and 1, got {self.mask_fraction!r}; e.g. 0.15")
@@ -150,7 +151,7 @@ class MaskedLMLoss(_LossRatio):
             raise DataError("no token was masked; pass more or longer texts, or raise mask_fraction")
         return out
 
-    def _ids(self, model: Any) -> tuple[int, tuple[int, ...]]:
+    def _ids(self, model: Model) -> tuple[int, tuple[int, ...]]:
         tokenizer = model.tokenizer
         mask_id = self.mask_token_id if self.mask_token_id is not None else getattr(tokenizer, "mask_token_id", None)
         if mask_id is None:
@@ -159,7 +160,7 @@ class MaskedLMLoss(_LossRatio):
         return int(mask_id), tuple(int(s) for s in special)
 
     @staticmethod
-    def measure(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    def measure(model: Model, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         """Mean cross-entropy over the masked positions of all batches."""
         total, count = 0.0, 0
         for batch in batches:
@@ -183,7 +184,7 @@ class EmbeddingFidelity(_Evaluated):
     max_length: int = 128
 
     @staticmethod
-    def measure(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def measure(model: Model, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
         """``[N, d_model]`` float64: mean of the last hidden state over each text's real tokens."""
         rows = []
         for inputs in batches:
@@ -194,7 +195,7 @@ class EmbeddingFidelity(_Evaluated):
             rows.append((hidden.to(torch.float64) * mask).sum(1) / mask.sum(1).clamp_min(1))
         return torch.cat(rows)
 
-    def degradation(self, model: Any, reference: _Reference) -> float:
+    def degradation(self, model: Model, reference: _Reference) -> float:
         cosine = torch.nn.functional.cosine_similarity(self.measure(model, reference.batches), reference.value, dim=-1)
         return 1.0 - float(cosine.mean())
 
@@ -217,11 +218,11 @@ class ClassifierKL(_Evaluated):
     max_length: int = 128
 
     @staticmethod
-    def measure(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    def measure(model: Model, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         """Per batch, ``[rows, classes]`` log-probabilities in float64."""
         return [torch.log_softmax(_rows(_logits(_forward(model, b)), b).double(), dim=-1) for b in batches]
 
-    def degradation(self, model: Any, reference: _Reference) -> float:
+    def degradation(self, model: Model, reference: _Reference) -> float:
         total, count = 0.0, 0
         for dense, sparse in zip(reference.value, self.measure(model, reference.batches)):
             total += float((dense.exp() * (dense - sparse)).sum())
@@ -239,7 +240,7 @@ class ClassifierAccuracy(_Evaluated):
     batch_size: int = 16
     max_length: int = 128
 
-    def measure(self, model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    def measure(self, model: Model, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         predicted = torch.cat([_rows(_logits(_forward(model, b)), b).argmax(-1).cpu() for b in batches])
         labels = torch.as_tensor(list(self.labels))
         if predicted.shape != labels.shape:
@@ -248,11 +249,11 @@ class ClassifierAccuracy(_Evaluated):
             )
         return float((predicted == labels).double().mean())
 
-    def reference(self, model: Any) -> _Reference:
+    def reference(self, model: Model) -> _Reference:
         reference = super().reference(model)
         if reference.value == 0:
             raise InputError("the dense model gets every example wrong, so an accuracy ratio means nothing; use ClassifierKL")
         return reference
 
-    def degradation(self, model: Any, reference: _Reference) -> float:
+    def degradation(self, model: Model, reference: _Reference) -> float:
         return 1.0 - self.measure(model, reference.batches) / reference.value

@@ -24,6 +24,7 @@ import torch
 from ...errors import InputError
 from ...sites import Plan, Site
 from ...trace import Tracer, flatten
+from ...models import Model
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class _NonzeroCounter(Tracer):
     """Counts non-zero activations of the sites over real tokens. Attached after the edit's
     hooks, it sees the edited tensors (PyTorch runs pre-hooks in registration order)."""
 
-    def __init__(self, model: Any, plan: Plan) -> None:
+    def __init__(self, model: Model, plan: Plan) -> None:
         super().__init__(model, plan)
         self.position = {site.label: n for n, site in enumerate(plan.sites)}
         self.nonzero = np.zeros(len(plan.sites), dtype=np.int64)
@@ -64,7 +65,7 @@ class Evaluator:
     """Runs the objective; ``passes`` counts every pass over the evaluation data, the dense
     reference included."""
 
-    def __init__(self, model: Any, plan: Plan, objective: Any) -> None:
+    def __init__(self, model: Model, plan: Plan, objective: Any) -> None:
         from ...interventions import edit
 
         self.model, self.plan, self.objective, self._edit = model, plan, objective, edit

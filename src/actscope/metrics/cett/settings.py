@@ -21,12 +21,13 @@ from ...sites import plan_sites
 from .core import output_projection, unit_thresholds
 from .curves import CettCurves, eps_of
 from .search import fat_grid, topk_abs
+from ...models import Model
 
 
 class CettSettings:
     method = "cett"
 
-    def __init__(self, curves: CettCurves, model: Any) -> None:
+    def __init__(self, curves: CettCurves, model: Model) -> None:
         self.curves = curves
         self.points = curves.breakpoints()  # [(c, per-layer grid index)]
         plan = plan_sites(model, list(curves.sites))

@@ -34,7 +34,7 @@ from .curves import CettCurves, record_cett_curves
 from .objectives import (
     Objective,
 )
-from ...models import as_model
+from ...models import Model, ModelLike, as_model
 from .search import Bisection, Evaluation, Evaluator, bisect_settings, check_p
 from .settings import CettSettings, FatSettings, TopkSettings
 from .thresholds import CettThresholds, thresholds_for
@@ -154,7 +154,7 @@ class CettSparsity(TableResult, WeightBound):
         return replace(inner, kind=self.bound_kind, header={**inner.header, "result": _summary(self)})
 
     @classmethod
-    def from_bound(cls, bound: Bound, model: Any) -> "CettSparsity":
+    def from_bound(cls, bound: Bound, model: Model) -> "CettSparsity":
         thresholds = CettThresholds.from_bound(bound, model)
         if not isinstance(bound.header.get("result"), dict):
             refuse(bound.path, cls.bound_kind, "its header has no 'result' object")
@@ -165,7 +165,7 @@ class CettSparsity(TableResult, WeightBound):
 
 
 def cett_sparsity(
-    model: Any,
+    model: ModelLike,
     calibration: Any,
     objective: Objective,
     *,

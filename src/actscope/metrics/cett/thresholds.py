@@ -26,6 +26,7 @@ from .core import output_projection, unit_thresholds
 from .curves import CettCurves
 from ...results import TableResult
 from ...store.bound import Bound, WeightBound, refuse, shown
+from ...models import Model, ModelLike
 
 KIND = "cett-thresholds"
 
@@ -53,7 +54,7 @@ class CettThresholds(TableResult, WeightBound):
 
         return {site: threshold(torch.from_numpy(self.thresholds[site])) for site in self.sites}
 
-    def apply(self, model: Any) -> Iterator[Any]:
+    def apply(self, model: Model) -> Iterator[Any]:
         """Context manager: ``model`` runs with the thresholds while the block runs."""
         from ...interventions import edit
 
@@ -79,7 +80,7 @@ class CettThresholds(TableResult, WeightBound):
         return Bound(self.bound_kind, self.model_name, self.weight_hash, header, tensors)
 
     @classmethod
-    def from_bound(cls, bound: Bound, model: Any) -> "CettThresholds":
+    def from_bound(cls, bound: Bound, model: Model) -> "CettThresholds":
         """Rebuilt after :func:`check_content` (the envelope and the weights are checked before)."""
         check_content(bound, model)
         header, sites = bound.header, bound.header["sites"]
@@ -109,7 +110,7 @@ HEADER: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check_content(bound: Bound, model: Any) -> None:
+def check_content(bound: Bound, model: Model) -> None:
     """The header's keys (:data:`HEADER`), one layer and ε per site, and one float tensor per
     site of the model's unit count, finite and ≥ 0."""
     header, source = bound.header, bound.path
@@ -129,7 +130,7 @@ def check_content(bound: Bound, model: Any) -> None:
         _check_tensor(source, site, bound.tensors[site], units[site])
 
 
-def _units(source: Path | None, model: Any, sites: list[str]) -> dict[str, int]:
+def _units(source: Path | None, model: Model, sites: list[str]) -> dict[str, int]:
     """The unit count of each site on ``model`` (the width of its output projection)."""
     try:
         return {site.label: output_projection(model, site)[0].shape[1] for site in plan_sites(model, sites).sites}
@@ -148,7 +149,7 @@ def _check_tensor(source: Path | None, site: str, tensor: torch.Tensor, units: i
         refuse(source, KIND, f"tensor '{site}' holds {float(tensor[bad][0]):g}; thresholds are finite and ≥ 0")
 
 
-def thresholds_for(curves: CettCurves, c: float, model: Any, *, index: Any = None) -> CettThresholds:
+def thresholds_for(curves: CettCurves, c: float, model: ModelLike, *, index: Any = None) -> CettThresholds:
     """Thresholds for CETT target ``c`` read off ``curves`` (or for an explicit per-layer grid
     ``index``, −1 meaning ε = 0). ``model`` gives the output projections and the weight hash."""
     from ...store import weight_hash
