@@ -279,7 +279,7 @@ def test_default_cache_location(tmp_cache):
 def test_leftover_temp_dir_and_wrong_version_are_not_valid(tmp_cache):
     target = _tiny_target()
     # A killed run's temp dir, even one that looks complete, is never a model.
-    leftover = target.parent / f".tmp-{target.name}-abc123"
+    leftover = target.parent / f".{target.name}.tmp-abc123"
     leftover.mkdir(parents=True)
     for name in zoo_lm.REQUIRED_FILES:
         (leftover / name).write_text("{}")
@@ -297,8 +297,8 @@ def test_leftover_temp_dir_and_wrong_version_are_not_valid(tmp_cache):
     meta = json.loads((path / zoo_lm.ZOO_JSON).read_text())
     assert meta["version"] == zoo_lm.VERSION and meta["config"]["steps"] == 3
     assert leftover.is_dir()  # a recent temp dir may belong to a live run: left alone
-    assert not [p for p in target.parent.iterdir() if p.name.startswith(".stale-")]
-    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".tmp-")] == [
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.old-")]
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.tmp-")] == [
         leftover.name]
 
     # An old leftover is cleaned up by the next training run of that model.

@@ -61,7 +61,7 @@ def remove_leftovers(target: Path) -> None:
         try:
             dead = match["pid"] is not None and match["host"] == _HOST and not _alive(int(match["pid"]))
             if dead or leftover.lstat().st_mtime < cutoff:
-                _remove(leftover)
+                remove_path(leftover)
         except OSError:
             continue
 
@@ -78,7 +78,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file, link or directory tree; nothing if it is gone."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -145,7 +146,7 @@ def atomic_file(target: Path, *, size_hint: int = 0) -> Iterator[Path]:
         os.replace(tmp, target)
         _fsync(target.parent)
     except BaseException as error:
-        _remove(tmp)
+        remove_path(tmp)
         _reraise(error, target, size_hint)
 
 
@@ -164,7 +165,7 @@ def atomic_directory(target: Path, *, size_hint: int = 0) -> Iterator[Path]:
         give_user_mode(tmp)
         _swap_into_place(tmp, target)
     except BaseException as error:
-        _remove(tmp)
+        remove_path(tmp)
         _reraise(error, target, size_hint)
 
 

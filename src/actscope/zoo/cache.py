@@ -4,7 +4,8 @@ Every zoo trainer (:func:`~actscope.zoo.lm.train_tiny_lm`,
 :func:`~actscope.zoo.backcopy.train_backcopy`, :func:`~actscope.zoo.moe_tasks.train_moe_tasks`,
 :func:`~actscope.zoo.induction.train_induction`) goes through :func:`train_cached`: a valid cached
 model is reused; otherwise the model is trained into a temporary sibling directory
-(``.tmp-<name>-…``) on one CPU thread and renamed into place only once complete, so a reader
+(``.<name>.tmp-…``, named and cleaned up as every file actscope writes: :mod:`actscope.store.files`)
+on one CPU thread and renamed into place only once complete, so a reader
 sees the old directory, nothing, or the complete new model, never a mixture. ``actscope_zoo.json``
 (:func:`write_meta`, written last) marks a directory complete.
 """
@@ -13,19 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from actscope.errors import InputError
-from actscope.store.files import give_user_mode
+from actscope.store.files import give_user_mode, remove_leftovers, remove_path, temp_name
 
 ZOO_JSON = "actscope_zoo.json"
-TMP_PREFIX = ".tmp-"
-STALE_PREFIX = ".stale-"
-_TMP_MAX_AGE_S = 24 * 3600  # leftover temp dirs older than this are removed
 # One intra-op thread: the models are so small that a second thread gains little on an idle
 # two-core machine, but when other processes share the cores the threads' barrier waits make
 # each step many times slower. One thread also keeps the result independent of the machine.
@@ -140,8 +137,9 @@ def train_cached(
     except OSError as exc:
         raise InputError(f"{caller}: cannot create {parent} ({exc}); set ACTSCOPE_CACHE or pass out_dir "
                          "to a writable directory.") from exc
-    _cleanup_leftovers(parent, target.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=parent))
+    remove_leftovers(target)
+    tmp = parent / temp_name(target)
+    tmp.mkdir()
     threads = torch.get_num_threads()
     torch.set_num_threads(_TRAIN_THREADS)
     try:
@@ -170,37 +168,11 @@ def _publish(tmp: Path, target: Path, is_valid: Callable[[Path], bool], force: b
         if not force and is_valid(target):
             return  # another process finished first: keep its copy
         force = False  # what appears after our replacement is a concurrent, equally good copy
-        stale = target.parent / f"{STALE_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+        stale = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         try:
             os.rename(target, stale)
         except FileNotFoundError:
             pass
-        _remove(stale)
+        remove_path(stale)
     raise InputError(f"{caller}: could not move the trained model into {target}: the path keeps being "
                      "recreated by another process; pass a different out_dir.")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)
-
-
-def _cleanup_leftovers(parent: Path, name: str) -> None:
-    """Remove replaced copies and temp dirs of killed runs (old ones only: a run may be live)."""
-    now = time.time()
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name.startswith(f"{STALE_PREFIX}{name}-"):
-            _remove(entry)
-        elif entry.name.startswith(f"{TMP_PREFIX}{name}-"):
-            try:
-                old = now - entry.stat().st_mtime > _TMP_MAX_AGE_S
-            except OSError:
-                continue
-            if old:
-                shutil.rmtree(entry, ignore_errors=True)

@@ -11,7 +11,7 @@ and batches, the same number of steps) except for ``hidden_act``. The MLP is Lla
 ``down_proj(act(gate_proj(x)) * up_proj(x))``; with ``relu`` that is the ReLU-gated MLP of
 ProSparse / the Sparsing Law paper.
 
-Cache writes are atomic: a model is trained into a temporary sibling directory (``.tmp-…``) and
+Cache writes are atomic: a model is trained into a temporary sibling directory (``.<name>.tmp-…``) and
 renamed into place only once complete, and a directory counts as valid only when its
 ``actscope_zoo.json`` has the current :data:`VERSION` and the requested configuration and every
 model file is present. A leftover temporary directory of a killed run is never read as a model.
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from actscope.errors import InputError
-from actscope.zoo.cache import STALE_PREFIX, TMP_PREFIX, ZOO_JSON, cache_root, read_meta, train_cached, write_meta, zoo_dir
+from actscope.zoo.cache import ZOO_JSON, cache_root, read_meta, train_cached, write_meta, zoo_dir
 from actscope.zoo.synthetic import generate_corpus, unigram_entropy
 
 __all__ = [
@@ -113,7 +113,7 @@ def zoo_dir_problem(path: str | os.PathLike, cfg: TrainConfig | None = None) -> 
     path = Path(path)
     if not path.is_dir():
         return f"{path} is not a directory"
-    if path.name.startswith((TMP_PREFIX, STALE_PREFIX)):
+    if path.name.startswith("."):  # a hidden sibling: the temporary of a training run, or a replaced copy
         return f"{path} is a temporary directory of an unfinished or replaced training run"
     meta = read_meta(path)
     if meta is None:
