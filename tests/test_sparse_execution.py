@@ -1,7 +1,8 @@
 """Sparse execution equals the dense model with the same thresholds, and leaves no trace.
 
-For every supported family's tiny model and every method: prefill and three cached decoding
-steps, batch 1 and batch 4 (left-padded), logits of ``sparsify`` against
+For the tiny model of every family that sparse execution supports (from the cards, and the
+card-less families matched to such a card's layout) and every method: prefill and three cached
+decoding steps, batch 1 and batch 4 (left-padded), logits of ``sparsify`` against
 ``dense_with_thresholds`` (an independent computation: the model's own dense forward with the
 skips applied by hooks). Each comparison also checks that the thresholds changed the dense
 output, so equality is not the trivial one.
@@ -16,12 +17,15 @@ import torch
 
 import actscope
 from actscope.errors import InputError
-from actscope.sparse import calibrate, dense_with_thresholds, sparsify
-from actscope.zoo.tiny import tiny_model
+from actscope.sparse import calibrate, dense_with_thresholds, sparse_families, sparsify
 from actscope.store import weight_hash
+from actscope.zoo.tiny import tiny_model
 from conftest import hook_count
+from test_layouts import LAYOUTS, fresh
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt"]
+# Every family whose card lets sparse execution run its MLPs, and the card-less families whose
+# matched layout is one of them (tests/test_layouts.py).
+FAMILIES = [*sparse_families(), *(name for name, tiny in LAYOUTS.items() if tiny.layout in sparse_families())]
 SETTINGS = {"cats": {"sparsity": 0.7}, "teal": {"sparsity": 0.6}, "cett": {"p": 0.005}, "core": {"sparsity": 0.5}}
 LOW = 3  # token ids below this are special in some tiny configs
 STEPS = 3
@@ -47,7 +51,7 @@ _CACHE: dict = {}
 
 def setup(family: str) -> tuple:
     if family not in _CACHE:
-        module, _ = tiny_model(family)
+        module = fresh(family) if family in LAYOUTS else tiny_model(family)[0]
         model = actscope.wrap(module)
         cals = {m: calibrate(model, calibration_data(), method=m, **kw) for m, kw in SETTINGS.items()}
         cals["cett"] = non_degenerate(cals["cett"])

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapters import Adapter, Hook, Router, adapter_for
+from .adapters import Adapter, Hook, Router, card_for, resolve_module  # resolve_module: re-exported here too
 
 # Upper bound of the ``{e}`` placeholder when an adapter counts experts.
 PLACEHOLDERS = ("i", "e")
@@ -25,20 +25,6 @@ class SiteEntry:
     @property
     def layer(self) -> int | None:
         return dict(self.index).get("i")
-
-
-def resolve_module(root: torch.nn.Module, path: str) -> tuple[str, torch.nn.Module] | None:
-    """Find ``path`` on ``root`` or under its base model; return (full path, module) or None."""
-    candidates = [path]
-    prefix = getattr(root, "base_model_prefix", "")
-    if prefix and hasattr(root, prefix):
-        candidates.append(f"{prefix}.{path}" if path else prefix)
-    for candidate in candidates:
-        try:
-            return candidate, root.get_submodule(candidate)
-        except AttributeError:
-            continue
-    return None
 
 
 class Model:
@@ -62,7 +48,7 @@ class Model:
         self.name = name or type(module).__name__
         self.source = source
         self.config = getattr(module, "config", None)
-        self.adapter: Adapter | None = adapter_for(self.config) if self.config is not None else None
+        self.adapter: Adapter | None = card_for(module)  # by model_type, else by layout (models/adapters/layouts.py)
         self._example_inputs = dict(example_inputs) if example_inputs is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -102,6 +102,21 @@ class Hook:
         return read_input if self.at == "input" else read_output
 
 
+def resolve_module(root: torch.nn.Module, path: str) -> tuple[str, torch.nn.Module] | None:
+    """Find ``path`` on ``root`` or under its base model; return (full path, module) or None.
+    This is how every card path (a :class:`Hook`'s, ``blocks``, the readout's) is found."""
+    candidates = [path]
+    prefix = getattr(root, "base_model_prefix", "")
+    if prefix and hasattr(root, prefix):
+        candidates.append(f"{prefix}.{path}" if path else prefix)
+    for candidate in candidates:
+        try:
+            return candidate, root.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
 @dataclass(frozen=True)
 class Mlp:
     """How a block's MLP computes its neuron, beyond where the sites hook (what sparse execution,
