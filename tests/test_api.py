@@ -46,9 +46,9 @@ def test_import_is_lazy():
 def test_hub_name_is_refused_with_the_fix():
     import pytest
 
-    with pytest.raises(actscope.ModelLoadError, match="never downloads models") as error:
+    with pytest.raises(actscope.ModelLoadError, match="is not in the local cache") as error:
         actscope.load("gpt2-org/some-model")
-    assert "--local-dir" in str(error.value)
+    assert "--local-dir" in str(error.value) and "download=True" in str(error.value)
 
 
 def test_directory_without_config(tmp_path):

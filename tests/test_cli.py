@@ -48,7 +48,7 @@ def test_profile_user_text_file_and_sites(tmp_path):
         (["profile", "--data", "{empty}"], "no text documents"),
         (["profile", "--data", "{odd}"], "supported"),
         (["profile", "{noconfig}"], "no config.json"),
-        (["profile", "org/name"], "never downloads models"),
+        (["profile", "org/name"], "nothing was downloaded"),
         (["profile", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["profile", "--data", "{jsonl}", "--column", "body"], "text"),
         (["sites", "{noconfig}"], "no config.json"),

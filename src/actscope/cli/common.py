@@ -25,6 +25,16 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
 TRUST_REMOTE_CODE_HELP = "Run the Python code a model directory ships (its config's auto_map); only for code you trust."
+MODEL_HELP = "A model directory, or a Hugging Face hub id (org/name) found in the local Hugging Face cache"
+
+# The options of every command that loads a model, defined once; each command lists them all and
+# hands them to load_model.
+DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto (a GPU when there is one); default: where the model loads.")
+DTYPE = typer.Option(None, "--dtype", help="auto (the checkpoint's dtype), float32, bfloat16, float16 or float64; default: transformers' (the checkpoint's).")
+DEVICE_MAP = typer.Option(None, "--device-map", help="Split the model over devices (needs accelerate): auto, balanced, sequential, or a JSON object of module → device, e.g. '{\"\": 0}'. Not with --device.")
+REVISION = typer.Option(None, "--revision", help="Branch, tag or commit of a hub id (default: main).")
+DOWNLOAD = typer.Option(False, "--download", help="Allow fetching a hub id from the Hugging Face hub into the local cache (its config, weights and tokenizer only); without it nothing reaches the network.")
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)
 ACTSCOPE_PACKAGE = str(Path(__file__).resolve().parents[1])
 
 
@@ -81,11 +91,45 @@ def raised_by_the_model(trace: TracebackType | None) -> bool:
     return any(code.co_name in ("_call_impl", "_wrapped_call_impl") and "torch" in code.co_filename for code in below)
 
 
-def quiet_libraries() -> None:
-    """Keep third-party progress bars and advice out of the CLI's output."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def quiet_libraries(download: bool = False) -> None:
+    """Keep third-party progress bars and advice out of the CLI's output, and keep the Hugging
+    Face libraries offline (HF_HUB_OFFLINE=1 unless the user set it) unless ``--download`` was
+    passed. Called first, before huggingface_hub is imported: it reads the variable once."""
+    if not download:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if not sys.warnoptions:
         import warnings
 
         warnings.filterwarnings("ignore", module="transformers")
+
+
+def load_model(
+    model: str | None,
+    *,
+    device: str | None,
+    dtype: str | None,
+    device_map: str | None,
+    revision: str | None,
+    download: bool,
+    trust_remote_code: bool,
+):
+    """actscope.load with the shared options as the command line gives them."""
+    import actscope
+
+    return actscope.load(model, device=device, dtype=dtype, device_map=parse_device_map(device_map), revision=revision,
+                         download=download, trust_remote_code=trust_remote_code)
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """--device-map: a strategy name as it is, or a JSON object (load checks its entries)."""
+    import json
+
+    from ..errors import InputError
+
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise InputError(f"--device-map '{text}' is not valid JSON ({error}); give auto, or an object such as '{{\"\": 0}}'") from None

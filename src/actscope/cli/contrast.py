@@ -8,11 +8,14 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
+from .common import (
+    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
+    load_model, quiet_libraries, styled,
+)
 
 
 def contrast(
-    model_dir: Path = typer.Argument(..., help="Hugging Face model directory (with its tokenizer)."),
+    model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + ", with its tokenizer."),
     behaviour: Path = typer.Option(..., "--behaviour", "-b", help="Behaviour-eliciting prompts: a text file (one per line), .jsonl, .csv, …"),
     control: Path = typer.Option(..., "--control", "-c", help="Control prompts, same formats."),
     sites: str = typer.Option("blocks.*.mlp.post", "--sites", "-s", help="Units (e.g. blocks.*.mlp.post), heads (blocks.*.attn.z), experts (blocks.*.moe.router)."),
@@ -26,12 +29,16 @@ def contrast(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate prompts to this many tokens."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    device_map: Optional[str] = DEVICE_MAP,
+    revision: Optional[str] = REVISION,
+    download: bool = DOWNLOAD,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Contrast sets (fTRI): which units, heads and experts respond more to the behaviour prompts."""
-    quiet_libraries()
+    quiet_libraries(download)
     with friendly_errors():
-        import actscope
         from actscope.data import load_corpus
         from actscope.errors import InputError
         from actscope.explain.contrast import contrast as run_contrast
@@ -42,7 +49,8 @@ def contrast(
             from actscope.store.writer import check_target
 
             check_target(out, overwrite)  # refuse before the forward passes
-        model = actscope.load(model_dir, trust_remote_code=trust_remote_code)
+        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
+                           download=download, trust_remote_code=trust_remote_code)
         behaviour_set, control_set = load_corpus(behaviour, column=column), load_corpus(control, column=column)
         result = run_contrast(
             model, behaviour_set, control_set, sites, n_permutations=permutations, seed=seed,

@@ -7,24 +7,32 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
+from .common import (
+    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
+    load_model, quiet_libraries, styled,
+)
 
 
 def decode(
-    model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model directory (default: the embedded MiniLM)."),
+    model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
     site: str = typer.Option("blocks.*.mlp.post", "--site", "-s", help="Neuron sites and units, e.g. 'blocks.3.mlp.post[17]' or 'blocks.*.mlp.post'."),
     top: int = typer.Option(10, "--top", help="Promoted and suppressed tokens per unit."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: a run of the same model gets decode and decode_agreement tables; a new directory gets a decode table."),
     show: int = typer.Option(20, "--show", help="Units printed (every unit is written with --out)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    device_map: Optional[str] = DEVICE_MAP,
+    revision: Optional[str] = REVISION,
+    download: bool = DOWNLOAD,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Decode neurons into the vocabulary: W_out[:, i] through the final norm and the unembedding."""
-    quiet_libraries()
+    quiet_libraries(download)
     with friendly_errors():
-        import actscope
         from actscope.explain.decode import decode as decode_units
 
-        model = actscope.load(model_dir, trust_remote_code=trust_remote_code)
+        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
+                           download=download, trust_remote_code=trust_remote_code)
         decoded = decode_units(model, site, top=top)
         agreement = _write(model, decoded, out, site, top) if out is not None else None
         _print(decoded, agreement, show)

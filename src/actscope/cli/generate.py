@@ -8,27 +8,34 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
+from .common import (
+    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
+    load_model, quiet_libraries, styled,
+)
 
 
 def generate(
-    model_dir: Path = typer.Argument(..., help="Hugging Face causal-LM directory (with its tokenizer)."),
+    model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + ": a causal LM with its tokenizer."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="A file written by `actscope sparsify`."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: where the model loads)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    device_map: Optional[str] = DEVICE_MAP,
+    revision: Optional[str] = REVISION,
+    download: bool = DOWNLOAD,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Print the greedy continuation and tokens/s, dense and sparse side by side."""
-    quiet_libraries()
+    quiet_libraries(download)
     with friendly_errors():
-        import actscope
         from actscope.errors import DataError, InputError
         from actscope.sparse import Calibration, sparsify
 
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        model = actscope.load(model_dir, device=device, trust_remote_code=trust_remote_code)
+        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
+                           download=download, trust_remote_code=trust_remote_code)
         model.module.eval()
         if model.tokenizer is None:
             raise DataError(f"{model_dir} has no tokenizer; generate needs one to read --prompt and print the text")

@@ -7,14 +7,17 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
+from .common import (
+    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
+    load_model, quiet_libraries, styled,
+)
 
 DEFAULT_SITES = {"head": "blocks.*.attn.z", "unit": "blocks.*.mlp.post", "site": "blocks.*.attn.z,blocks.*.mlp.post",
                  "position": "blocks.*.resid.pre"}
 
 
 def patch(
-    model_dir: Path = typer.Argument(..., help="Hugging Face model directory with a tokenizer."),
+    model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + ", with its tokenizer."),
     clean: str = typer.Option(..., "--clean", help="The clean prompt (the answer is right here)."),
     corrupted: str = typer.Option(..., "--corrupted", help="The corrupted prompt, the same number of tokens long."),
     answer: str = typer.Option(..., "--answer", help="The token the clean prompt should predict next."),
@@ -25,12 +28,16 @@ def patch(
     top: int = typer.Option(20, "--top", help="Rows to print (largest |recovered| first)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write the full table into."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    device_map: Optional[str] = DEVICE_MAP,
+    revision: Optional[str] = REVISION,
+    download: bool = DOWNLOAD,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Patch clean activations into the corrupted run and print the recovered fraction per component."""
-    quiet_libraries()
+    quiet_libraries(download)
     with friendly_errors():
-        import actscope
         from actscope.errors import InputError
         from actscope.explain.attribution import attribution_patching
         from actscope.explain.patching import PER, activation_patching, logit_difference
@@ -43,7 +50,8 @@ def patch(
             from actscope.store.writer import check_target
 
             check_target(out, overwrite)
-        model = actscope.load(model_dir, trust_remote_code=trust_remote_code)
+        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
+                           download=download, trust_remote_code=trust_remote_code)
         if model.tokenizer is None:
             raise InputError(f"{model_dir} has no tokenizer, so text prompts cannot be encoded; use the Python API with token ids")
         ids = {name: _token_id(model.tokenizer, text, name) for name, text in (("--answer", answer), ("--wrong", wrong))}

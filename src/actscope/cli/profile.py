@@ -9,13 +9,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries, styled
+from .common import (
+    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
+    load_model, quiet_libraries, styled,
+)
 
 _METRIC_NAMES = "cett, temporal, core, codes, extreme, outliers, memory, moe, sensitivity"
 
 
 def profile(
-    model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model directory (default: the embedded MiniLM)."),
+    model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Text, .jsonl, .csv, .tsv, .parquet or a saved HF dataset (default: built-in corpus)."),
     column: Optional[str] = typer.Option(None, "--column", help="Text column of a table-shaped data file."),
     sites: str = typer.Option("blocks.*.mlp.post", "--sites", "-s", help="Site selection, e.g. 'blocks.*.mlp.post,blocks.0-2.attn.pattern'."),
@@ -25,20 +28,25 @@ def profile(
     batch_size: int = typer.Option(8, "--batch-size", help="Documents per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate documents to this many tokens."),
     top_k: int = typer.Option(8, "--top-k", help="Top-activating examples kept per unit."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: where the model loads)."),
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Measurements to add to the run: 'all' or a comma list of " + _METRIC_NAMES + "."),
     checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Earlier checkpoint directories, comma-separated, in training order (for --metrics sensitivity)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN_DIR/report.html (charts + neuron browser) at the end."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    device_map: Optional[str] = DEVICE_MAP,
+    revision: Optional[str] = REVISION,
+    download: bool = DOWNLOAD,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Stream per-neuron statistics of chosen sites into a run directory and summarise them."""
-    quiet_libraries()
+    quiet_libraries(download)
     with friendly_errors():
         import actscope
         from actscope.data import load_corpus
         from actscope.store import check_target
         config = actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column).checked()
-        model = actscope.load(model_dir, device=device, trust_remote_code=trust_remote_code)
+        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
+                           download=download, trust_remote_code=trust_remote_code)
         plan = actscope.plan_sites(model, sites)
         corpus = load_corpus(data, column=column)
         target = out or _default_out(model.name)
@@ -54,7 +62,8 @@ def profile(
 
 
 def _default_out(name: str) -> Path:
-    return Path("actscope-runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a hub id's "org/name" becomes one folder, "org--name", as in the Hugging Face cache
+    return Path("actscope-runs") / f"{name.replace('/', '--')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 class _progress:

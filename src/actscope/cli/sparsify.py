@@ -7,10 +7,13 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import TRUST_REMOTE_CODE_HELP, console, friendly_errors, quiet_libraries
+from .common import (
+    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
+    load_model, quiet_libraries,
+)
 
 def sparsify(
-    model_dir: Path = typer.Argument(..., help="Hugging Face causal-LM directory (with its tokenizer)."),
+    model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + ": a causal LM with its tokenizer."),
     data: Path = typer.Option(..., "--data", "-d", help="Calibration text: .txt, .jsonl, .csv, .tsv, .parquet or a saved dataset."),
     out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="cats | teal | cett | core (default: cett with --p, cats with --sparsity)."),
@@ -23,13 +26,16 @@ def sparsify(
     batch_size: int = typer.Option(8, "--batch-size", help="Documents per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate documents to this many tokens."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at --out."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: where the model loads)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    device_map: Optional[str] = DEVICE_MAP,
+    revision: Optional[str] = REVISION,
+    download: bool = DOWNLOAD,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Calibrate what the MLP blocks may skip; print expected sparsity per layer and dense vs sparse perplexity."""
-    quiet_libraries()
+    quiet_libraries(download)
     with friendly_errors():
-        import actscope
         from actscope.data import load_corpus
         from actscope.sparse import calibrate, evaluate
         from actscope.store.bound import check_target
@@ -37,7 +43,8 @@ def sparsify(
         chosen = method or ("cett" if p is not None else "cats")
         check_target(out.expanduser(), overwrite, "--out", kind="sparse-calibration")  # a user's file, a folder, no write access: before the work
         calibration_docs, held_out_docs = _split(load_corpus(data, column=column).documents, eval_data, column, held_out)
-        model = actscope.load(model_dir, device=device, trust_remote_code=trust_remote_code)
+        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
+                           download=download, trust_remote_code=trust_remote_code)
         model.module.eval()
         calibration = calibrate(model, list(calibration_docs), method=chosen, sparsity=sparsity,
                                 p=None if p is None else p / 100, alpha=alpha, batch_size=batch_size, max_length=max_length)

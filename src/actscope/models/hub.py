@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from glob import escape
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import ModelLoadError
-from .loading import WEIGHT_FILES, _said
 
 DOWNLOAD_FIX = "pass download=True to actscope.load (CLI: --download) to fetch its config, weights and tokenizer into that cache"
 # Top-level files that loading reads besides the weights (config, generation config, every
@@ -64,21 +63,29 @@ def looks_like_hub_id(text: str) -> bool:
     return True
 
 
-def resolve(repo_id: str, *, revision: str | None, download: bool, trust_remote_code: bool) -> Snapshot:
+def resolve(
+    repo_id: str, *, revision: str | None, download: bool, trust_remote_code: bool, weight_files: Sequence[str]
+) -> Snapshot:
     """The snapshot of ``repo_id`` at ``revision`` (default: main): from the cache, or, with
-    ``download=True``, fetched into it. Every failure is a :class:`ModelLoadError` with the fix."""
+    ``download=True``, fetched into it; ``weight_files`` are the weight file names loading reads,
+    in its order of preference. Every failure is a :class:`ModelLoadError` with the fix."""
     from huggingface_hub import constants
 
     cache = Path(constants.HF_HUB_CACHE)
-    if not download:
-        return _cached(repo_id, revision, cache) or _refuse_uncached(repo_id, revision, cache)
-    if constants.HF_HUB_OFFLINE:
+    if download and not constants.HF_HUB_OFFLINE:
+        return _downloaded(repo_id, revision, cache, trust_remote_code, weight_files)
+    cached = _cached(repo_id, revision, cache)
+    if cached is not None:
+        return cached
+    if download:  # HF_HUB_OFFLINE=1 beats download=True: the cache only
+        at = "" if revision is None else f" at revision '{revision}'"
         raise ModelLoadError(
-            f"'{repo_id}' is not a local directory and not in the Hugging Face cache ({cache}); downloading it was "
-            "allowed (download=True / --download), but HF_HUB_OFFLINE=1 in the environment forbids any download. "
-            f"Unset HF_HUB_OFFLINE (or set it to 0), or pass a local model directory (e.g. after {_hf_download(repo_id)})"
+            f"'{repo_id}'{at} is not a local directory and not in the local Hugging Face cache ({cache}); downloading "
+            "it was allowed (download=True / --download), but HF_HUB_OFFLINE=1 in the environment forbids any "
+            "download. Unset HF_HUB_OFFLINE (or set it to 0), or pass a local model directory (e.g. after "
+            f"{_hf_download(repo_id, revision)})"
         )
-    return _downloaded(repo_id, revision, cache, trust_remote_code)
+    return _refuse_uncached(repo_id, revision, cache)
 
 
 # --- the cache ---------------------------------------------------------------------------------
@@ -97,9 +104,9 @@ def _cached(repo_id: str, revision: str | None, cache: Path) -> Snapshot | None:
 
 def _refuse_uncached(repo_id: str, revision: str | None, cache: Path) -> Snapshot:
     known = _cached_revisions(repo_id, cache)
-    if revision is not None and known:
+    if known:
         raise ModelLoadError(
-            f"revision '{revision}' of '{repo_id}' is not in the local Hugging Face cache ({cache}); cached: "
+            f"revision '{revision or 'main'}' of '{repo_id}' is not in the local Hugging Face cache ({cache}); cached: "
             f"{known}. Pass one of those (--revision; revision= in Python), or {DOWNLOAD_FIX}"
         )
     at = "" if revision is None else f" at revision '{revision}'"
@@ -111,7 +118,7 @@ def _refuse_uncached(repo_id: str, revision: str | None, cache: Path) -> Snapsho
 
 
 def _cached_revisions(repo_id: str, cache: Path) -> str:
-    """The cached revisions of ``repo_id`` in words ('main → 1a2b3c4d…, 5e6f7a8b…'), '' if none."""
+    """The cached revisions of ``repo_id`` in words ('main → <commit>; <commit>'), '' if none."""
     from huggingface_hub import scan_cache_dir
 
     try:
@@ -135,7 +142,9 @@ def _hf_download(repo_id: str, revision: str | None = None) -> str:
 # --- downloading -------------------------------------------------------------------------------
 
 
-def _downloaded(repo_id: str, revision: str | None, cache: Path, trust_remote_code: bool) -> Snapshot:
+def _downloaded(
+    repo_id: str, revision: str | None, cache: Path, trust_remote_code: bool, weight_files: Sequence[str]
+) -> Snapshot:
     """Fetch what loading reads into the cache (files already there are not fetched again)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
@@ -144,7 +153,7 @@ def _downloaded(repo_id: str, revision: str | None, cache: Path, trust_remote_co
         listed = [name for name in HfApi().list_repo_files(repo_id, revision=revision) if "/" not in name]
         directory = _fetch(repo_id, revision, cache, [name for name in listed if _loading_reads(name, trust_remote_code)])
         commit = directory.name  # the later fetches name this commit: every file comes from one revision
-        weights = _weight_file(directory, listed)
+        weights = _weight_file(directory, listed, weight_files)
         if weights is not None:
             _fetch(repo_id, commit, cache, [weights])
             if weights.endswith(".index.json"):
@@ -185,11 +194,12 @@ def _fetch(repo_id: str, revision: str | None, cache: Path, names: list[str]) ->
     return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns))
 
 
-def _weight_file(directory: Path, listed: list[str]) -> str | None:
-    """The weight file from_pretrained will read (loading.py's order of preference), among ``listed``."""
+def _weight_file(directory: Path, listed: list[str], weight_files: Sequence[str]) -> str | None:
+    """The weight file from_pretrained will read among ``listed``: config.json's
+    ``transformers_weights``, else the first of ``weight_files`` (loading's order of preference)."""
     config = _json(directory / "config.json")
     explicit = config.get("transformers_weights") if isinstance(config, dict) else None
-    return next((name for name in ([explicit] if isinstance(explicit, str) else WEIGHT_FILES) if name in listed), None)
+    return next((name for name in ([explicit] if isinstance(explicit, str) else weight_files) if name in listed), None)
 
 
 def _shards(index: Path, listed: list[str]) -> list[str]:
@@ -198,6 +208,10 @@ def _shards(index: Path, listed: list[str]) -> list[str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
     return sorted(name for name in names if isinstance(name, str) and name in listed)
+
+
+def _said(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def _json(path: Path) -> Any:

