@@ -315,10 +315,10 @@ class Capture(Tracer):
         if self.flat or site.hook.layout == "tokens":  # gathered tokens need their ids kept
             reading = flatten(site, value, self._batch_info(), module)
             self._charge(site, reading.values.numel() * reading.values.element_size())
-            self.readings[site.label].append(Reading(reading.values.cpu().clone(), reading.tok))
+            self.readings[site.label].append(Reading(reading.values.to("cpu", copy=True), reading.tok))
             return
         self._charge(site, value.numel() * value.element_size())
-        self.tensors[site.label].append(value.detach().cpu().clone())
+        self.tensors[site.label].append(value.detach().to("cpu", copy=True))  # one copy, from any device
 
     def _charge(self, site: Site, size: int) -> None:
         if self.bytes + size > self.max_bytes:

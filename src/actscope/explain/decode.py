@@ -93,9 +93,10 @@ def decode(model: ModelLike, sites: str | Sequence[str] = "blocks.*.mlp.post", *
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise InputError(f"decode(): top must be a whole number >= 1, got {top!r}")
     model = as_model(model, None)
-    unembed = unembedding(model)  # [vocab, d_model]
+    unembed = unembedding(model)  # [vocab, d_model], where the scores are computed
     skipped = _special_tokens(model.tokenizer, unembed.shape[0]) if skip_special else torch.zeros(unembed.shape[0], dtype=torch.bool)
     top = min(top, int((~skipped).sum()))
+    skipped = skipped.to(unembed.device)
     parts = [_decode_site(model, site, unembed, top, skipped) for site in plan_sites(model, sites).sites]
     columns = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     columns["token"] = _token_texts(model.tokenizer, columns["token_id"])
@@ -107,7 +108,9 @@ def _decode_site(model: Model, site: Site, unembed: torch.Tensor, top: int, skip
     units = np.asarray(site.units if site.units is not None else range(w_out.shape[1]), dtype=np.int64)
     if units.size and units.max() >= w_out.shape[1]:
         raise InputError(f"{site.label}: unit {int(units.max())} is out of range; {site.name} has {w_out.shape[1]} units (0-{w_out.shape[1] - 1})")
-    directions = residual_map(model, site.layer)(w_out[:, torch.as_tensor(units)])  # [d_model', units]
+    # A model split over devices keeps the layer and the unembedding apart: work on the latter's.
+    chosen = w_out.index_select(1, torch.as_tensor(units, device=w_out.device)).to(unembed.device)
+    directions = residual_map(model, site.layer)(chosen)  # [d_model', units]
     if directions.shape[0] != unembed.shape[1]:
         raise InputError(f"{site.label}: the mapped direction has {directions.shape[0]} dimensions but the unembedding expects {unembed.shape[1]}")
     promoted, suppressed = top_tokens(unembed, directions, top, skipped)
@@ -121,6 +124,7 @@ def top_tokens(
     ``[units, top]``, from ``unembed`` ``[vocab, d]`` and ``directions`` ``[d, units]``;
     ``skipped`` ``[vocab]`` bool marks tokens never returned."""
     skipped = torch.zeros(unembed.shape[0], dtype=torch.bool) if skipped is None else skipped
+    skipped = skipped.to(unembed.device)
     chunk = max(1, SCORE_BYTES // (8 * unembed.shape[0]))
     high, low = [], []
     for start in range(0, directions.shape[1], chunk):
@@ -141,9 +145,9 @@ def _rows(site: Site, units: np.ndarray, promoted: tuple, suppressed: tuple, top
         "unit": np.tile(np.repeat(units, top), 2),
         "direction": np.array(["promoted"] * per_direction + ["suppressed"] * per_direction, dtype=object),
         "rank": np.tile(ranks, 2),
-        "token_id": torch.cat([promoted[1].reshape(-1), suppressed[1].reshape(-1)]).numpy().astype(np.int64),
+        "token_id": torch.cat([promoted[1].reshape(-1), suppressed[1].reshape(-1)]).cpu().numpy().astype(np.int64),
         "token": np.empty(2 * per_direction, dtype=object),
-        "score": torch.cat([promoted[0].reshape(-1), suppressed[0].reshape(-1)]).numpy().astype(np.float64),
+        "score": torch.cat([promoted[0].reshape(-1), suppressed[0].reshape(-1)]).cpu().numpy().astype(np.float64),
     }
 
 
@@ -162,8 +166,10 @@ def neuron_directions(model: Model, site: Site) -> torch.Tensor:
 
 
 def _expert_down(model: Model, site: Site) -> torch.Tensor:
+    from ..models.adapters.base import dense_weight
+
     module = model.module.get_submodule(site.path)
-    weight = getattr(module, "down_proj", None)
+    weight = dense_weight(module, "down_proj")  # offloaded or quantised: the real values
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
         raise InputError(f"{site.label}: {site.path} has no fused down_proj [experts, hidden, d_expert] to decode")
     down = weight[dict(site.index)["e"]].detach().to(F64)
@@ -171,11 +177,14 @@ def _expert_down(model: Model, site: Site) -> torch.Tensor:
 
 
 def unembedding(model: Model) -> torch.Tensor:
-    """``W_U`` ``[vocab, d_model]`` (float64): the output embedding, else the (tied) input one."""
+    """``W_U`` ``[vocab, d_model]`` (float64): the output embedding, else the (tied) input one;
+    dequantised or read from accelerate's offload where the model keeps it so."""
+    from ..models.adapters.base import dense_weight
+
     module = model.module
     for getter in ("get_output_embeddings", "get_input_embeddings"):
         found = getattr(module, getter, lambda: None)()
-        weight = getattr(found, "weight", None)
+        weight = dense_weight(found) if isinstance(found, torch.nn.Module) else None
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             return weight.detach().to(F64)
     raise InputError(f"{model.name} has neither an output nor an input embedding matrix, so neurons cannot be decoded into tokens")
@@ -214,21 +223,25 @@ def linear_map(module: torch.nn.Module, norm_offset: float) -> LinearMap:
     """A module after the last block as a linear map on directions: a projection (OPT's
     ``project_out``) is its weight, anything else a norm."""
     if isinstance(module, torch.nn.Linear):
-        weight = module.weight.detach().to(F64)
-        return lambda d: weight @ d
+        from ..models.adapters import out_in_weight
+
+        weight = out_in_weight(module).detach().to(F64)
+        return lambda d: weight.to(d.device) @ d
     return norm_map(module, norm_offset)
 
 
 def norm_map(norm: torch.nn.Module, offset: float = 0.0) -> LinearMap:
     """A norm module as the linear map on directions ``[d, units]`` described above; an
     RMSNorm scales by ``offset + weight`` (the card's ``norm_offset``: Gemma's is 1)."""
-    weight = getattr(norm, "weight", None)
+    from ..models.adapters.base import dense_weight
+
+    weight = dense_weight(norm)  # offloaded: the values its hook would load
     gain = torch.ones(1, dtype=F64) if weight is None else weight.detach().to(F64)
     name = type(norm).__name__
     if "RMS" not in name and ("LayerNorm" in name or getattr(norm, "bias", None) is not None):
-        return lambda d: gain[:, None] * (d - d.mean(dim=0, keepdim=True))
+        return lambda d: gain.to(d.device)[:, None] * (d - d.mean(dim=0, keepdim=True))
     gain = offset + gain
-    return lambda d: gain[:, None] * d
+    return lambda d: gain.to(d.device)[:, None] * d
 
 
 def _is_encoder(model: Model) -> bool:

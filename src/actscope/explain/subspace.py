@@ -96,9 +96,10 @@ class SubspacePatch(TableResult):
 # -- the diagnostic -----------------------------------------------------------------------
 def row_null_split(directions: torch.Tensor, weight: torch.Tensor) -> RowNullSplit:
     """Split each row of ``directions`` (``[k, d]``) into ``weight``'s (``[out, d]``) row space
-    and null space; ``row_norm² + null_norm² = norm²`` for each direction."""
-    directions = _as_rows(directions)
-    weight = torch.as_tensor(weight).detach().double()
+    and null space; ``row_norm² + null_norm² = norm²`` for each direction. Computed on the
+    CPU (one small SVD), wherever the weight and the directions live."""
+    directions = _as_rows(directions).cpu()
+    weight = torch.as_tensor(weight).detach().to("cpu", torch.float64)
     if weight.dim() != 2 or weight.shape[1] != directions.shape[1]:
         raise InputError(f"row_null_split: the weight must be [out, {directions.shape[1]}] (it reads the directions' space), "
                          f"got {tuple(weight.shape)}")

@@ -331,13 +331,17 @@ def _sample(model: Model, prompt_ids: torch.Tensor, k: int, new: int, temperatur
     module = model.module
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    devices = [model.device.index or 0] if model.device.type == "cuda" else []
+    from ..feeding import input_device
+
+    device = input_device(model)
+    # A model split over GPUs samples on the last one: fork the RNG of every GPU it uses.
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     was_training = module.training
     module.eval()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
-            ids = prompt_ids.to(model.device)
+            ids = prompt_ids.to(device)
             return module.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, num_return_sequences=k,
                 max_new_tokens=new, temperature=temperature, top_p=top_p, top_k=top_k, pad_token_id=pad,

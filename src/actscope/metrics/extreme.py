@@ -33,6 +33,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
+from ..feeding import input_device
 from ..errors import DataError, InputError, SiteError
 from ..results import TableResult
 from ..models import Model
@@ -263,13 +264,14 @@ def _input_dicts(model: Model, data: Any, batch_size: int, max_length: int) -> I
     if isinstance(data, (list, tuple)) and data and all(isinstance(item, str) for item in data):
         yield from input_batches(model, list(data), batch_size=batch_size, max_length=max_length)
         return
+    device = input_device(model)
     count = 0
     for i, item in enumerate(data):  # lazily: a generator of dicts is streamed, never held whole
         if not isinstance(item, Mapping):
             raise DataError(f"extreme_tokens: data item {i} is a {type(item).__name__}, not a model-input dict; pass only "
                             "strings or only dicts like {'input_ids': ..., 'attention_mask': ...}.")
         count += 1
-        yield {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
     if count == 0:
         raise DataError("extreme_tokens: data is empty; pass at least one string or model-input dict.")
 

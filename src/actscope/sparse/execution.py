@@ -24,7 +24,7 @@ from ..hooks import hooks
 from ..results import TableResult
 from .calibration import KINDS, Calibration
 from .calls import CallTracker
-from .families import MlpBlock, mlp_blocks
+from .families import MlpBlock, mlp_blocks, refuse_unsupported_weights
 from .forwards import SparseMlp, Tally
 from .layout import lay_out
 from .swaps import install, refuse_hooks, refuse_nested
@@ -114,12 +114,17 @@ def sparsify(model: ModelLike, calibration: Calibration, *, check_weights: bool 
     attention sites, ``embed`` and ``logits`` work as usual and see the sparse model. To look
     at the neurons with the same skips, use :func:`dense_with_thresholds` instead. A second
     ``sparsify``, ``calibrate`` or ``dense_with_thresholds`` inside ``sparsify`` is refused too.
+
+    Models whose MLP weights accelerate offloads (CPU or disk) or that are quantised are refused
+    (:func:`~actscope.sparse.families.refuse_unsupported_weights` says why); a model split over
+    GPUs with ``device_map`` runs sparsely, each block on its own device.
     """
     from ..models import as_model
 
     model = as_model(model)
     blocks = mlp_blocks(model)
     refuse_nested(model, blocks, "a second sparsify")
+    refuse_unsupported_weights(model, blocks)
     check_match(model, blocks, calibration, check_weights)
     refuse_hooks(model, blocks)
     tracker = CallTracker()
@@ -157,8 +162,13 @@ def check_match(model: Model, blocks: list[MlpBlock], calibration: Calibration, 
 
 
 def _thresholds(calibration: Calibration, block: MlpBlock) -> dict[str, torch.Tensor]:
-    """The block's thresholds in the dtype and on the device of its weights."""
+    """The block's thresholds in the dtype and on the device of its weights: of the values it
+    computes with, for a quantised or offloaded output projection (on the device it runs on)."""
+    from ..models.adapters.base import dense_weight
+
     weight = block.down.weight
+    if weight.device.type == "meta" or not weight.is_floating_point() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        weight = dense_weight(block.down)
     return {kind: calibration.threshold(block.layer, kind).to(dtype=weight.dtype, device=weight.device)
             for kind in KINDS[calibration.method]}
 

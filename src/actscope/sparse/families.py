@@ -89,5 +89,48 @@ def mlp_blocks(model: Model) -> list[MlpBlock]:
     return blocks
 
 
+QUANTISING_PACKAGES = ("optimum.quanto", "torchao", "bitsandbytes")
+
+
+def refuse_unsupported_weights(model: Model, blocks: list[MlpBlock]) -> None:
+    """Sparse execution computes each MLP from its own float copy of the weights, laid out for
+    the kernels, in place of the MLP's forward: refuse, saying why, the models where that copy
+    would be wrong or would undo what the model was loaded for: weights accelerate offloads
+    (they live on disk or in CPU memory and are loaded only while their module runs, by hooks
+    the swapped forward bypasses) and quantised weights (the float copy would be the
+    dequantised weights, several times the memory, and not the model's own arithmetic)."""
+    for block in blocks:
+        offloaded = [m for m in (block.container, block.first, block.up, block.down) if m is not None and _offloaded(m)]
+        if offloaded:
+            raise InputError(
+                f"{model.name}: block {block.layer}'s MLP weights are offloaded by accelerate (device_map with CPU or disk "
+                "offload): they are loaded only while the module runs, through hooks that sparse execution's swapped "
+                "forward bypasses, and its float copy of every MLP would undo the offload. Load the model without "
+                "offloading (on one device, or device_map with enough max_memory on the GPUs) to run it sparsely; "
+                "calibrate and dense_with_thresholds work on the offloaded model"
+            )
+        quantised = [m for m in (block.first, block.up, block.down) if m is not None and _quantised(m)]
+        if quantised:
+            raise InputError(
+                f"{model.name}: block {block.layer}'s MLP is quantised ({type(quantised[0]).__name__}): sparse execution "
+                "runs the MLP from a float copy of its weights, which for a quantised model would be the dequantised "
+                "weights (several times the memory) instead of the model's own quantised arithmetic. Run it sparsely "
+                "unquantised, or measure the calibration on the quantised model with dense_with_thresholds"
+            )
+
+
+def _offloaded(module: torch.nn.Module) -> bool:
+    hooked = any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in module.modules())
+    return hooked or any(p.device.type == "meta" for p in module.parameters())
+
+
+def _quantised(module: torch.nn.Module) -> bool:
+    from ..models.adapters.base import is_quantised
+
+    weight = getattr(module, "weight", None)
+    own = isinstance(weight, torch.Tensor) and weight.device.type != "meta" and is_quantised(weight)
+    return own or type(module).__module__.startswith(QUANTISING_PACKAGES) or type(weight).__module__.startswith(QUANTISING_PACKAGES)
+
+
 def bias_of(module: torch.nn.Module) -> torch.Tensor | None:
     return getattr(module, "bias", None)

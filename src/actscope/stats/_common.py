@@ -1,10 +1,22 @@
-"""Plumbing shared by the accumulators: input checks, the prepared batch, state-dict checks.
+"""Plumbing shared by the accumulators: input checks, the prepared batch, state-dict checks,
+where the state lives.
 
 Every accumulator takes the same input: ``x`` of shape ``[N, U]`` (the N real tokens of a site,
 padding already removed, U units) and optionally ``tok``, the ``[N]`` global token ids. The input
-is checked and converted to float64 *once* per update (:func:`prepare`), so that a site bundle
+is checked and converted *once* per update (:func:`prepare`), so that a site bundle
 (:class:`~actscope.stats.site.SiteStats`) pays the conversion and the finiteness test once for
 all its statistics.
+
+Devices and precision. An accumulator's state lives where its activations are: on the device of
+the latest update (:func:`place`), so that no update copies anything to the host, and its results
+and ``state_dict()`` gather it to the CPU once, when read. The work dtype of a batch
+(:class:`Batch`) is float64 on the CPU (cheap there) and for float64 input; on other devices
+(GPUs, where float64 arithmetic and float64 copies of ``[N, U]`` are slow) it is float32, which
+holds every float32, float16 and bfloat16 value exactly, so comparisons (firing, histogram
+slots, top-k) stay exact and only sums round: they are taken in blocks of :data:`BLOCK` rows in
+float32 and the block sums added in float64 (:func:`column_sum`), which bounds the error of
+each column sum by ``γ(BLOCK − 1) · Σ|x|`` (``γ(k) = k·u / (1 − k·u)``, ``u = 2**-24``)
+whatever the number of rows.
 """
 from __future__ import annotations
 
@@ -19,15 +31,58 @@ from torch import Tensor
 from actscope.errors import InputError
 
 F64 = torch.float64
+F32 = torch.float32
 I64 = torch.int64
 STATE_VERSION = 1
+# Devices whose batches are widened to float64; on the others the work dtype is float32.
+FLOAT64_DEVICES = ("cpu",)
+BLOCK = 32  # rows per float32 partial sum (see column_sum)
+UNIT_ROUNDOFF = 2.0**-24  # float32's u
 
 
 def compute_device(t: Tensor) -> torch.device:
-    """The device on which one update's reductions run."""
-    # Reducing on the accelerator and moving only [U]-sized results to the host is far cheaper
-    # than copying [N, U] activations; backends without float64 (MPS, ...) reduce on the CPU.
+    """The device on which one update's reductions run (and the accumulator's state lives)."""
+    # Reducing on the accelerator and keeping the state there is far cheaper than copying
+    # [N, U] activations; backends without float64 (MPS, ...) reduce on the CPU.
     return t.device if t.device.type in ("cpu", "cuda") else torch.device("cpu")
+
+
+def work_dtype(t: Tensor) -> torch.dtype:
+    """float64 on the CPU and for float64 input, float32 elsewhere (see the module docstring)."""
+    return F64 if t.dtype == F64 or t.device.type in FLOAT64_DEVICES else F32
+
+
+def sum_error_bound(abs_sum: Tensor) -> Tensor:
+    """The bound on :func:`column_sum`'s error for float32 input whose ``Σ|x|`` is ``abs_sum``."""
+    k = BLOCK - 1
+    gamma = k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
+    return gamma * abs_sum.to(F64) * (1 + 1e-9)  # the float64 additions of up to ~10**7 block sums
+
+
+def column_sum(x: Tensor) -> Tensor:
+    """``x.sum(0)`` in float64 (``[U]``): float64 input directly; float32 input in float32
+    blocks of :data:`BLOCK` rows, the block sums added in float64 (no float64 copy of ``x``)."""
+    if x.dtype == F64:
+        return x.sum(0)
+    n, u = x.shape
+    full = n - n % BLOCK
+    total = x[:full].reshape(full // BLOCK, BLOCK, u).sum(1).to(F64).sum(0)  # [U]
+    if full < n:
+        total = total + x[full:].sum(0).to(F64)
+    return total
+
+
+def place(owner: Any, names: tuple[str, ...], device: torch.device) -> None:
+    """Move ``owner``'s state tensors ``names`` to ``device`` (once: they then stay there)."""
+    first = getattr(owner, names[0])
+    if first.device != device:
+        for name in names:
+            setattr(owner, name, getattr(owner, name).to(device))
+
+
+def gathered(t: Tensor) -> Tensor:
+    """A CPU copy of a state tensor, for results and state dicts (the one transfer)."""
+    return t.detach().to("cpu", copy=True)
 
 
 class Batch:
@@ -37,11 +92,11 @@ class Batch:
 
     def __init__(self, raw: Tensor, tok: Tensor | None):
         self.raw = raw  # [N, U] input dtype, on the compute device
-        self.x = raw.to(F64)  # [N, U]
-        self.col_sum = self.x.sum(0)  # [U]; the moments need it anyway
+        self.x = raw.to(work_dtype(raw))  # [N, U] float64, or float32 holding raw exactly
+        self.col_sum = column_sum(self.x)  # [U] float64; the moments need it anyway
         # A NaN/±Inf entry makes its column's sum non-finite, so this cheap [U] test stands in
         # for an [N, U] isfinite pass on clean data. Only then is the mask built (an overflowing
-        # sum of finite float64 values also lands there, and is found to need no mask).
+        # sum of finite values also lands there, and is found to need no mask).
         self.finite = None  # [N, U] bool, or None when every entry is finite
         if not bool(torch.isfinite(self.col_sum).all()):
             finite = torch.isfinite(raw)
@@ -50,8 +105,24 @@ class Batch:
         self._abs: Tensor | None = None
 
     @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def wide(self) -> bool:
+        """Whether the work dtype is float64 (else float32, exact for the input)."""
+        return self.x.dtype == F64
+
+    def widened(self) -> Batch:
+        """This batch with float64 work (for the rare float32 sums that overflow)."""
+        batch = Batch.__new__(Batch)
+        batch.raw, batch.x, batch.finite, batch.tok = self.raw, self.raw.to(F64), self.finite, self.tok
+        batch.col_sum, batch._abs = batch.x.sum(0), None
+        return batch
+
+    @property
     def abs(self) -> Tensor:
-        """``|x|`` in float64, computed on first use and shared by the accumulators."""
+        """``|x|`` in the work dtype, computed on first use and shared by the accumulators."""
         if self._abs is None:
             self._abs = self.x.abs()
         return self._abs

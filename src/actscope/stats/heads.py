@@ -14,10 +14,14 @@ from actscope.stats._common import (
     check_other,
     check_state,
     check_state_config,
+    column_sum,
     compute_device,
+    gathered,
+    place,
     safe_ratio,
     state_header,
     state_tensor,
+    work_dtype,
 )
 
 
@@ -37,11 +41,14 @@ class HeadSink:
 
     Unlike the unit accumulators, ``update(pattern, query_mask)`` takes the attention
     probabilities ``pattern`` ``[B, H, Q, K]`` and a bool ``query_mask`` ``[B, Q]`` marking real
-    queries (padded keys are expected to carry probability 0 already).
+    queries (padded keys are expected to carry probability 0 already). The sums stay on the
+    device of the updates (float32 work and :func:`~actscope.stats._common.column_sum` off the
+    CPU, as for the unit statistics); the results are CPU tensors.
     """
 
     KIND = "actscope.stats.HeadSink"
     _SETUP = ("n_heads",)  # what must match for a merge
+    _STATE = ("_count", "_nonfinite", "_sums")  # tensors, on one device
 
     def __init__(self, n_heads: int):
         self.n_heads = check_n_units(
@@ -61,7 +68,8 @@ class HeadSink:
         rows = pattern.detach().to(device).transpose(1, 2)[mask]  # [Nq, H, K] real queries
         if rows.shape[0] == 0:
             return
-        sums = _row_sums(rows.to(F64))  # [4, H]: first, max, entropy, rows used
+        place(self, self._STATE, device)
+        sums = _row_sums(rows.to(work_dtype(rows)))  # [4, H]: first, max, entropy, rows used
         count = sums[3].to(I64)
         self._sums += sums[:3]
         self._count += count
@@ -107,36 +115,37 @@ class HeadSink:
     def merge(self, other: HeadSink) -> HeadSink:
         """Add ``other``'s data (in place; same n_heads required); returns self."""
         check_other(self, other, self._SETUP)
-        self._count += other._count
-        self._nonfinite += other._nonfinite
-        self._sums += other._sums
+        device = self._count.device
+        self._count += other._count.to(device)
+        self._nonfinite += other._nonfinite.to(device)
+        self._sums += other._sums.to(device)
         return self
 
     # -- results ---------------------------------------------------------------------------
     @property
     def count(self) -> Tensor:
         """``[H]`` int64: (query, head) rows averaged over."""
-        return self._count.clone()
+        return gathered(self._count)
 
     @property
     def nonfinite(self) -> Tensor:
         """``[H]`` int64: rows left out because they held NaN/±Inf."""
-        return self._nonfinite.clone()
+        return gathered(self._nonfinite)
 
     @property
     def first_token_attention(self) -> Tensor:
         """``[H]`` float64: mean attention on key position 0 (NaN where count == 0)."""
-        return safe_ratio(self._sums[0], self._count)
+        return safe_ratio(self._sums[0], self._count).cpu()
 
     @property
     def mean_max_attention(self) -> Tensor:
         """``[H]`` float64: mean over queries of the largest attention probability."""
-        return safe_ratio(self._sums[1], self._count)
+        return safe_ratio(self._sums[1], self._count).cpu()
 
     @property
     def mean_entropy(self) -> Tensor:
         """``[H]`` float64: mean over queries of the attention entropy, in nats."""
-        return safe_ratio(self._sums[2], self._count)
+        return safe_ratio(self._sums[2], self._count).cpu()
 
     # -- persistence -----------------------------------------------------------------------
     _STATE_KEYS = ("n_heads", "count", "nonfinite", "first_sum", "max_sum", "entropy_sum")
@@ -146,11 +155,11 @@ class HeadSink:
         return {
             **state_header(self.KIND),
             "n_heads": self.n_heads,
-            "count": self._count.clone(),
-            "nonfinite": self._nonfinite.clone(),
-            "first_sum": self._sums[0].clone(),
-            "max_sum": self._sums[1].clone(),
-            "entropy_sum": self._sums[2].clone(),
+            "count": gathered(self._count),
+            "nonfinite": gathered(self._nonfinite),
+            "first_sum": gathered(self._sums[0]),
+            "max_sum": gathered(self._sums[1]),
+            "entropy_sum": gathered(self._sums[2]),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -179,8 +188,9 @@ _SUM_NAMES = ("first", "max", "entropy")
 
 
 def _row_sums(p: Tensor) -> Tensor:
-    """Sums over the query rows ``p`` ``[Nq, H, K]`` of first-key attention, max attention and
-    entropy, plus the number of rows used, as a ``[4, H]`` float64 CPU tensor."""
+    """Sums over the query rows ``p`` ``[Nq, H, K]`` (float64, or float32 off the CPU) of
+    first-key attention, max attention and entropy, plus the number of rows used, as a
+    ``[4, H]`` float64 tensor on ``p``'s device."""
     finite = torch.isfinite(p).all(-1)  # [Nq, H]
     if bool(finite.all()):
         count = torch.full((p.shape[1],), p.shape[0], dtype=F64, device=p.device)
@@ -188,5 +198,6 @@ def _row_sums(p: Tensor) -> Tensor:
         p = torch.where(finite.unsqueeze(-1), p, 0.0)  # a zero row adds 0 to every sum
         count = finite.sum(0).to(F64)
     entropy = -torch.special.xlogy(p, p).sum(-1)  # [Nq, H]; xlogy gives 0 log 0 = 0
-    sums = torch.stack([p[..., 0].sum(0), p.amax(-1).sum(0), entropy.sum(0), count])
-    return sums.cpu()  # one transfer
+    per_row = torch.stack([p[..., 0], p.amax(-1), entropy], dim=-1)  # [Nq, H, 3]
+    sums = column_sum(per_row.reshape(p.shape[0], -1)).view(p.shape[1], 3).T  # [3, H] float64
+    return torch.cat([sums, count.unsqueeze(0)])

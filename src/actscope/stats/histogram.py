@@ -17,6 +17,8 @@ from actscope.stats._common import (
     check_state,
     check_state_config,
     count_true,
+    gathered,
+    place,
     prepare,
     state_header,
     state_int,
@@ -40,10 +42,13 @@ class AbsHistogram:
     quantile of ``|a|``).
 
     ``update(x, tok=None)``: ``x`` is ``[N, U]`` (real tokens only, any U), ``tok`` is ignored.
+    The counts stay on the device of the updates; ``counts`` and the four totals are read on
+    the CPU.
     """
 
     KIND = "actscope.stats.AbsHistogram"
     _SETUP = ("lo", "hi", "bins_per_decade")  # what must match for a merge
+    _STATE = ("_counts", "_outside")  # tensors, on one device
 
     def __init__(self, lo: float = 1e-6, hi: float = 1e4, bins_per_decade: int = 8):
         self.lo, self.hi, self.bins_per_decade = _check_params(lo, hi, bins_per_decade)
@@ -55,10 +60,27 @@ class AbsHistogram:
         self._near_edge = 2e-4 * self.bins_per_decade
         self._floor = self.lo * 10 ** (-0.5 / self.bins_per_decade)  # mid-underflow, normal
         self._counts = torch.zeros(self.n_bins, dtype=I64)  # [n_bins]
-        self.zero = 0
-        self.underflow = 0
-        self.overflow = 0
-        self.nonfinite = 0
+        self._outside = torch.zeros(4, dtype=I64)  # zero, underflow, overflow, nonfinite
+
+    @property
+    def zero(self) -> int:
+        """Entries with ``|a| == 0``."""
+        return int(self._outside[0])
+
+    @property
+    def underflow(self) -> int:
+        """Entries with ``0 < |a| < lo``."""
+        return int(self._outside[1])
+
+    @property
+    def overflow(self) -> int:
+        """Entries with ``|a| >= hi``."""
+        return int(self._outside[2])
+
+    @property
+    def nonfinite(self) -> int:
+        """NaN/±Inf entries (counted nowhere else)."""
+        return int(self._outside[3])
 
     @property
     def edges(self) -> Tensor:
@@ -68,12 +90,12 @@ class AbsHistogram:
     @property
     def counts(self) -> Tensor:
         """``[n_bins]`` int64 counts of ``edges[i] <= |a| < edges[i + 1]``."""
-        return self._counts.clone()
+        return gathered(self._counts)
 
     @property
     def total(self) -> int:
         """Finite entries seen: ``zero + underflow + counts.sum() + overflow``."""
-        return self.zero + self.underflow + int(self._counts.sum()) + self.overflow
+        return int(self._outside[:3].sum() + self._counts.sum())
 
     # -- streaming -------------------------------------------------------------------------
     def update(self, x: Tensor, tok: Tensor | None = None) -> None:
@@ -83,35 +105,32 @@ class AbsHistogram:
             self._update_batch(batch)
 
     def _update_batch(self, batch: Batch) -> None:
-        a64 = batch.abs  # [N, U] float64
+        place(self, self._STATE, batch.device)
+        a = batch.abs  # [N, U] exact |x| (float64, or float32 holding the input exactly)
         a32 = batch.raw.abs().float()  # exact for float32/16 inputs; float64 is fixed up below
         if batch.finite is None:
-            a64, a32 = a64.reshape(-1), a32.reshape(-1)
+            a, a32 = a.reshape(-1), a32.reshape(-1)
         else:
-            a64, a32 = a64[batch.finite], a32[batch.finite]  # [M] finite entries only
-        slots = torch.bincount(self._slot_index(a32, a64), minlength=self.n_bins + 2)
-        n_zero = count_true(a64 == 0, 0)
-        slots = torch.cat([slots, n_zero.view(1)]).cpu()  # one transfer
-        zero = int(slots[-1])
-        self.zero += zero
-        self.underflow += int(slots[0]) - zero  # slot 0 holds |a| < lo, zeros included
-        self._counts += slots[1:-2]
-        self.overflow += int(slots[-2])
-        self.nonfinite += batch.x.numel() - a64.numel()
+            a, a32 = a[batch.finite], a32[batch.finite]  # [M] finite entries only
+        slots = torch.bincount(self._slot_index(a32, a), minlength=self.n_bins + 2)
+        n_zero = count_true(a == 0, 0)
+        # slot 0 holds |a| < lo, zeros included
+        outside = torch.stack([n_zero, slots[0] - n_zero, slots[-1], n_zero.new_tensor(batch.x.numel() - a.numel())])
+        self._outside += outside
+        self._counts += slots[1:-1]
 
     def _absorb(self, part: dict[str, Tensor]) -> None:
-        """Add one batch's slots (from the fused kernel): zero, underflow, overflow,
-        non-finite, then one count per bin."""
+        """Add one batch's slots (from the fused kernel, on the CPU): zero, underflow,
+        overflow, non-finite, then one count per bin."""
         slots = part["slots"]
-        self.zero += int(slots[0])
-        self.underflow += int(slots[1])
-        self.overflow += int(slots[2])
-        self.nonfinite += int(slots[3])
+        place(self, self._STATE, slots.device)
+        self._outside += slots[:4]
         self._counts += slots[4:]
 
-    def _slot_index(self, a32: Tensor, a64: Tensor) -> Tensor:
+    def _slot_index(self, a32: Tensor, a: Tensor) -> Tensor:
         """Slot of each value: 0 below ``lo`` (zeros included), ``1 + bin``, ``n_bins + 1`` at
-        or above ``hi``. ``a32`` is a scratch copy of the values and is overwritten."""
+        or above ``hi``. ``a32`` is a scratch copy of the values and is overwritten; ``a`` holds
+        them exactly (float64, or float32 for float32/16 inputs)."""
         # log10 in float32 is several times faster than torch.bucketize against the edges. Its
         # rounding can only move values lying within _near_edge of an edge, so those few are
         # re-binned exactly with bucketize on their float64 values. Values under lo are first
@@ -123,19 +142,16 @@ class AbsHistogram:
         idx = idx.clamp_(-1, self.n_bins).add_(1).to(torch.int32)
         if bool(near.any()):
             where = near.nonzero().squeeze(1)  # one scan of the mask, then cheap gathers
-            edges = self._edges.to(a64.device)
-            exact = torch.bucketize(a64.index_select(0, where), edges, right=True, out_int32=True)
+            edges = self._edges.to(a.device)
+            exact = torch.bucketize(a.index_select(0, where).to(F64), edges, right=True, out_int32=True)
             idx.index_copy_(0, where, exact)
         return idx
 
     def merge(self, other: AbsHistogram) -> AbsHistogram:
         """Add ``other``'s counts (in place; identical edges required); returns self."""
         check_other(self, other, self._SETUP)
-        self._counts += other._counts
-        self.zero += other.zero
-        self.underflow += other.underflow
-        self.overflow += other.overflow
-        self.nonfinite += other.nonfinite
+        self._counts += other._counts.to(self._counts.device)
+        self._outside += other._outside.to(self._outside.device)
         return self
 
     # -- persistence -----------------------------------------------------------------------
@@ -149,7 +165,7 @@ class AbsHistogram:
             "lo": self.lo,
             "hi": self.hi,
             "bins_per_decade": self.bins_per_decade,
-            "counts": self._counts.clone(),
+            "counts": gathered(self._counts),
             "zero": self.zero,
             "underflow": self.underflow,
             "overflow": self.overflow,
@@ -163,10 +179,8 @@ class AbsHistogram:
             sd, self.KIND, lo=self.lo, hi=self.hi, bins_per_decade=self.bins_per_decade
         )
         self._counts = state_tensor(sd, "counts", I64, (self.n_bins,), self.KIND)
-        self.zero = state_int(sd, "zero", self.KIND)
-        self.underflow = state_int(sd, "underflow", self.KIND)
-        self.overflow = state_int(sd, "overflow", self.KIND)
-        self.nonfinite = state_int(sd, "nonfinite", self.KIND)
+        names = ("zero", "underflow", "overflow", "nonfinite")
+        self._outside = torch.tensor([state_int(sd, name, self.KIND) for name in names], dtype=I64)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> AbsHistogram:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from actscope.stats._common import (
+    F32,
     F64,
     I64,
     Batch,
@@ -15,8 +16,11 @@ from actscope.stats._common import (
     check_other,
     check_state,
     check_state_config,
+    column_sum,
     count_true,
+    gathered,
     nan_where_empty,
+    place,
     prepare,
     state_header,
     state_tensor,
@@ -32,11 +36,13 @@ class UnitMoments:
     al.'s parallel formula on (count, mean, M2) in float64, which is numerically stable and makes
     ``merge`` exact up to rounding.
 
-    ``update(x, tok=None)``: ``x`` is ``[N, U]`` (real tokens only), ``tok`` is ignored.
+    ``update(x, tok=None)``: ``x`` is ``[N, U]`` (real tokens only), ``tok`` is ignored. The
+    state stays on the device of the updates; the results are CPU tensors.
     """
 
     KIND = "actscope.stats.UnitMoments"
     _SETUP = ("n_units",)  # what must match for a merge
+    _STATE = ("_count", "_nonfinite", "_mean", "_m2", "_min", "_max")  # tensors, on one device
 
     def __init__(self, n_units: int):
         self.n_units = check_n_units(n_units, "UnitMoments")
@@ -55,6 +61,7 @@ class UnitMoments:
             self._update_batch(batch)
 
     def _update_batch(self, batch: Batch) -> None:
+        place(self, self._STATE, batch.device)
         count, mean, m2, lo, hi = _batch_moments(batch)
         self._nonfinite += batch.n_rows - count
         self._combine(count, mean, m2, lo, hi)
@@ -62,12 +69,14 @@ class UnitMoments:
     def merge(self, other: UnitMoments) -> UnitMoments:
         """Add ``other``'s data to this accumulator (in place); returns self."""
         check_other(self, other, self._SETUP)
-        self._nonfinite += other._nonfinite
-        self._combine(other._count, other._mean, other._m2, other._min, other._max)
+        theirs = [getattr(other, name).to(self._count.device) for name in self._STATE]
+        self._nonfinite += theirs[1]
+        self._combine(theirs[0], *theirs[2:])
         return self
 
     def _absorb(self, part: dict[str, Tensor]) -> None:
-        """Add one batch's partial counts and moments (from the fused kernel)."""
+        """Add one batch's partial counts and moments (from the fused kernel, on the CPU)."""
+        place(self, self._STATE, part["count"].device)
         self._nonfinite += part["nonfinite"]
         self._combine(part["count"], part["mean"], part["m2"], part["min"], part["max"])
 
@@ -89,22 +98,22 @@ class UnitMoments:
     @property
     def count(self) -> Tensor:
         """``[U]`` int64: finite entries seen per unit."""
-        return self._count.clone()
+        return gathered(self._count)
 
     @property
     def nonfinite(self) -> Tensor:
         """``[U]`` int64: NaN/±Inf entries seen per unit."""
-        return self._nonfinite.clone()
+        return gathered(self._nonfinite)
 
     @property
     def mean(self) -> Tensor:
         """``[U]`` float64 mean of the finite entries (NaN where count == 0)."""
-        return nan_where_empty(self._mean, self._count)
+        return nan_where_empty(self._mean, self._count).cpu()
 
     @property
     def var(self) -> Tensor:
         """``[U]`` float64 population variance, ddof = 0 (NaN where count == 0)."""
-        return nan_where_empty(self._m2 / self._count.clamp(min=1).to(F64), self._count)
+        return nan_where_empty(self._m2 / self._count.clamp(min=1).to(F64), self._count).cpu()
 
     @property
     def std(self) -> Tensor:
@@ -114,12 +123,12 @@ class UnitMoments:
     @property
     def min(self) -> Tensor:
         """``[U]`` float64 smallest finite entry (NaN where count == 0)."""
-        return nan_where_empty(self._min, self._count)
+        return nan_where_empty(self._min, self._count).cpu()
 
     @property
     def max(self) -> Tensor:
         """``[U]`` float64 largest finite entry (NaN where count == 0)."""
-        return nan_where_empty(self._max, self._count)
+        return nan_where_empty(self._max, self._count).cpu()
 
     # -- persistence -----------------------------------------------------------------------
     _STATE_KEYS = ("n_units", "count", "nonfinite", "mean", "m2", "min", "max")
@@ -129,12 +138,12 @@ class UnitMoments:
         return {
             **state_header(self.KIND),
             "n_units": self.n_units,
-            "count": self._count.clone(),
-            "nonfinite": self._nonfinite.clone(),
-            "mean": self._mean.clone(),
-            "m2": self._m2.clone(),
-            "min": self._min.clone(),
-            "max": self._max.clone(),
+            "count": gathered(self._count),
+            "nonfinite": gathered(self._nonfinite),
+            "mean": gathered(self._mean),
+            "m2": gathered(self._m2),
+            "min": gathered(self._min),
+            "max": gathered(self._max),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -162,7 +171,12 @@ class UnitMoments:
 
 
 def _batch_moments(batch: Batch) -> tuple[Tensor, ...]:
-    """Per-unit (count, mean, M2, min, max) of one batch's finite entries, on the CPU."""
+    """Per-unit (count, mean, M2, min, max) of one batch's finite entries, on its device."""
+    if not batch.wide:
+        moments = _float32_moments(batch)
+        # Finite float32 values beyond ~1e18 can overflow a float32 sum of squares; such a
+        # batch (never seen in practice) is redone in float64.
+        return moments if bool(torch.isfinite(moments[2]).all()) else _batch_moments(batch.widened())
     x, finite = batch.x, batch.finite  # [N, U]
     if finite is None:
         count = torch.full_like(batch.col_sum, batch.n_rows)
@@ -177,6 +191,35 @@ def _batch_moments(batch: Batch) -> tuple[Tensor, ...]:
         m2 = dev.mul_(dev).sum(0)
         lo = torch.where(finite, x, math.inf).amin(0)
         hi = torch.where(finite, x, -math.inf).amax(0)
-    # One transfer instead of five when the reductions ran on an accelerator.
-    count, mean, m2, lo, hi = torch.stack([count, mean, m2, lo, hi]).cpu()
     return count.to(I64), mean, m2, lo, hi
+
+
+def _float32_moments(batch: Batch) -> tuple[Tensor, ...]:
+    """The moments of a float32-work batch: two passes, every sum a :func:`column_sum`.
+
+    The first pass gives the mean ``m`` (rounded to float32, ``m32``); the second sums
+    ``d = x − m32`` and ``d²``, so that ``mean = m32 + Σd / n`` and ``M2 = Σd² − (Σd)² / n``
+    (exact in exact arithmetic, and ``Σd`` is tiny, so nothing cancels)."""
+    x, finite = batch.x, batch.finite  # [N, U] float32
+    if finite is None:
+        count = torch.full_like(batch.col_sum, batch.n_rows)
+        s1 = batch.col_sum
+    else:
+        count = count_true(finite, 0).to(F64)
+        x = torch.where(finite, x, 0.0)
+        s1 = column_sum(x)
+    n = count.clamp(min=1)
+    m32 = (s1 / n).to(F32)  # [U]
+    dev = x - m32  # [N, U] float32
+    if finite is not None:
+        dev = torch.where(finite, dev, 0.0)
+    d1 = column_sum(dev)
+    d2 = column_sum(dev.mul_(dev))
+    mean = m32.to(F64) + d1 / n
+    m2 = (d2 - d1 * d1 / n).clamp(min=0)
+    if finite is None:
+        lo, hi = batch.x.amin(0), batch.x.amax(0)
+    else:
+        lo = torch.where(finite, batch.x, math.inf).amin(0)
+        hi = torch.where(finite, batch.x, -math.inf).amax(0)
+    return count.to(I64), mean, m2, lo.to(F64), hi.to(F64)

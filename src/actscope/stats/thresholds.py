@@ -4,12 +4,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from actscope.errors import InputError
+from actscope.stats.fused import float_thresholds
 from actscope.stats._common import (
     F64,
     I64,
@@ -19,6 +21,8 @@ from actscope.stats._common import (
     check_state,
     check_state_config,
     count_true,
+    gathered,
+    place,
     prepare,
     safe_ratio,
     state_header,
@@ -47,11 +51,13 @@ class ThresholdLadder:
     still counts in ``firing_hist`` (as that unit not firing). A unit is *dead* under a
     criterion when it fired on no token; a unit that never had a finite value is dead too.
 
-    ``update(x, tok=None)``: ``x`` is ``[N, U]`` (real tokens only), ``tok`` is ignored.
+    ``update(x, tok=None)``: ``x`` is ``[N, U]`` (real tokens only), ``tok`` is ignored. The
+    state stays on the device of the updates; the results are CPU tensors.
     """
 
     KIND = "actscope.stats.ThresholdLadder"
     _SETUP = ("n_units", "eps")  # what must match for a merge
+    _STATE = ("_count", "_fired", "_firing_hist")  # tensors, on one device
 
     def __init__(self, n_units: int, eps: Sequence[float] = DEFAULT_EPS):
         self.n_units = check_n_units(n_units, "ThresholdLadder")
@@ -74,6 +80,7 @@ class ThresholdLadder:
             self._update_batch(batch)
 
     def _update_batch(self, batch: Batch) -> None:
+        place(self, self._STATE, batch.device)
         per_unit, per_token = [], []
         for fired in self._fired_masks(batch):  # [N, U] per criterion
             per_unit.append(count_true(fired, 0))
@@ -83,14 +90,13 @@ class ThresholdLadder:
             if batch.finite is None
             else count_true(batch.finite, 0)
         )
-        hist = _bincount_rows(torch.stack(per_token), self.n_units + 1)  # [C, U + 1]
-        per_unit = torch.stack([*per_unit, count]).cpu()  # [C + 1, U], one transfer
-        self._fired += per_unit[:-1]
-        self._count += per_unit[-1]
-        self._firing_hist += hist.cpu()
+        self._fired += torch.stack(per_unit)  # [C, U]
+        self._count += count
+        self._firing_hist += _bincount_rows(torch.stack(per_token), self.n_units + 1)  # [C, U + 1]
 
     def _absorb(self, part: dict[str, Tensor]) -> None:
-        """Add one batch's partial counts (from the fused kernel)."""
+        """Add one batch's partial counts (from the fused kernel, on the CPU)."""
+        place(self, self._STATE, part["count"].device)
         self._count += part["count"]
         self._fired += part["fired"]
         self._firing_hist += part["firing_hist"]
@@ -102,51 +108,58 @@ class ThresholdLadder:
         """
         # One criterion at a time: a [C, N, U] stack falls out of cache and is slower.
         fired = torch.empty_like(batch.x, dtype=torch.bool)
-        tests = [(batch.x, 0.0)] + [(batch.abs, e) for e in self.eps]
+        tests = [(batch.x, 0.0)] + list(zip([batch.abs] * len(self.eps), self._thresholds(batch)))
         for values, threshold in tests:
             torch.gt(values, threshold, out=fired)
             if batch.finite is not None:
                 fired &= batch.finite  # +Inf would fire; NaN compares False anyway
             yield fired
 
+    def _thresholds(self, batch: Batch) -> list[float]:
+        """``eps`` as compared with the batch's values: a float32 batch's comparison with a
+        Python float happens in float32, so each ε becomes the largest float32 <= ε, for which
+        ``a > that  ⇔  a > ε`` holds exactly for every float32 ``a``."""
+        return list(self.eps) if batch.wide else _float32_thresholds(self.eps)
+
     def merge(self, other: ThresholdLadder) -> ThresholdLadder:
         """Add ``other``'s data to this accumulator (in place); returns self."""
         check_other(self, other, self._SETUP)
-        self._count += other._count
-        self._fired += other._fired
-        self._firing_hist += other._firing_hist
+        device = self._count.device
+        self._count += other._count.to(device)
+        self._fired += other._fired.to(device)
+        self._firing_hist += other._firing_hist.to(device)
         return self
 
     # -- results ---------------------------------------------------------------------------
     @property
     def count(self) -> Tensor:
         """``[U]`` int64: finite entries seen per unit."""
-        return self._count.clone()
+        return gathered(self._count)
 
     @property
     def pos(self) -> Tensor:
         """``[U]`` int64: finite entries with ``a > 0`` per unit."""
-        return self._fired[0].clone()
+        return gathered(self._fired[0])
 
     @property
     def abs_gt(self) -> Tensor:
         """``[len(eps), U]`` int64: finite entries with ``|a| > eps[j]`` per unit."""
-        return self._fired[1:].clone()
+        return gathered(self._fired[1:])
 
     @property
     def frac_pos(self) -> Tensor:
         """``[U]`` float64: ``pos / count`` (NaN where count == 0)."""
-        return safe_ratio(self._fired[0], self._count)
+        return safe_ratio(self._fired[0], self._count).cpu()
 
     @property
     def frac_abs_gt(self) -> Tensor:
         """``[len(eps), U]`` float64: ``abs_gt / count`` (NaN where count == 0)."""
-        return safe_ratio(self._fired[1:], self._count)
+        return safe_ratio(self._fired[1:], self._count).cpu()
 
     @property
     def firing_hist(self) -> Tensor:
         """``[1 + len(eps), U + 1]`` int64: tokens by number of units firing, per criterion."""
-        return self._firing_hist.clone()
+        return gathered(self._firing_hist)
 
     @property
     def n_tokens(self) -> int:
@@ -155,14 +168,14 @@ class ThresholdLadder:
 
     def firing_count(self, criterion: int = 0) -> Tensor:
         """``[U]`` int64: tokens on which each unit fired under ``criterion``."""
-        return self._fired[self._check_criterion(criterion)].clone()
+        return gathered(self._fired[self._check_criterion(criterion)])
 
     def activation_ratio(self, criterion: int = 0) -> float:
         """Mean over tokens of (units firing / U) under ``criterion``; NaN before any token.
 
         Sparsity is ``1 - activation_ratio``. Non-finite entries count as not firing.
         """
-        hist = self._firing_hist[self._check_criterion(criterion)].to(F64)  # [U + 1]
+        hist = self._firing_hist[self._check_criterion(criterion)].to("cpu", F64)  # [U + 1]
         n_tokens = hist.sum()
         if n_tokens == 0:
             return math.nan
@@ -197,9 +210,9 @@ class ThresholdLadder:
             **state_header(self.KIND),
             "n_units": self.n_units,
             "eps": list(self.eps),
-            "count": self._count.clone(),
-            "fired": self._fired.clone(),
-            "firing_hist": self._firing_hist.clone(),
+            "count": gathered(self._count),
+            "fired": gathered(self._fired),
+            "firing_hist": gathered(self._firing_hist),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -236,6 +249,11 @@ def _check_eps(eps: Any) -> tuple[float, ...]:
     if any(b <= a for a, b in zip(values, values[1:])):
         raise InputError(f"ThresholdLadder: eps={eps!r} is not strictly increasing; {fix}.")
     return tuple(values)
+
+
+@lru_cache(maxsize=32)
+def _float32_thresholds(eps: tuple[float, ...]) -> list[float]:
+    return float_thresholds(eps).tolist()
 
 
 def _bincount_rows(values: Tensor, n_bins: int) -> Tensor:

@@ -18,6 +18,8 @@ from actscope.stats._common import (
     check_other,
     check_state,
     check_state_config,
+    gathered,
+    place,
     prepare,
     state_header,
     state_tensor,
@@ -35,11 +37,12 @@ class TopExamples:
     depend on how the data was chunked; the kept *values* never do.
 
     ``update(x, tok)``: ``x`` is ``[N, U]`` (real tokens only), ``tok`` ``[N]`` int64 is
-    required.
+    required. The state stays on the device of the updates; the results are CPU tensors.
     """
 
     KIND = "actscope.stats.TopExamples"
     _SETUP = ("n_units", "k")  # what must match for a merge
+    _STATE = ("_values", "_tok")  # tensors, on one device
 
     def __init__(self, n_units: int, k: int = 8):
         self.n_units = check_n_units(n_units, "TopExamples")
@@ -60,11 +63,13 @@ class TopExamples:
                 "TopExamples.update: tok is required; pass an int64 tensor [N] of global "
                 "token ids of the rows of x."
             )
+        place(self, self._STATE, batch.device)
         x = batch.x if batch.finite is None else torch.where(batch.finite, batch.x, -math.inf)
         self._update_values(x, batch.tok)
 
     def _update_values(self, x: Tensor, tok: Tensor, batch_max: Tensor | None = None) -> None:
-        """Add ``x`` ``[N, U]`` (any float dtype, non-finite entries already -inf).
+        """Add ``x`` ``[N, U]`` (any float dtype holding the values exactly, on the state's
+        device; non-finite entries already -inf).
 
         Only units whose batch maximum beats their current k-th best can change; after the
         first few batches those are few, so the top-k runs on their columns alone.
@@ -72,17 +77,18 @@ class TopExamples:
         """
         kth = self._values[:, -1]  # [U] what a newcomer must beat; -inf until k were seen
         peak = x.amax(0) if batch_max is None else batch_max
-        units = (peak.to("cpu", F64) > kth).nonzero().squeeze(1)  # [C]
+        units = (peak.to(F64) > kth).nonzero().squeeze(1)  # [C]
         if units.numel() == 0:
             return
-        columns = x.index_select(1, units.to(x.device))  # [N, C]
+        columns = x.index_select(1, units)  # [N, C]
         values, rows = torch.topk(columns, min(self.k, x.shape[0]), dim=0, sorted=False)  # [k', C]
         toks = tok.index_select(0, rows.reshape(-1)).view(rows.shape)  # [k', C]
-        self._keep_best(values.T.to("cpu", F64), toks.T.cpu(), units)
+        self._keep_best(values.T.to(F64), toks.T, units)
 
     def _kernel_state(self, tok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(values, tokens, tok)`` for the fused kernel, which updates the first two in place:
-        this accumulator's own contiguous tensors (never a caller's), and ``tok`` as int64."""
+        this accumulator's own contiguous CPU tensors (never a caller's), and ``tok`` as int64."""
+        place(self, self._STATE, torch.device("cpu"))
         if not (self._values.is_contiguous() and self._tok.is_contiguous()):
             self._values, self._tok = self._values.contiguous(), self._tok.contiguous()
         return self._values, self._tok, tok.to("cpu", torch.int64).contiguous()
@@ -90,7 +96,8 @@ class TopExamples:
     def merge(self, other: TopExamples) -> TopExamples:
         """Add ``other``'s examples (in place; same n_units and k required); returns self."""
         check_other(self, other, self._SETUP)
-        self._keep_best(other._values, other._tok)
+        device = self._values.device
+        self._keep_best(other._values.to(device), other._tok.to(device))
         return self
 
     def _keep_best(self, values: Tensor, toks: Tensor, units: Tensor | None = None) -> None:
@@ -120,12 +127,12 @@ class TopExamples:
     @property
     def values(self) -> Tensor:
         """``[U, k]`` float64, descending per unit, ``-inf`` padding."""
-        return self._values.clone()
+        return gathered(self._values)
 
     @property
     def tok(self) -> Tensor:
         """``[U, k]`` int64 global token ids of ``values``, ``-1`` padding."""
-        return self._tok.clone()
+        return gathered(self._tok)
 
     def to_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Flat arrays ``(unit, rank, value, tok)`` of every real example, padding left out.
@@ -133,15 +140,11 @@ class TopExamples:
         ``unit``, ``rank`` and ``tok`` are int64, ``value`` float64; rows are ordered by unit,
         then rank (0 = largest). One row per example, ready for a table.
         """
-        real = self._tok >= 0  # [U, k]
+        values, toks = self.values, self.tok  # gathered to the CPU
+        real = toks >= 0  # [U, k]
         unit = torch.arange(self.n_units).unsqueeze(1).expand(-1, self.k)
         rank = torch.arange(self.k).unsqueeze(0).expand(self.n_units, -1)
-        return (
-            unit[real].numpy(),
-            rank[real].numpy(),
-            self._values[real].numpy(),
-            self._tok[real].numpy(),
-        )
+        return unit[real].numpy(), rank[real].numpy(), values[real].numpy(), toks[real].numpy()
 
     # -- persistence -----------------------------------------------------------------------
     _STATE_KEYS = ("n_units", "k", "values", "tok")
@@ -152,8 +155,8 @@ class TopExamples:
             **state_header(self.KIND),
             "n_units": self.n_units,
             "k": self.k,
-            "values": self._values.clone(),
-            "tok": self._tok.clone(),
+            "values": gathered(self._values),
+            "tok": gathered(self._tok),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:

@@ -49,21 +49,63 @@ def weight_hash(module: "torch.nn.Module") -> str:
     """sha256 hex digest over the name, dtype, shape and bytes of every parameter and buffer.
 
     Parameters come first, then buffers, each in the module's own order. Nothing is modified:
-    tensors are copied to the CPU only when they live elsewhere.
+    tensors are copied to the CPU only when they live elsewhere. The weights hashed are the ones
+    the model computes with: a parameter that accelerate offloaded (on the meta device until its
+    module runs) is read from the offload, so an offloaded model hashes like the same weights in
+    memory; a quantised weight (optimum-quanto, torchao, bitsandbytes) is hashed as it is
+    stored: its integer data and scales.
     """
     digest = hashlib.sha256()
     for kind, named in (("param", module.named_parameters()), ("buffer", module.named_buffers())):
         for name, tensor in named:
-            _hash_tensor(digest, f"{kind}:{name}", tensor)
+            if tensor.device.type == "meta":
+                tensor = _offloaded(module, name, tensor)
+            for part, plain in _stored_parts(tensor):
+                _hash_tensor(digest, f"{kind}:{name}{part}", plain)
     return digest.hexdigest()
 
 
-def _hash_tensor(digest: "hashlib._Hash", name: str, tensor: "torch.Tensor") -> None:
-    if tensor.device.type == "meta":
+def _offloaded(module: "torch.nn.Module", name: str, tensor: "torch.Tensor") -> "torch.Tensor":
+    """The values accelerate's offload holds for the meta tensor ``name``, or a clear refusal."""
+    from actscope.models.adapters.base import offloaded
+
+    owner_path, _, attribute = name.rpartition(".")
+    found = offloaded(module.get_submodule(owner_path), attribute)
+    if found is None:
         raise InputError(
-            f"cannot hash the weights: {name} is on the 'meta' device and holds no values; "
-            "load the model's weights (e.g. with actscope.load) before profiling it"
+            f"cannot hash the weights: {name} is on the 'meta' device and holds no values, and no accelerate "
+            "offload holds it; load the model's weights (e.g. with actscope.load) before profiling it"
         )
+    return found
+
+
+def _stored_parts(tensor: "torch.Tensor") -> list[tuple[str, "torch.Tensor"]]:
+    """``(name suffix, plain tensor)`` for what ``tensor`` stores: itself when plain, the inner
+    tensors of a quantised tensor subclass (and bitsandbytes' quantisation state)."""
+    import torch
+
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or getattr(tensor, "is_quantized", False):
+        return [("", tensor.dequantize() if getattr(tensor, "is_quantized", False) else tensor)]
+    kind = type(tensor).__name__
+    if kind in ("Params4bit", "Int8Params"):
+        parts = [("", tensor.data)]
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            parts += [(f"#{key}", value) for key, value in sorted(state.as_dict(packed=True).items()) if isinstance(value, torch.Tensor)]
+        if getattr(tensor, "SCB", None) is not None:
+            parts.append(("#SCB", tensor.SCB))
+        return parts
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if callable(flatten):  # a wrapper subclass (quanto, torchao): its inner tensors, and its setup
+        inner, context = flatten()
+        parts = [(f"#{kind}:{context!r}", torch.empty(0))]
+        for key in inner:
+            parts += [(f"#{key}{suffix}", plain) for suffix, plain in _stored_parts(getattr(tensor, key))]
+        return parts
+    return [("", tensor)]
+
+
+def _hash_tensor(digest: "hashlib._Hash", name: str, tensor: "torch.Tensor") -> None:
     flat = tensor.detach().to("cpu").contiguous()
     header = f"{name}\0{flat.dtype}\0{tuple(flat.shape)}\0{flat.numel() * flat.element_size()}\0"
     digest.update(header.encode("utf-8"))

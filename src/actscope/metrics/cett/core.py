@@ -11,7 +11,8 @@ and, for a dropped set D,
 has a bias, as in BERT/MiniLM and GPT-2; the paper's Llama-family MLPs have none, where it is
 exactly ``W_out a``)*. The projection is found from the module the site ``blocks.{i}.mlp.post``
 hooks (``model.catalog[site].path``): an ``nn.Linear`` (weight ``[d_model, d_ff]``) or
-transformers' ``Conv1D`` (GPT-2; weight ``[d_ff, d_model]``, transposed here).
+transformers' ``Conv1D`` (GPT-2; weight ``[d_ff, d_model]``, transposed here); a quantised layer
+gives its dequantised weight, an offloaded one the weight its offload holds.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from ...errors import InputError
 from ...models.adapters import out_in_weight
+from ...models.adapters.base import dense_weight
 from ...sites import Site
 from ...models import Model
 
@@ -40,7 +42,7 @@ def output_projection(model: Model, site: Site) -> tuple[torch.Tensor, torch.Ten
             f"{site.label}: CETT needs the output projection behind the neuron, but {site.path} is a "
             f"{type(module).__name__}; only nn.Linear and transformers' Conv1D are supported"
         )
-    bias = getattr(module, "bias", None)
+    bias = dense_weight(module, "bias")  # quantised or offloaded layers: their real values
     return weight.detach().to(F64).contiguous(), None if bias is None else bias.detach().to(F64)
 
 

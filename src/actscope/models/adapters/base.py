@@ -203,14 +203,80 @@ class Adapter:
 
 
 def out_in_weight(module: torch.nn.Module) -> torch.Tensor | None:
-    """A linear layer's weight as ``[out, in]`` (a view, never a copy): ``nn.Linear``'s own, the
-    transpose of transformers' ``Conv1D`` (GPT-2, which computes ``x @ W + b`` with ``W [in, out]``),
-    or None for any other module."""
-    weight = getattr(module, "weight", None)
+    """A linear layer's weight as ``[out, in]``: ``nn.Linear``'s own, the transpose of
+    transformers' ``Conv1D`` (GPT-2, which computes ``x @ W + b`` with ``W [in, out]``), or None
+    for any other module. A plain layer's weight is returned as a view, never a copy; a layer
+    whose weight is quantised (optimum-quanto, torchao, bitsandbytes) gives its dequantised
+    float weight and one offloaded by accelerate (its weight on the meta device until it runs)
+    the weight read from the offload (:func:`dense_weight`): copies, as the layer holds no float
+    weight to view."""
     if isinstance(module, torch.nn.Linear):
-        return weight
-    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return weight.T
+        return dense_weight(module)
+    if type(module).__name__ == "Conv1D":
+        weight = dense_weight(module)
+        return weight.T if weight is not None and weight.dim() == 2 else None
+    return None
+
+
+def dense_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """``module``'s parameter or buffer ``name`` as a plain tensor with values (None when there is
+    none): the tensor itself when it is one, the dequantised weight of a quantised layer, and,
+    for a module offloaded by accelerate, the tensor its hook would load, on the device where
+    the module runs. Refuses a tensor on the meta device that no offload holds."""
+    tensor = getattr(module, name, None)
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    if tensor.device.type == "meta":
+        found = offloaded(module, name)
+        if found is None:
+            from ...errors import InputError
+
+            raise InputError(
+                f"{type(module).__name__}.{name} is on the 'meta' device (it holds no values) and no accelerate "
+                "offload holds it; load the model's weights (actscope.load, or from_pretrained without a meta-device init)"
+            )
+        tensor = found
+    return dequantised(tensor)
+
+
+def dequantised(tensor: torch.Tensor) -> torch.Tensor:
+    """A quantised weight's float values (``[out, in]`` like the weight); any other tensor as it
+    is. optimum-quanto's and torchao's tensors dequantise themselves; bitsandbytes' ``Params4bit``
+    through its quantisation state and ``Int8Params`` through its row scales (``SCB``)."""
+    if getattr(tensor, "is_quantized", False):  # PyTorch's own quantised tensors
+        return tensor.dequantize()
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return tensor
+    kind = type(tensor).__name__
+    if kind == "Params4bit":
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(tensor.data, tensor.quant_state)
+    if kind == "Int8Params" and getattr(tensor, "SCB", None) is not None:
+        return tensor.data.float() * (tensor.SCB.float().view(-1, 1) / 127.0)
+    if getattr(type(tensor), "dequantize", torch.Tensor.dequantize) is not torch.Tensor.dequantize:
+        return tensor.dequantize()
+    return tensor
+
+
+def is_quantised(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds quantised values (what :func:`dequantised` expands)."""
+    return dequantised(tensor) is not tensor
+
+
+def offloaded(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor accelerate's offload hook on ``module`` loads into ``name`` when the module
+    runs (on the device where it runs), or None when no offload holds it."""
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        weights = getattr(candidate, "weights_map", None)
+        if getattr(candidate, "offload", False) and weights is not None:
+            try:
+                value = weights[name]
+            except KeyError:
+                continue
+            device = getattr(candidate, "execution_device", None)
+            return value.to(device) if device is not None else value
     return None
 
 
