@@ -24,9 +24,11 @@ Two implementations with the same signatures and results (to float rounding):
 ``dot_rows`` / ``axpy_rows`` take the C kernel when it applies and pays: CPU float32, rows
 contiguous in memory (``w.stride(1) == 1``), no autograd, and few tokens (``n <=
 MAX_KERNEL_TOKENS``, decoding; for prefill-sized batches torch's GEMM on the gathered rows is
-faster, as measured by ``benchmarks/sparse_decode.py --kernels``). Everything else — bf16/fp16,
-GPU tensors, transposed weight views, long prompts, no C compiler, or ``ACTSCOPE_SPARSE_KERNEL=0``
-— takes the reference path.
+faster, as measured by ``benchmarks/sparse_decode.py --kernels``). CUDA tensors (fp32/fp16/bf16,
+up to ``MAX_TRITON_TOKENS`` tokens) take the Triton kernels of ``triton_rows.py`` where Triton is
+installed, which also provide ``threshold_axpy_rows`` (TEAL's thresholded input-sparse product,
+thresholding fused). Everything else — bf16/fp16 on the CPU, transposed weight views, long
+prompts, no C compiler or no Triton, or ``ACTSCOPE_SPARSE_KERNEL=0`` — takes the reference path.
 """
 from __future__ import annotations
 
@@ -65,12 +67,18 @@ def reference_axpy_rows(h: Tensor, w: Tensor, index: Tensor) -> Tensor:
     return h @ w.index_select(0, index)
 
 
+def reference_threshold_axpy_rows(x: Tensor, w: Tensor, threshold: Tensor | float) -> Tensor:
+    """``x [n, d_in]``, ``w [d_in, d_out]`` → ``where(|x| > threshold, x, 0) @ w`` (every row read)."""
+    return torch.where(x.abs() > threshold, x, 0) @ w
+
+
 # ---- public primitives ---------------------------------------------------------------------
 
 def dot_rows(x: Tensor, w: Tensor, index: Tensor) -> Tensor:
     """``x [n, d_in]``, ``w [units, d_in]``, ``index [k]`` (int64) → ``x @ w[index].T``, ``[n, k]``."""
     if not _kernel_applies(x, w, index):
-        return reference_dot_rows(x, w, index)
+        out = _triton_rows("dot_rows", x, w, index)
+        return out if out is not None else reference_dot_rows(x, w, index)
     if x.shape[1] != w.shape[1]:
         raise _shape_error("dot_rows", x, w, index, "w.shape[1] (d_in)", w.shape[1])
     out = torch.empty((x.shape[0], index.shape[0]), dtype=torch.float32)
@@ -81,12 +89,21 @@ def dot_rows(x: Tensor, w: Tensor, index: Tensor) -> Tensor:
 def axpy_rows(h: Tensor, w: Tensor, index: Tensor) -> Tensor:
     """``h [n, k]``, ``w [units, d_out]``, ``index [k]`` (int64) → ``h @ w[index]``, ``[n, d_out]``."""
     if not _kernel_applies(h, w, index):
-        return reference_axpy_rows(h, w, index)
+        out = _triton_rows("axpy_rows", h, w, index)
+        return out if out is not None else reference_axpy_rows(h, w, index)
     if h.shape[1] != index.shape[0]:
         raise _shape_error("axpy_rows", h, w, index, "index.shape[0] (k)", index.shape[0])
     out = torch.empty((h.shape[0], w.shape[1]), dtype=torch.float32)
     _call(_library.actscope_axpy_rows, _rows_contiguous(h), w, index, out, w.shape[1])
     return out
+
+
+def threshold_axpy_rows(x: Tensor, w: Tensor, threshold: Tensor | float) -> Tensor:
+    """TEAL's input-sparse product ``where(|x| > threshold, x, 0) @ w`` (``w`` the transposed
+    weight ``[d_in, d_out]``); on CUDA a Triton kernel that reads only the rows of channels above
+    the threshold for some token, with no index built on the host (no synchronisation)."""
+    out = _triton_rows("threshold_axpy_rows", x, w, threshold)
+    return out if out is not None else reference_threshold_axpy_rows(x, w, threshold)
 
 
 def kernel_enabled() -> bool:
@@ -109,6 +126,23 @@ def _kernel_applies(a: Tensor, w: Tensor, index: Tensor) -> bool:
         and not ((a.requires_grad or w.requires_grad) and torch.is_grad_enabled())
         and kernel_enabled()
     )
+
+
+# CUDA tensors: the Triton kernels (sparse/triton_rows.py) up to this many tokens; longer
+# prompts take the reference (gather + cuBLAS GEMM). benchmarks/gpu_check.py times both.
+MAX_TRITON_TOKENS = 16
+TRITON_ON_CPU = False  # tests set it (with triton_rows.applies) to run the kernels interpreted
+
+
+def _triton_rows(name: str, a: Tensor, w: Tensor, third: Any) -> Tensor | None:
+    """The Triton kernel's result for CUDA tensors; None where it does not apply (or failed)."""
+    if not (a.is_cuda or TRITON_ON_CPU) or a.dim() != 2 or not 0 < a.shape[0] <= MAX_TRITON_TOKENS:
+        return None
+    if os.environ.get("ACTSCOPE_SPARSE_KERNEL", "1") == "0":
+        return None
+    from . import triton_rows
+
+    return triton_rows.run(name, a, w, third)
 
 
 def _shape_error(name: str, a: Tensor, w: Tensor, index: Tensor, inner_name: str, inner: int) -> InputError:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from actscope.errors import InputError
-from actscope.stats import fused
+from actscope.stats import fused, triton_stats
 from actscope.stats._common import check_n_units, check_other, check_state, prepare, state_header
 from actscope.stats.histogram import AbsHistogram
 from actscope.stats.moments import UnitMoments
@@ -54,6 +54,8 @@ class SiteStats:
         if self._fused_fits(x, tok):
             self._update_fused(x, tok)
             return
+        if self._triton_fits(x, tok) and triton_stats.update_site(self, x, tok):
+            return  # CUDA: the Triton kernel (False: it cannot take the batch, torch does)
         batch = prepare(x, tok, self.n_units, "SiteStats", need_tok=True)
         if batch is None:
             return
@@ -65,6 +67,12 @@ class SiteStats:
         shaped = isinstance(x, Tensor) and x.dim() == 2 and x.shape[0] > 0 and x.shape[1] == self.n_units
         matched = isinstance(tok, Tensor) and tok.shape == (x.shape[0],) if shaped else False
         return shaped and matched and fused.usable(x)
+
+    def _triton_fits(self, x: Tensor, tok: Tensor | None) -> bool:
+        # CUDA batches (usable) of the right shapes; anything else takes the checked torch path.
+        shaped = isinstance(x, Tensor) and x.dim() == 2 and x.shape[0] > 0 and x.shape[1] == self.n_units
+        matched = isinstance(tok, Tensor) and tok.shape == (x.shape[0],) and not tok.is_floating_point() if shaped else False
+        return shaped and matched and triton_stats.usable(x)
 
     def _update_fused(self, x: Tensor, tok: Tensor) -> None:
         """The CPU fast path: one C pass for moments, ladder, histogram and top-k candidates."""
