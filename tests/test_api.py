@@ -9,7 +9,7 @@ import actscope
 DOCUMENTED = [
     "load", "wrap", "observe", "capture", "edit", "interventions", "profile", "open_run", "plan_sites", "Model", "Run",
     "Plan", "ProfileConfig", "ActscopeError", "InputError", "SiteError", "DataError", "ModelLoadError", "RunDirError",
-    "explain", "metrics", "sparse", "train",
+    "explain", "metrics", "sparse", "train", "harvest", "open_activations",
 ]
 # The short paths the README teaches: actscope.<package>.<name>.
 SHORT_PATHS = {

@@ -17,11 +17,11 @@ LAYERS = (
     ("models",),
     ("sites", "store", "run"),
     ("hooks", "trace", "stats", "interventions"),
-    ("feeding",),
+    ("feeding", "distributed"),
     ("metrics", "explain", "sparse", "train", "zoo"),
-    ("measure", "profiling"),
+    ("measure", "profiling", "harvesting"),
     ("report",),
-    ("cli", ""),
+    ("cli", "", "__main__"),
 )
 
 # Lazy (function-level) imports allowed to point upwards; every cycle must contain one of them.

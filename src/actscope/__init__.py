@@ -9,11 +9,13 @@ __version__ = "0.1.0"
 
 from . import explain, interventions, metrics, sparse, train
 from .errors import ActscopeError, DataError, InputError, ModelLoadError, RunDirError, SiteError
+from .harvesting import harvest
 from .interventions import edit
 from .models import Model, load, wrap
 from .profiling import ProfileConfig, profile
 from .run import Run, open_run
 from .sites import Plan, plan_sites
+from .store.activations import open_activations
 from .trace import capture, observe
 
 __all__ = [
@@ -31,10 +33,12 @@ __all__ = [
     "capture",
     "edit",
     "explain",
+    "harvest",
     "interventions",
     "load",
     "metrics",
     "observe",
+    "open_activations",
     "open_run",
     "profile",
     "sparse",

@@ -7,12 +7,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .distributed import SINGLE, Context, agree, rank_device, session
 from .errors import InputError
 from .feeding import Progress, Source, source_for
 from .metrics.observed import ProfileConfig, observe_run, to_arrow
 from .models import Model, as_model
 from .run import Run
 from .sites import Plan, plan_sites
+from .store.checkpoint import Checkpoints, checkpoint_folder, rank_files, remove_checkpoint
 
 
 def profile(
@@ -28,6 +30,8 @@ def profile(
     metrics: str | Sequence[str] | None = None,
     measure_config: Any = None,
     on_metric: Callable[[str], None] | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
     **options: Any,
 ) -> Run:
     """Observe ``sites`` of ``model`` over ``data`` and return (and optionally save) a Run.
@@ -39,27 +43,104 @@ def profile(
     ``metrics``: measurements to run after profiling and save beside its tables (``"all"`` or
     names from :data:`actscope.measure.MEASUREMENTS`; text data only); ``measure_config`` a
     :class:`actscope.measure.MeasureConfig`; ``on_metric(name)`` is called as each one starts.
+
+    ``checkpoint_every``: save the accumulators and the position in the data after every that
+    many tokens (per process) beside ``out`` (``.NAME.checkpoint``); ``resume=True`` continues
+    an interrupted run from there (same model, data, sites, config and number of processes, or
+    it is refused) and ends with exactly the run an uninterrupted one writes. Both need ``out``
+    and text data.
+
+    Under torchrun (``torchrun --nproc_per_node N script.py``) each process observes its share of
+    the batches and the accumulators are merged: the run equals one process's. Every process
+    returns it; rank 0 alone runs the measurements (on all the data) and writes ``out``.
     """
     config = (config or ProfileConfig(**options)).checked()
-    model = as_model(model, device)
+    _check_checkpointing(checkpoint_every, resume, out)
+    model = as_model(model, rank_device(device))
     plan = plan_sites(model, sites)
     source = source_for(model, data, **vars(config.limits))
     chosen = _chosen_metrics(metrics, source)
     if chosen and measure_config is not None:
         measure_config.checked()
-    if out is not None:
-        from .store import check_target
-
-        check_target(Path(out), overwrite)
-    run, state = observe_run(model, plan, source, config, progress)
+    if (checkpoint_every or resume) and source.corpus is None:
+        raise InputError("checkpoints need text data (a file or a list of strings), whose fingerprint identifies it; "
+                         "model-input dicts cannot be checked on resume, so drop checkpoint_every and resume")
+    with session(model.device) as context:
+        weights, checkpoints, resumed = _prepare(model, plan, source, config, out, overwrite, checkpoint_every, resume, context)
+        every = checkpoint_every or (resumed or {}).get("every")
+        run, state = observe_run(model, plan, source, config, progress, context=context, checkpoints=checkpoints,
+                                 every=every, resumed=resumed, weights=weights)
+    if not context.main:
+        return run
     if chosen:
-        run = _with_measurements(run, model, source, chosen, measure_config, on_metric)
+        run = _with_measurements(run, model, source, chosen, measure_config, on_metric, context)
     if out is None:
         return run
     from .store import write_run
 
     path = write_run(out, manifest=dict(run.manifest), tables=run.tables, arrays=run.arrays, state=state, overwrite=overwrite)
+    if checkpoints is not None:
+        checkpoints.remove()
     return Run(run.manifest, run.tables, run.arrays, path)
+
+
+def _check_checkpointing(every: Any, resume: bool, out: Any) -> None:
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise InputError(f"--checkpoint-every must be a whole number of tokens of at least 1, got {every!r}")
+    if (every is not None or resume) and out is None:
+        flag = "--resume" if resume else "--checkpoint-every"
+        raise InputError(f"{flag} needs --out (out= in Python): the checkpoint is kept beside the run directory")
+
+
+def _prepare(model: Model, plan: Plan, source: Source, config: ProfileConfig, out: Any, overwrite: bool,
+             every: int | None, resume: bool, context: Context) -> tuple[str, Checkpoints | None, dict | None]:
+    """The weight hash, this process's checkpoints and what it resumes from, after the checks
+    every process passes together (a bad ``out``, a missing or mismatched checkpoint, one that a
+    new run would leave behind). Starting over with ``overwrite`` removes an old checkpoint."""
+    from dataclasses import asdict
+
+    from .store import check_target, weight_hash
+
+    weights = checkpoints = resumed = problem = None
+    stale = False
+    try:
+        if out is not None and context.main:
+            check_target(Path(out), overwrite)  # before hashing the weights: a bad --out fails at once
+        if every is not None or resume:
+            weights = weight_hash(model.module)
+            identity = {"kind": "profile", "model": weights, "data": source.corpus.fingerprint,
+                        "sites": [site.label for site in plan.sites], "config": {**asdict(config), "eps": list(config.eps)},
+                        "processes": context.world}
+            checkpoints = Checkpoints(checkpoint_folder(out), context.rank, identity)
+        stale = out is not None and not resume and _refuse_stale_checkpoint(out, overwrite)
+        if resume:
+            resumed = _resumed(checkpoints, out)
+    except InputError as error:
+        problem = error
+    agree(problem, context)
+    if stale and context.main:
+        remove_checkpoint(checkpoint_folder(out))  # starting over: the old checkpoint goes
+    agree(None, context)  # nobody writes a checkpoint before it is gone
+    return weights or weight_hash(model.module), checkpoints, resumed
+
+
+def _refuse_stale_checkpoint(out: Any, overwrite: bool) -> bool:
+    """Whether ``out`` has a checkpoint a new run replaces (``overwrite``); refused otherwise."""
+    folder = checkpoint_folder(out)
+    if not rank_files(folder):
+        return False
+    if not overwrite:
+        raise InputError(f"{out} has the checkpoint of an interrupted run ({folder}); pass --resume (resume=True) "
+                         "to continue it, or --overwrite to start over and replace it")
+    return True
+
+
+def _resumed(checkpoints: Checkpoints, out: Any) -> dict | None:
+    # No collective in here: a process that fails a check must not leave the others waiting.
+    if not checkpoints.exists():
+        raise InputError(f"there is no checkpoint to resume {out} from (looked for {checkpoints.folder}); run it without "
+                         "--resume, with --checkpoint-every TOKENS to keep one")
+    return checkpoints.load()
 
 
 def _chosen_metrics(metrics: str | Sequence[str] | None, source: Source) -> list[str]:
@@ -74,14 +155,18 @@ def _chosen_metrics(metrics: str | Sequence[str] | None, source: Source) -> list
     return chosen
 
 
-def _with_measurements(run: Run, model: Model, source: Source, chosen: list[str], config: Any, on_metric: Any) -> Run:
-    """The run with each measurement's tables added and its outcome in ``manifest['measurements']``."""
+def _with_measurements(run: Run, model: Model, source: Source, chosen: list[str], config: Any, on_metric: Any,
+                       context: Context = SINGLE) -> Run:
+    """The run with each measurement's tables added and its outcome in ``manifest['measurements']``.
+    Measurements do not run distributed: with several processes, rank 0 runs them on all the
+    data (so they equal one process's) and each outcome says ``processes: rank 0 only``."""
     from .measure import measure
 
     results = measure(model, source.corpus.documents, chosen, config, progress=on_metric)
     tables = dict(run.tables)
     tables.update(to_arrow({name: _numpy_columns(cols) for r in results for name, cols in r.tables.items()}))
-    outcome = {r.name: {"summary": list(r.summary), "skipped": r.skipped, "tables": list(r.tables)} for r in results}
+    where = {"processes": f"rank 0 only (of {context.world}; measurements do not run distributed)"} if context.distributed else {}
+    outcome = {r.name: {"summary": list(r.summary), "skipped": r.skipped, "tables": list(r.tables), **where} for r in results}
     return Run({**run.manifest, "measurements": outcome}, tables, run.arrays)
 
 

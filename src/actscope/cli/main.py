@@ -8,6 +8,7 @@ from . import decode as decode_command
 from . import env as env_command
 from . import examples as examples_command
 from . import generate as generate_command
+from . import harvest as harvest_command
 from . import patch as patch_command
 from . import profile as profile_command
 from . import query as query_command
@@ -27,6 +28,7 @@ app.command("profile")(profile_command.profile)
 app.command("report")(report_command.report)
 app.command("query")(query_command.query)
 app.command("sites")(sites_command.sites)
+app.command("harvest")(harvest_command.harvest)
 # explain and edit
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)

@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
-    load_model, quiet_libraries, styled,
+    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, EXIT_BAD_INPUT, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, errors,
+    friendly_errors, load_model, quiet_libraries, styled,
 )
 
 _METRIC_NAMES = "cett, temporal, core, codes, extreme, outliers, memory, moe, sensitivity"
 
 
 def profile(
+    command: typer.Context,
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Text, .jsonl, .csv, .tsv, .parquet or a saved HF dataset (default: built-in corpus)."),
     column: Optional[str] = typer.Option(None, "--column", help="Text column of a table-shaped data file."),
@@ -31,6 +33,9 @@ def profile(
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Measurements to add to the run: 'all' or a comma list of " + _METRIC_NAMES + "."),
     checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Earlier checkpoint directories, comma-separated, in training order (for --metrics sensitivity)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN_DIR/report.html (charts + neuron browser) at the end."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="TOKENS", help="Save the statistics and the data position every TOKENS tokens (per process) beside --out, to --resume after a crash."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint (same model, data, sites, options and processes)."),
+    processes: int = typer.Option(1, "--processes", help="Profile in N processes (torchrun on this machine), each taking every N-th batch; the result equals one process's."),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
     device_map: Optional[str] = DEVICE_MAP,
@@ -40,20 +45,36 @@ def profile(
 ) -> None:
     """Stream per-neuron statistics of chosen sites into a run directory and summarise them."""
     quiet_libraries(download)
-    with friendly_errors():
+    if processes != 1:
+        with friendly_errors():  # what needs no model is checked once, here, not in every process
+            import actscope
+            from actscope.store import check_target
+
+            actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column).checked()
+            if out is not None:
+                check_target(out, overwrite)
+        relaunch(command, processes)
+    with rank_errors() as context:
         import actscope
         from actscope.data import load_corpus
+        from actscope.distributed import rank_device
         from actscope.store import check_target
         config = actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column).checked()
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
+        if (checkpoint_every is not None or resume) and out is None:
+            raise actscope.InputError(f"{'--resume' if resume else '--checkpoint-every'} needs --out: the checkpoint is kept beside the run directory")
+        model = load_model(model_dir, device=rank_device(device, context), dtype=dtype, device_map=device_map, revision=revision,
                            download=download, trust_remote_code=trust_remote_code)
         plan = actscope.plan_sites(model, sites)
         corpus = load_corpus(data, column=column)
         target = out or _default_out(model.name)
-        check_target(target, overwrite)  # before the progress bar: a bad --out fails at once
-        with _progress(len(corpus)) as advance:
+        if context.main:
+            check_target(target, overwrite)  # before the progress bar: a bad --out fails at once
+        with progress_bar(len(corpus), shown=context.main) as advance, _interrupted(target, checkpoint_every, resume, context.main):
             run = actscope.profile(model, corpus, sites=plan, out=target, overwrite=overwrite, config=config, progress=advance,
-                                   metrics=metrics, measure_config=_measure_config(checkpoints), on_metric=_announce)
+                                   metrics=metrics, measure_config=_measure_config(checkpoints), on_metric=_announce(context),
+                                   checkpoint_every=checkpoint_every, resume=resume)
+        if not context.main:
+            return
         _summary(run)
         if report:
             from actscope.report import write_report
@@ -61,17 +82,103 @@ def profile(
             console.print(styled("Report: ", (str(write_report(run)), "bold")), highlight=False, soft_wrap=True)
 
 
+def relaunch(command: typer.Context, processes: int) -> None:
+    """``--processes N``: run this same command in N processes through torchrun, and exit with its code."""
+    from actscope.distributed import launch, launched
+
+    with friendly_errors():
+        from actscope.errors import InputError
+
+        if processes < 1:
+            raise InputError(f"--processes must be at least 1, got {processes}")
+        if launched().distributed:
+            raise InputError("--processes starts torchrun itself; under torchrun leave --processes out")
+    raise typer.Exit(launch([command.info_name, *_arguments(command)], processes))
+
+
+def _arguments(command: typer.Context) -> list[str]:
+    """The command line of ``command`` as given (what the user set), without --processes."""
+    words: list[str] = []
+    options: list[str] = []
+    for param in command.command.params:
+        value = command.params.get(param.name)
+        source = command.get_parameter_source(param.name)
+        given = source is not None and source.name != "DEFAULT"
+        if param.name == "processes" or not given or value is None:
+            continue
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
+            options.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
+        else:
+            options += [param.opts[0], str(value)]
+    return words + options
+
+
+@contextmanager
+def rank_errors() -> Iterator[Any]:
+    """friendly_errors for one of several processes: only rank 0 prints what every process
+    agreed on, other ranks stay silent but for their own errors, and each process's exit code
+    is left for ``--processes`` to pass on."""
+    from actscope.distributed import end, is_quiet, launched, record_exit
+
+    try:
+        with friendly_errors():
+            context = launched()
+            if context.distributed and not context.main:
+                _silence()
+            try:
+                yield context
+            except Exception as error:
+                if is_quiet(error) and context.distributed and not context.main:
+                    raise typer.Exit(EXIT_BAD_INPUT) from None
+                raise
+            finally:
+                end()
+    except typer.Exit as done:
+        record_exit(done.exit_code)
+        raise
+
+
+def _silence() -> None:
+    """Ranks other than 0 print errors only: warnings and logs come from rank 0."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("actscope").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@contextmanager
+def _interrupted(target: Path, every: Optional[int], resume: bool, main: bool) -> Iterator[None]:
+    """Ctrl-C with checkpoints: say (rank 0) where the last one is and how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from actscope.store.checkpoint import checkpoint_folder, rank_files
+
+        folder = checkpoint_folder(target)
+        if (every is not None or resume) and not main:
+            raise typer.Exit(130) from None
+        if (every is not None or resume) and rank_files(folder):
+            errors.print(f"interrupted; the last checkpoint is in {folder}: run the same command with --resume to continue")
+            raise typer.Exit(130) from None
+        raise
+
+
 def _default_out(name: str) -> Path:
     # a hub id's "org/name" becomes one folder, "org--name", as in the Hugging Face cache
     return Path("actscope-runs") / f"{name.replace('/', '--')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-class _progress:
-    """A rich progress bar over documents that also shows tokens and tokens/s."""
+class progress_bar:
+    """A rich progress bar over documents that also shows tokens and tokens/s (rank 0's only)."""
 
-    def __init__(self, documents: int) -> None:
+    def __init__(self, documents: int, shown: bool = True, label: str = "profiling") -> None:
+        self.shown = shown
         self.bar = Progress(
-            TextColumn("[bold]profiling"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("docs · {task.fields[tokens]:,} tokens · {task.fields[rate]:,.0f} tok/s"),
@@ -84,6 +191,8 @@ class _progress:
         self.start = time.perf_counter()
 
     def __enter__(self):
+        if not self.shown:
+            return None
         self.bar.__enter__()
         return self.advance
 
@@ -93,7 +202,8 @@ class _progress:
         self.bar.update(self.task, completed=documents, tokens=self.tokens, rate=rate)
 
     def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
+        if self.shown:
+            self.bar.__exit__(*exc)
 
 
 def _summary(run) -> None:
@@ -124,8 +234,13 @@ def _measure_config(checkpoints: Optional[str]):
     return MeasureConfig(checkpoints=tuple(c.strip() for c in (checkpoints or "").split(",") if c.strip()))
 
 
-def _announce(name: str) -> None:
-    console.print(styled((f"measuring {name}…", "dim")))
+def _announce(context):
+    where = " (on rank 0 only: measurements do not run distributed)" if context.distributed else ""
+
+    def announce(name: str) -> None:
+        console.print(styled((f"measuring {name}…{where}", "dim")))
+
+    return announce
 
 
 def _measurements(outcome: dict) -> None:
@@ -134,6 +249,7 @@ def _measurements(outcome: dict) -> None:
         if result["skipped"]:
             console.print(styled((name, "bold"), ": ", (f"skipped — {result['skipped']}", "dim")))
             continue
-        console.print(styled((name, "bold"), f" → tables {', '.join(result['tables'])}"))
+        where = f" ({result['processes']})" if result.get("processes") else ""
+        console.print(styled((name, "bold"), f" → tables {', '.join(result['tables'])}{where}"))
         for line in result["summary"]:
             console.print(f"  {line}", highlight=False)

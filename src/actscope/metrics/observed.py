@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
-from ..errors import InputError
-from ..feeding import Limits, Progress, Source, feed
+import torch
+
+from ..distributed import SINGLE, Context, all_gather, batch_rows, broadcast, from_state, gather, merge_states, shard
+from ..errors import DataError, InputError
+from ..feeding import Limits, Progress, Source, input_device, unpack
 from ..models import Model
 from ..run import Run
 from ..sites import Plan
+from ..store.checkpoint import Checkpoints
 from ..trace import Observer
 
 DEFAULT_K = 8
@@ -41,30 +45,124 @@ class ProfileConfig:
         return self
 
 
-def observe_run(model: Model, plan: Plan, source: Source, config: ProfileConfig, progress: Progress | None = None) -> tuple[Run, dict]:
-    """Observe ``plan`` over ``source``; return the run (not saved) and the accumulators' state."""
+def observe_run(model: Model, plan: Plan, source: Source, config: ProfileConfig, progress: Progress | None = None, *,
+                context: Context = SINGLE, checkpoints: Checkpoints | None = None, every: int | None = None,
+                resumed: Mapping[str, Any] | None = None, weights: str | None = None) -> tuple[Run, dict | None]:
+    """Observe ``plan`` over ``source``; return the run (not saved) and the accumulators' state.
+
+    Under torchrun (``context``) this process observes its share of the batches
+    (:func:`actscope.distributed.shard`) and the accumulators are merged on rank 0, which
+    assembles the run; every process returns that run, and rank 0 alone the merged state (None
+    elsewhere). With ``checkpoints`` and ``every`` (tokens), this process's accumulators and data
+    position are saved after every ``every`` tokens it observed; ``resumed`` (a checkpoint's
+    content) continues from one. ``weights``: the model's weight hash when already known.
+    """
     started, clock = _now(), time.perf_counter()
     observer = Observer(model, plan, k=config.k, eps=config.eps)
-    documents, tokens = feed(observer, source, progress=progress)
-    seconds = time.perf_counter() - clock
-    manifest = _manifest(model, plan, source, config, documents, tokens, started, seconds)
-    state = {label: stat.state_dict() for label, stat in observer.stats.items()}
-    return _assemble(plan, source, observer, config, manifest), state
+    done = _Done.restored(observer, resumed)
+    _observe(observer, source, context, done, progress, _Saver(checkpoints, every, done, clock))
+    merging = time.perf_counter()
+    documents, tokens = (sum(parts) for parts in zip(*all_gather((done.documents, done.tokens), context)))
+    if tokens == 0:
+        error = DataError("no real token was observed; the data produced no input, or only padding (is it empty?)")
+        error.quiet = not context.main
+        raise error
+    states = {label: stat.state_dict() for label, stat in observer.stats.items()}
+    stats = merge_states(gather(states, context) or []) if context.distributed else observer.stats
+    seconds = done.seconds + time.perf_counter() - clock
+    run = state = None
+    if context.main:
+        timings = {"merge_seconds": round(time.perf_counter() - merging, 3)} if context.distributed else {}
+        state = {label: stat.state_dict() for label, stat in stats.items()} if context.distributed else states
+        manifest = _manifest(model, plan, source, config, documents, tokens, started, seconds, weights, context, timings)
+        run = _assemble(plan, source, stats, config, manifest)
+    return broadcast(run, context), state
 
 
-def _assemble(plan: Plan, source: Source, observer: Observer, config: ProfileConfig, manifest: dict) -> Run:
+@dataclass
+class _Done:
+    """How far this process is: the next batch index to consider, what it observed so far."""
+
+    position: int = 0
+    documents: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def restored(cls, observer: Observer, resumed: Mapping[str, Any] | None) -> "_Done":
+        if not resumed:
+            return cls()
+        observer.stats.update({label: from_state(state) for label, state in resumed["state"].items()})
+        return cls(int(resumed["position"]), int(resumed["documents"]), int(resumed["tokens"]), float(resumed["seconds"]))
+
+
+@dataclass
+class _Saver:
+    """Writes this process's checkpoint after every ``every`` tokens it observed."""
+
+    checkpoints: Checkpoints | None
+    every: int | None
+    done: _Done
+    clock: float
+    since: int = 0
+
+    def after(self, observer: Observer, tokens: int) -> None:
+        if self.checkpoints is None or not self.every:
+            return
+        self.since += tokens
+        if self.since < self.every:
+            return
+        self.since = 0
+        done = self.done
+        self.checkpoints.save({
+            "kind": "profile", "position": done.position, "documents": done.documents, "tokens": done.tokens,
+            "seconds": done.seconds + time.perf_counter() - self.clock, "every": self.every,
+            "state": {label: stat.state_dict() for label, stat in observer.stats.items()},
+        })
+
+
+def _observe(observer: Observer, source: Source, context: Context, done: _Done, progress: Progress | None, saver: _Saver) -> None:
+    """Feed this process's batches (from ``done.position`` on) through the observer's hooks,
+    telling it each call's global example numbers."""
+    model = observer.model
+    device = input_device(model)
+    if progress is not None and done.tokens:
+        progress(done.documents, done.tokens)  # a resumed run starts where it was
+    with torch.no_grad(), observer.attached():
+        for index, first, batch in shard(source.batches, context, done.position, rows=batch_rows):
+            call = unpack(batch, device)
+            examples = call.examples if call.examples is not None else torch.arange(first, first + batch_rows(batch))
+            observer.next_examples = examples
+            model(**call.inputs)
+            done.documents += len(call.examples) if call.examples is not None else 1
+            done.tokens += call.tokens
+            done.position = index + 1
+            if progress is not None:
+                progress(_examples_done(done, examples, context), call.tokens * context.world)
+            saver.after(observer, call.tokens)
+
+
+def _examples_done(done: _Done, examples: torch.Tensor, context: Context) -> int:
+    """For a progress bar: this process's examples, or, with several processes, how far into
+    the data this one is (they advance together)."""
+    if not context.distributed:
+        return done.documents
+    return int(examples.max()) + 1 if len(examples) else done.documents
+
+
+def _assemble(plan: Plan, source: Source, stats: Mapping[str, Any], config: ProfileConfig, manifest: dict) -> Run:
     from . import tables
 
     context = _context_fn(source, config)
     built = {
-        "neurons": tables.neurons_table(plan, observer.stats, config.eps),
-        "layers": tables.layers_table(plan, observer.stats, config.eps),
-        "examples": tables.examples_table(plan, observer.stats, context),
+        "neurons": tables.neurons_table(plan, stats, config.eps),
+        "layers": tables.layers_table(plan, stats, config.eps),
+        "examples": tables.examples_table(plan, stats, context),
     }
-    heads = tables.heads_table(plan, observer.stats)
+    heads = tables.heads_table(plan, stats)
     if heads is not None:
         built["heads"] = heads
-    arrays = tables.site_arrays(plan, observer.stats)
+    arrays = tables.site_arrays(plan, stats)
     return Run(manifest, to_arrow(built), arrays)
 
 
@@ -85,7 +183,7 @@ def to_arrow(tables: dict[str, dict]) -> dict[str, Any]:
     return {name: pa.table({k: list(v) if v.dtype == object else v for k, v in cols.items()}) for name, cols in tables.items() if cols}
 
 
-def _manifest(model, plan, source, config, documents, tokens, started, seconds) -> dict:
+def _manifest(model, plan, source, config, documents, tokens, started, seconds, weights=None, context=SINGLE, timings=None) -> dict:
     from dataclasses import asdict
 
     from ..store import library_versions, weight_hash
@@ -99,7 +197,7 @@ def _manifest(model, plan, source, config, documents, tokens, started, seconds) 
             "family": model.family,
             "class": type(model.module).__name__,
             "layers": model.n_layers,
-            "weight_hash": weight_hash(model.module),
+            "weight_hash": weights or weight_hash(model.module),
         },
         "data": {
             "name": corpus.name if corpus is not None else "model inputs",
@@ -111,7 +209,9 @@ def _manifest(model, plan, source, config, documents, tokens, started, seconds) 
         "plan": plan.to_json(),
         "config": {**asdict(config), "eps": list(config.eps), "device": str(model.device)},
         "versions": library_versions(),
-        "timings": {"started": started, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)},
+        "processes": context.world,
+        "timings": {"started": started, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+                    **(timings or {})},
     }
 
 
