@@ -138,25 +138,9 @@ def is_text_source(data: Any) -> bool:
     return isinstance(data, (list, tuple)) and (not data or isinstance(data[0], str))
 
 
-def input_device(model: Model) -> torch.device:
-    """Where a forward call's inputs go: the model's device (that of its first parameter); for a
-    model accelerate dispatched whose first parameter is offloaded (on the meta device), the
-    device its modules run on, from accelerate's hooks, which move activations on from there."""
-    device = model.device
-    if device.type != "meta":
-        return device
-    for module in model.module.modules():
-        hook = getattr(module, "_hf_hook", None)
-        for candidate in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-            found = getattr(candidate, "execution_device", None)
-            if found is not None:
-                return torch.device(found)
-    return torch.device("cpu")
-
-
 def calls(model: Model, source: Source) -> Iterator[Call]:
-    """The forward calls of a source, inputs moved to the model's device (:func:`input_device`)."""
-    device = input_device(model)
+    """The forward calls of a source, inputs moved to the model's device (``Model.device``)."""
+    device = model.device
     for batch in source.batches:
         yield unpack(batch, device)
 

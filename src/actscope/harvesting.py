@@ -20,7 +20,7 @@ import torch
 
 from .distributed import Context, agree, batch_rows, gather, rank_device, session, shard
 from .errors import DataError, InputError, SiteError
-from .feeding import Limits, Source, input_device, source_for, unpack
+from .feeding import Limits, Source, source_for, unpack
 from .models import Model, ModelLike, as_model
 from .sites import Plan, Site, plan_sites
 from .store.activations import (
@@ -167,7 +167,7 @@ class _Reader(Tracer):
 def _harvest(model: Model, plan: Plan, source: Source, context: Context, start: Position, writer: ShardWriter,
              dtype: torch.dtype | None, progress: Callable[[int, int], None] | None) -> None:
     reader = _Reader(model, plan, dtype)
-    device = input_device(model)
+    device = model.device
     examples_done = 0
     with torch.no_grad(), reader.attached():
         for index, first, batch in shard(source.batches, context, start.batch, rows=batch_rows):

@@ -21,7 +21,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..feeding import input_device
 from ..errors import InputError
 from ..results import TableResult
 from ..models import Model, ModelLike
@@ -131,7 +130,7 @@ def _sequences(model: ModelLike, seq_len: int, batch: int, seed: int, bos: int |
         high = int(vocab)
     if low is None:
         low = bos + 1 if bos is not None and bos == 0 else 0
-    ids = repeated_tokens(seq_len, batch, seed, low=low, high=high, bos=bos).to(input_device(model))
+    ids = repeated_tokens(seq_len, batch, seed, low=low, high=high, bos=bos).to(model.device)
     return ids, (1 if bos is not None else 0)
 
 

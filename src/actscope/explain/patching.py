@@ -21,7 +21,6 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..feeding import input_device
 from ..errors import InputError
 from ..results import TableResult
 from ..models import Model, ModelLike, as_model
@@ -139,7 +138,7 @@ def as_inputs(model: Model, value: Any, what: str) -> dict[str, Any]:
         return dict(value)
     if isinstance(value, torch.Tensor):
         ids = value if value.dim() == 2 else value.reshape(1, -1)
-        return {"input_ids": ids.to(input_device(model))}
+        return {"input_ids": ids.to(model.device)}
     if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
         if model.tokenizer is None:
             raise InputError(f"{what}: text needs a tokenizer, and {model.name} has none; pass token ids or an input dict")
@@ -147,7 +146,7 @@ def as_inputs(model: Model, value: Any, what: str) -> dict[str, Any]:
         if len(texts) > 1 and getattr(model.tokenizer, "pad_token", None) is None:
             raise InputError(f"{what}: several texts need padding, and the tokenizer has no pad token; set one or pass token ids")
         encoded = model.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1)
-        return {k: v.to(input_device(model)) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+        return {k: v.to(model.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
     raise InputError(f"{what}: expected an input dict, a [batch, pos] tensor of token ids or text, got {type(value).__name__}")
 
 

@@ -32,7 +32,6 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..feeding import input_device
 from ..errors import InputError
 from ..sites import Plan
 from ..trace import POS_BITS, Reading, Tracer, flatten
@@ -164,7 +163,7 @@ def activation_codes(
     stream = _CodeStream()
     with tracer.attached(), torch.no_grad():
         for args, kwargs in calls:
-            device = input_device(tracer.model)
+            device = tracer.model.device
             tracer.model(*_to_device(args, device), **_to_device(kwargs, device))
             stream.add(*tracer.take())
     return stream.finish(tracer.plan, tracer.site_bits, per)

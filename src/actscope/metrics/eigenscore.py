@@ -331,9 +331,7 @@ def _sample(model: Model, prompt_ids: torch.Tensor, k: int, new: int, temperatur
     module = model.module
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    from ..feeding import input_device
-
-    device = input_device(model)
+    device = model.device
     # A model split over GPUs samples on the last one: fork the RNG of every GPU it uses.
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     was_training = module.training

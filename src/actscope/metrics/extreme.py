@@ -33,7 +33,6 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from ..feeding import input_device
 from ..errors import DataError, InputError, SiteError
 from ..results import TableResult
 from ..models import Model
@@ -264,7 +263,7 @@ def _input_dicts(model: Model, data: Any, batch_size: int, max_length: int) -> I
     if isinstance(data, (list, tuple)) and data and all(isinstance(item, str) for item in data):
         yield from input_batches(model, list(data), batch_size=batch_size, max_length=max_length)
         return
-    device = input_device(model)
+    device = model.device
     count = 0
     for i, item in enumerate(data):  # lazily: a generator of dicts is streamed, never held whole
         if not isinstance(item, Mapping):

@@ -13,7 +13,7 @@ import torch
 
 from ..distributed import SINGLE, Context, all_gather, batch_rows, broadcast, from_state, gather, merge_states, shard
 from ..errors import DataError, InputError
-from ..feeding import Limits, Progress, Source, input_device, unpack
+from ..feeding import Limits, Progress, Source, unpack
 from ..models import Model
 from ..run import Run
 from ..sites import Plan
@@ -125,7 +125,7 @@ def _observe(observer: Observer, source: Source, context: Context, done: _Done, 
     """Feed this process's batches (from ``done.position`` on) through the observer's hooks,
     telling it each call's global example numbers."""
     model = observer.model
-    device = input_device(model)
+    device = model.device
     if progress is not None and done.tokens:
         progress(done.documents, done.tokens)  # a resumed run starts where it was
     with torch.no_grad(), observer.attached():

@@ -24,7 +24,6 @@ from typing import Any, ClassVar, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..feeding import input_device
 from ..errors import InputError
 from ..results import TableResult
 from ..models import Model
@@ -272,7 +271,7 @@ def _representation(model: Model, batch: dict[str, torch.Tensor], site: str, pos
     try:
         with torch.no_grad(), capture(model, site, flat=True, announce=False) as captured:
             for start in range(0, batch["input_ids"].shape[0], batch_size):
-                chunk = {key: value[start:start + batch_size].to(input_device(model)) for key, value in batch.items()}
+                chunk = {key: value[start:start + batch_size].to(model.device) for key, value in batch.items()}
                 module(**chunk)
     finally:
         module.train(was_training)

@@ -64,8 +64,18 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        for tensor in self.module.parameters():
-            return tensor.device
+        """Where a forward call's inputs go: the device of the first parameter; for a model
+        accelerate dispatched whose first parameter is offloaded (on the meta device), the device
+        its modules run on, from accelerate's hooks, which move activations on from there."""
+        device = next((tensor.device for tensor in self.module.parameters()), torch.device("cpu"))
+        if device.type != "meta":
+            return device
+        for module in self.module.modules():
+            hook = getattr(module, "_hf_hook", None)
+            for candidate in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+                found = getattr(candidate, "execution_device", None)
+                if found is not None:
+                    return torch.device(found)
         return torch.device("cpu")
 
     @cached_property

@@ -6,7 +6,7 @@ input or output, and how to turn what the hook sees into a tensor with a known l
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
 
 import torch

@@ -7,7 +7,7 @@ MLP reads, since the norm sits on the stream in a post-norm model). ``embed`` is
 of ``embeddings`` (word + position + type embeddings, normalised). ``logits`` exist on the
 masked-LM heads (``cls.predictions`` for BERT, ``lm_head`` for RoBERTa).
 """
-from .base import Adapter, Hook, Mlp, Readout, Tiny, read_input, read_output
+from .base import Adapter, Hook, Readout, Tiny, read_input, read_output
 from .common import attention_weights, n_heads, split_heads
 from .tiny import FFN, HEADS, HIDDEN, INIT_RANGE, LAYERS, POSITIONS, VOCAB, hf_config
 
