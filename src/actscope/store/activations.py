@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from actscope.errors import InputError, RunDirError
-from actscope.store.files import atomic_file, check_writable, give_user_mode, remove_leftovers, remove_path, storage_error, temp_name
+from actscope.store.files import atomic_file, check_writable, remove_leftovers, remove_path
 
 FORMAT = "actscope-activations"
 FORMAT_VERSION = 1
@@ -290,42 +290,18 @@ class ShardWriter:
 
 
 def _write_shard(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], size: int) -> dict:
-    """Write one shard by a rename from a temporary sibling (as :func:`atomic_file` does, without
-    its listing of the folder for leftovers: that would cost O(shards) per shard; a harvest clears
-    its leftovers once, when it starts) and return its record."""
+    """Write one shard atomically and return its record (leftovers are cleared once, when the
+    harvest starts, not per shard: listing the folder each time would cost O(shards))."""
     from safetensors.torch import save_file
 
-    tmp = target.parent / temp_name(target)
-    try:
+    with atomic_file(target, size_hint=size, tidy=False) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        give_user_mode(tmp)
-        os.replace(tmp, target)
-        _fsync_folder(target.parent)
-    except BaseException as error:
-        remove_path(tmp)
-        translated = storage_error(error, target, size)
-        if translated is error:
-            raise
-        raise translated from None
     sites = {name: {"units": int(t.shape[1]), "dtype": str(t.dtype).removeprefix("torch.")}
              for name, t in tensors.items() if name not in (DOC, POS, BATCHES)}
     return {"file": target.name, "bytes": target.stat().st_size, "sites": sites, **{key: int(metadata[key]) for key in _RECORDED}}
 
 
 _RECORDED = ("rank", "index", "tokens", "documents", "first_doc", "last_doc", "next_batch", "next_offset")
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def clear_leftovers(folder: Path, rank: int, index: int) -> None:

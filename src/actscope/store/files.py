@@ -133,11 +133,14 @@ def check_writable(target: Path, what: str = "--out") -> None:
 
 
 @contextmanager
-def atomic_file(target: Path, *, size_hint: int = 0) -> Iterator[Path]:
+def atomic_file(target: Path, *, size_hint: int = 0, tidy: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``target``'s content to; on success it replaces
-    ``target`` in one rename, with the user's permissions; on any failure it is removed."""
+    ``target`` in one rename, with the user's permissions; on any failure it is removed.
+    ``tidy=False`` skips listing the folder for earlier writes' leftovers (a caller writing many
+    files into one folder clears them once, not once per file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(target)
+    if tidy:
+        remove_leftovers(target)
     tmp = target.parent / temp_name(target)
     try:
         yield tmp
