@@ -60,6 +60,7 @@ import torch  # noqa: E402
 
 import actscope  # noqa: E402
 from actscope.sites import plan_sites  # noqa: E402
+from actscope.stats.pages import PageConfig  # noqa: E402
 
 SITES = "blocks.*.mlp.post"
 EPS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
@@ -221,10 +222,11 @@ class Bare(Method):
 class Observe(Method):
     """``with actscope.observe(model, "blocks.*.mlp.post") as obs:`` held open over the stream."""
 
-    def __init__(self, name: str, baseline: str, model: Any, fused: bool = True):
+    def __init__(self, name: str, baseline: str, model: Any, fused: bool = True, pages: bool = False):
         super().__init__(name, baseline)
         self.model, self.fused = model, fused
-        self.context = actscope.observe(model, SITES, k=K, eps=EPS)
+        # pages: also what the unit pages keep (windows, samples, co-firing bits), as profile() does by default
+        self.context = actscope.observe(model, SITES, k=K, eps=EPS, pages=PageConfig() if pages else None)
         self.observer = self.context.__enter__()
 
     def step(self, batch):
@@ -622,7 +624,8 @@ def main() -> None:
     def copy_of(model):
         return actscope.wrap(copy.deepcopy(model.module), model.tokenizer)
 
-    methods: list[Method] = [Bare("bare forward", minilm), Observe("actscope.observe", "bare forward", copy_of(minilm))]
+    methods: list[Method] = [Bare("bare forward", minilm), Observe("actscope.observe", "bare forward", copy_of(minilm)),
+                             Observe("actscope.observe + unit pages", "bare forward", copy_of(minilm), pages=True)]
     if torch_path:
         methods.append(Observe("actscope.observe, torch path", "bare forward", copy_of(minilm), fused=False))
     methods.append(HandHooks("hand hooks + naive f64 stats", "bare forward", copy.deepcopy(minilm.module), paths, units))
@@ -652,7 +655,8 @@ def main() -> None:
         batches, spare = batches[:n_gpt2], batches[n_gpt2:]
         units = hf.config.n_inner or 4 * hf.config.n_embd
         paths = [s.path for s in plan_sites(wrapped, SITES).sites]
-        methods = [Bare("HF bare forward", hf), Observe("actscope.observe", "HF bare forward", actscope.wrap(copy.deepcopy(hf)))]
+        methods = [Bare("HF bare forward", hf), Observe("actscope.observe", "HF bare forward", actscope.wrap(copy.deepcopy(hf))),
+                   Observe("actscope.observe + unit pages", "HF bare forward", actscope.wrap(copy.deepcopy(hf)), pages=True)]
         if torch_path:
             methods.append(Observe("actscope.observe, torch path", "HF bare forward", actscope.wrap(copy.deepcopy(hf)), fused=False))
         methods.append(HandHooks("hand hooks + naive f64 stats", "HF bare forward", copy.deepcopy(hf), paths, units))

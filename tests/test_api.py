@@ -9,17 +9,20 @@ import actscope
 DOCUMENTED = [
     "load", "wrap", "observe", "capture", "edit", "interventions", "profile", "open_run", "plan_sites", "Model", "Run",
     "Plan", "ProfileConfig", "ActscopeError", "InputError", "SiteError", "DataError", "ModelLoadError", "RunDirError",
-    "explain", "metrics", "sparse", "train", "harvest", "open_activations",
+    "explain", "metrics", "sparse", "train", "harvest", "open_activations", "sae", "load_sae", "train_sae",
 ]
 # The short paths the README teaches: actscope.<package>.<name>.
 SHORT_PATHS = {
     "explain": ["decode", "decode_agreement", "top_examples", "contrast", "ablation_effect", "token_probability",
                 "activation_patching", "logit_difference", "attribution_patching", "compare_effects", "subspace_patching",
-                "learn_subspace", "circuit_overlap", "induction_scores"],
+                "learn_subspace", "circuit_overlap", "induction_scores", "steering_vector", "steer", "steering_sweep",
+                "logit_lens", "fit_tuned_lens", "lens_kl", "attention_patterns"],
     "metrics": ["activation_sparsity", "cett_sparsity", "CausalLMLoss", "CettThresholds", "temporal_sparsity", "core_neurons",
                 "activation_codes", "neuron_sensitivity", "eigenscore", "extreme_tokens", "outlier_channels",
-                "activation_memory", "moe_routing"],
+                "activation_memory", "moe_routing", "cka", "rsa", "effective_rank", "participation_ratio",
+                "compare_representations", "ridge_cv", "encoding_scores", "load_responses", "noise_ceiling", "module_drift"],
     "sparse": ["calibrate", "Calibration", "sparsify", "evaluate", "dense_with_thresholds"],
+    "sae": ["load_sae", "attach", "reconstruction", "train_sae", "save_sae", "SAE", "Reconstruction", "TrainedSAE"],
 }
 
 

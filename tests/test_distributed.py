@@ -67,6 +67,8 @@ def assert_same_run(a, b) -> None:
             x, y = left[column].to_numpy(), right[column].to_numpy()
             if column in TOLERANT:
                 np.testing.assert_allclose(x, y, rtol=1e-12, atol=0, equal_nan=True, err_msg=f"{name}.{column}")
+            elif x.dtype == object and any(isinstance(v, np.ndarray) for v in x):  # list columns (activation windows)
+                assert all(np.array_equal(p, q, equal_nan=True) for p, q in zip(x, y)), f"{name}.{column}"
             else:
                 assert (x == y).all() or (x.dtype.kind == "f" and np.array_equal(x, y, equal_nan=True)), f"{name}.{column}"
     assert sorted(a.arrays) == sorted(b.arrays)

@@ -34,7 +34,7 @@ from conftest import word_tokenizer
 runner = CliRunner(env={"COLUMNS": "240"})
 REPO = "org/name"
 MAIN, OTHER = "a" * 40, "b" * 40  # commits: main, and branch 'other' (other weights)
-LOADING_COMMANDS = ("profile", "sites", "decode", "contrast", "patch", "sparsify", "generate")
+LOADING_COMMANDS = ("profile", "sites", "decode", "contrast", "patch", "sparsify", "generate", "steer", "lens", "attention")
 NEW_FLAGS = ("--device", "--dtype", "--device-map", "--revision", "--download", "--trust-remote-code")
 
 

@@ -18,7 +18,7 @@ LAYERS = (
     ("sites", "store", "run"),
     ("hooks", "trace", "stats", "interventions"),
     ("feeding", "distributed"),
-    ("metrics", "explain", "sparse", "train", "zoo"),
+    ("metrics", "explain", "sparse", "train", "zoo", "sae"),
     ("measure", "profiling", "harvesting"),
     ("report",),
     ("cli", "", "__main__"),

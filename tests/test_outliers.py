@@ -10,7 +10,6 @@ import pytest
 import scipy.stats
 import torch
 
-import actscope
 from actscope.errors import DataError, InputError
 from actscope.metrics.outliers import ChannelOutlierStats, median_relative_error, outlier_channels
 from actscope.zoo.tiny import tiny_model

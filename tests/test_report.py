@@ -140,7 +140,8 @@ def test_header_names_model_data_sites_tokens_and_time(minilm_run):
 def test_the_page_is_self_contained(minilm_run):
     text = render_report(minilm_run)
     assert not re.search(r"(src|href)=\"(?!#)", text)  # no external file, image, font or script
-    assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in text
+    # the SVG namespace (charts' xmlns, and the name the scripts create SVG elements in) is no address
+    assert "http://" not in text.replace('"http://www.w3.org/2000/svg"', "") and "https://" not in text
     assert "@import" not in text and "url(" not in text
     page = Page(text)
     assert [s.get("type") for s in page.scripts] == ["application/json", None]
@@ -377,8 +378,24 @@ def synthetic_run(units_per_site: int = 10_000, sites: int = 10, k: int = 8, con
         arrays[f"firing.{name}"] = torch.from_numpy(rng.integers(0, 50, (6, units_per_site + 1)))
     manifest = {"model": {"name": "synthetic"}, "data": {"name": "synthetic", "tokens": 200_000},
                 "plan": [{"site": s} for s in names], "config": {"eps": [0.0, 0.001, 0.01, 0.1, 1.0]}, "timings": {}}
-    tables = {"neurons": pa.table(neurons), "layers": pa.table(layers), "examples": pa.table(examples)}
+    examples, tokens = with_windows(examples, words, rng)
+    tables = {"neurons": pa.table(neurons), "layers": pa.table(layers), "examples": examples, "tokens": tokens}
     return Run(manifest, tables, arrays, None)
+
+
+def with_windows(examples: dict, words: np.ndarray, rng) -> tuple[pa.Table, pa.Table]:
+    """The examples with a window of 16 activations each (10 before, 5 after, cut at the
+    document's start), and the text of every token a window covers."""
+    start = np.maximum(examples["pos"] - 10, 0)
+    length = examples["pos"] + 6 - start
+    values = rng.normal(size=int(length.sum())).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int32)
+    table = pa.table({**examples, "window_start": start, "window": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
+    doc = np.repeat(examples["doc"], length)
+    pos = np.repeat(start, length) + np.arange(int(length.sum())) - np.repeat(offsets[:-1], length)
+    key = np.unique(doc * 200 + pos)
+    tokens = pa.table({"doc": key // 200, "pos": key % 200, "token": words[(key * 13) % len(words)]})
+    return table, tokens
 
 
 @pytest.fixture(scope="module")
@@ -388,14 +405,19 @@ def big_report(tmp_path_factory) -> Path:
 
 def test_100k_units_stay_under_20_mb(big_report):
     size = big_report.stat().st_size
-    print(f"100k-unit report: {size / 1e6:.1f} MB")
+    print(f"100k-unit report: {size / 1e6:.1f} MB, {Page(big_report.read_text()).payload()['neurons']['examples']['keep']} examples a unit")
     assert size < 20e6
     page = Page(big_report.read_text())
     spec = page.payload()["neurons"]
     assert spec["n"] == 100_000
-    # 800k examples: the count cap leaves each unit its 4 strongest, the byte budget then 2
-    assert spec["examples"]["keep"] == 2 and spec["examples"]["k"] == 8
-    assert decode(spec["examples"]["cnt"], 100_000) == [2] * 100_000
+    # 800k examples: the count cap leaves each unit its 4 strongest, the byte budget then fewer
+    examples = spec["examples"]
+    keep = examples["keep"]
+    assert keep in (1, 2) and examples["k"] == 8
+    assert decode(examples["cnt"], 100_000) == [keep] * 100_000
+    windows = examples["windows"]  # every shown example has its per-token activations
+    assert len(windows["win"]) == 100_000 * keep and all(0 < len(w) <= 32 and len(w) % 2 == 0 for w in windows["win"])
+    assert len(windows["tok"]["doc"]) == 500  # the texts of every document a window is in
     firing = [s for s in page.svgs if s["name"].startswith("firing-")]
     assert len(firing) == 10 and all(len(a["points"].split()) <= 100 for s in firing for tag, a in s["elements"] if tag == "polyline")
 
@@ -404,11 +426,17 @@ def test_the_byte_budget_halves_the_examples_per_unit(minilm_run, monkeypatch):
     from actscope.report import data
 
     full = data.page_payload(minilm_run)["neurons"]
+    extras = ("cofire", "hist", "samples")  # the unit pages' extras, dropped before examples are halved
     size = data._size({k: v for k, v in full.items() if k != "examples"}) + data._size(full["examples"])
-    monkeypatch.setattr(data, "NEURON_BUDGET", size - 1)  # just too big: one halving
+    monkeypatch.setattr(data, "NEURON_BUDGET", size - 1)  # just too big: the last extra goes
+    shorter = data.page_payload(minilm_run)["neurons"]
+    assert shorter["examples"]["keep"] == 8 and "samples" not in shorter and {"cofire", "hist"} <= set(shorter)
+    core = data._size({k: v for k, v in full.items() if k not in ("examples", *extras)}) + data._size(full["examples"])
+    monkeypatch.setattr(data, "NEURON_BUDGET", core - 1)  # even without the extras too big: one halving
     assert data.page_payload(minilm_run)["neurons"]["examples"]["keep"] == 4
     monkeypatch.setattr(data, "NEURON_BUDGET", 1)  # never fits: down to one example per unit
     smallest = data.page_payload(minilm_run)["neurons"]
+    assert not set(extras) & set(smallest)
     assert smallest["examples"]["keep"] == 1 and decode(smallest["examples"]["cnt"], smallest["n"]) == [1] * smallest["n"]
     assert smallest["examples"]["val"] == full["examples"]["val"][::8]  # rank 0 of every unit
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import explain, interventions, metrics, sparse, train
+from . import explain, interventions, metrics, sae, sparse, train
 from .errors import ActscopeError, DataError, InputError, ModelLoadError, RunDirError, SiteError
 from .harvesting import harvest
 from .interventions import edit
 from .models import Model, load, wrap
 from .profiling import ProfileConfig, profile
+from .sae import load_sae, train_sae
 from .run import Run, open_run
 from .sites import Plan, plan_sites
 from .store.activations import open_activations
@@ -36,13 +37,16 @@ __all__ = [
     "harvest",
     "interventions",
     "load",
+    "load_sae",
     "metrics",
     "observe",
     "open_activations",
     "open_run",
     "profile",
+    "sae",
     "sparse",
     "train",
+    "train_sae",
     "plan_sites",
     "wrap",
 ]

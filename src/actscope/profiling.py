@@ -32,6 +32,7 @@ def profile(
     on_metric: Callable[[str], None] | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    sae: Any = None,
     **options: Any,
 ) -> Run:
     """Observe ``sites`` of ``model`` over ``data`` and return (and optionally save) a Run.
@@ -53,11 +54,17 @@ def profile(
     Under torchrun (``torchrun --nproc_per_node N script.py``) each process observes its share of
     the batches and the accumulators are merged: the run equals one process's. Every process
     returns it; rank 0 alone runs the measurements (on all the data) and writes ``out``.
+
+    ``sae``: sparse autoencoders or transcoders to profile (a SAELens folder, a loaded
+    :class:`actscope.sae.SAE`, ``"DIR@SITE"``, or a list): their features become sites
+    (``blocks.3.resid.post.sae``, see :func:`actscope.sae.attach`) observed like any other (with
+    ``sites=None``, only they), and the run gets an ``sae`` table of reconstruction quality
+    (:func:`actscope.sae.reconstruction`) and the features' decoded tokens (``decode``).
     """
     config = (config or ProfileConfig(**options)).checked()
     _check_checkpointing(checkpoint_every, resume, out)
     model = as_model(model, rank_device(device))
-    plan = plan_sites(model, sites)
+    plan, features = plan_with_saes(model, sites, sae)
     source = source_for(model, data, **vars(config.limits))
     chosen = _chosen_metrics(metrics, source)
     if chosen and measure_config is not None:
@@ -72,6 +79,8 @@ def profile(
                                  every=every, resumed=resumed, weights=weights)
     if not context.main:
         return run
+    if features:
+        run = _with_sae_quality(run, model, source, data, features, config)
     if chosen:
         run = _with_measurements(run, model, source, chosen, measure_config, on_metric, context)
     if out is None:
@@ -82,6 +91,61 @@ def profile(
     if checkpoints is not None:
         checkpoints.remove()
     return Run(run.manifest, run.tables, run.arrays, path)
+
+
+def plan_with_saes(model: Model, sites: Any, sae: Any) -> tuple[Plan, list[str]]:
+    """The plan of ``profile(sites=..., sae=...)`` and the feature sites: each SAE (a loaded one,
+    a path or ``"DIR@SITE"``) attached to ``model``, its features added to ``sites`` (with
+    ``sites=None``, the features alone). Pass loaded SAEs to plan and then profile with the same."""
+    if sae is None:
+        return plan_sites(model, sites), []
+    from .sae import attach
+    from .sae.files import load_spec
+
+    items = list(sae) if isinstance(sae, (list, tuple)) else [sae]
+    loaded = [load_spec(item) if isinstance(item, (str, os.PathLike)) else item for item in items]
+    features = list(dict.fromkeys(attach(model, item) for item in loaded))
+    chosen = list(plan_sites(model, sites).sites) if sites is not None else []
+    taken = {site.label for site in chosen}
+    return Plan(tuple(chosen + [s for s in plan_sites(model, features).sites if s.label not in taken])), features
+
+
+def _with_sae_quality(run: Run, model: Model, source: Source, data: Any, features: list[str], config: ProfileConfig) -> Run:
+    """The run with an ``sae`` table (reconstruction quality on the profiled data, and the loss on
+    the reconstruction over its first 128 documents) and the features' decoded tokens (``decode``)."""
+    from .measure import MeasureConfig, objective_for
+    from .sae import reconstruction
+
+    data = source.corpus if source.corpus is not None else data
+    if source.corpus is None and not isinstance(data, (list, tuple)):
+        return Run({**run.manifest, "sae": {"skipped": "reconstruction quality needs text data or a list of model inputs"}}, run.tables, run.arrays)
+    limits = vars(config.limits)
+    profiled = int(run.manifest.get("data", {}).get("documents") or MeasureConfig.max_documents)
+    texts = list(source.corpus.documents[:min(profiled, MeasureConfig.max_documents)]) if source.corpus is not None else None
+    objective = objective_for(model, texts, MeasureConfig(batch_size=config.batch_size, max_length=config.max_length)) if texts else None
+    try:
+        quality, skipped = reconstruction(model, features, data, objective=objective, **limits), None
+    except InputError as error:  # the objective does not apply (e.g. a masked LM without a mask token)
+        if objective is None:
+            raise
+        quality, skipped, objective = reconstruction(model, features, data, **limits), str(error), None
+    tables = dict(run.tables) | to_arrow({"sae": quality.to_table()})
+    decoded = _decoded_features(model, features)
+    if decoded is not None:
+        tables |= to_arrow({"decode": decoded})
+    sae = {"sites": features, "objective": getattr(objective, "name", None), "loss_documents": len(texts or []) if objective else 0,
+           **({"loss_skipped": skipped} if skipped else {})}
+    return Run({**run.manifest, "sae": sae}, tables, run.arrays)
+
+
+def _decoded_features(model: Model, features: list[str]) -> dict | None:
+    """Each feature's promoted and suppressed tokens, where its decoder rows reach the unembedding."""
+    from .explain.decode import decode
+
+    try:
+        return decode(model, features).to_table()
+    except InputError:
+        return None  # no unembedding, or a site whose features do not reach the stream
 
 
 def _check_checkpointing(every: Any, resume: bool, out: Any) -> None:
@@ -111,6 +175,9 @@ def _prepare(model: Model, plan: Plan, source: Source, config: ProfileConfig, ou
             identity = {"kind": "profile", "model": weights, "data": source.corpus.fingerprint,
                         "sites": [site.label for site in plan.sites], "config": {**asdict(config), "eps": list(config.eps)},
                         "processes": context.world}
+            saes = {site.label: site.hook.read.sae.fingerprint() for site in plan.sites if getattr(site.hook.read, "sae", None)}
+            if saes:  # an SAE's features resume only with the same SAE
+                identity["sae"] = saes
             checkpoints = Checkpoints(checkpoint_folder(out), context.rank, identity)
         stale = out is not None and not resume and _refuse_stale_checkpoint(out, overwrite)
         if resume:

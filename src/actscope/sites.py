@@ -118,7 +118,10 @@ def _parse_item(model: "Model", item: str) -> list[Site]:
     if match is None:
         raise SiteError(f"cannot parse site '{item}'; write e.g. blocks.3.mlp.post[17,42] or module:PATH@output")
     base, select = match.group("base").strip(), match.group("select")
-    entries = [module_entry(model, base)] if base.startswith("module:") else _match_canonical(model, base)
+    if base in model.catalog:  # an exact name, also of a site added to the model (SAE features, e.g. on a module site)
+        entries = [model.catalog[base]]
+    else:
+        entries = [module_entry(model, base)] if base.startswith("module:") else _match_canonical(model, base)
     return [_with_selection(entry, select, item) for entry in entries]
 
 
@@ -137,7 +140,7 @@ def module_entry(model: "Model", base: str) -> SiteEntry:
 
 
 def _match_canonical(model: "Model", pattern: str) -> list[SiteEntry]:
-    if model.adapter is None:
+    if model.adapter is None and not model.catalog:
         raise SiteError(
             f"'{pattern}' is a canonical site name, but {model.name} has no adapter table; "
             "use module sites instead, e.g. module:PATH@output (run `actscope sites` to list modules)"

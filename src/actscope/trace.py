@@ -248,10 +248,11 @@ class Observer(Tracer):
     """Streams every site into accumulators: ``SiteStats`` per unit site, ``HeadSink`` per
     attention pattern. Read them from ``.stats`` after (or during) the context."""
 
-    def __init__(self, model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None) -> None:
+    def __init__(self, model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None, pages: Any = None) -> None:
         super().__init__(model, sites)
         self.k = k
         self.eps = tuple(eps) if eps is not None else None
+        self.pages = pages  # a stats.PageConfig: also keep the unit pages' windows and samples
         self.stats: dict[str, Any] = {}
         self.tokens_seen = 0
 
@@ -268,7 +269,7 @@ class Observer(Tracer):
     def _new_site_stats(self, units: int) -> Any:
         from .stats import DEFAULT_EPS, SiteStats
 
-        return SiteStats(units, eps=self.eps or DEFAULT_EPS, k=self.k)
+        return SiteStats(units, eps=self.eps or DEFAULT_EPS, k=self.k, pages=self.pages)
 
     def _observe_pattern(self, site: Site, pattern: torch.Tensor) -> None:
         from .stats import HeadSink
@@ -287,9 +288,10 @@ class Observer(Tracer):
 
 
 @contextmanager
-def observe(model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None) -> Iterator[Observer]:
-    """Observe ``sites`` of ``model`` while the block runs; statistics land in ``.stats``."""
-    observer = Observer(model, sites, k=k, eps=eps)
+def observe(model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None, pages: Any = None) -> Iterator[Observer]:
+    """Observe ``sites`` of ``model`` while the block runs; statistics land in ``.stats``.
+    ``pages`` (a :class:`actscope.stats.pages.PageConfig`) also keeps what unit pages show."""
+    observer = Observer(model, sites, k=k, eps=eps, pages=pages)
     with observer.attached():
         yield observer
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
@@ -11,6 +11,7 @@ from .common import (
     DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
     load_model, quiet_libraries, styled,
 )
+from .sae import SAE_HELP, attach_saes
 
 
 def decode(
@@ -19,6 +20,7 @@ def decode(
     top: int = typer.Option(10, "--top", help="Promoted and suppressed tokens per unit."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: a run of the same model gets decode and decode_agreement tables; a new directory gets a decode table."),
     show: int = typer.Option(20, "--show", help="Units printed (every unit is written with --out)."),
+    sae: Optional[List[str]] = typer.Option(None, "--sae", help=SAE_HELP + " Decode them with --site SITE.sae."),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
     device_map: Optional[str] = DEVICE_MAP,
@@ -33,6 +35,7 @@ def decode(
 
         model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
                            download=download, trust_remote_code=trust_remote_code)
+        attach_saes(model, sae)
         decoded = decode_units(model, site, top=top)
         agreement = _write(model, decoded, out, site, top) if out is not None else None
         _print(decoded, agreement, show)

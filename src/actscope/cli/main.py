@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import typer
 
+from . import compare as compare_command
+from . import attention as attention_command
 from . import contrast as contrast_command
 from . import decode as decode_command
 from . import env as env_command
 from . import examples as examples_command
 from . import generate as generate_command
 from . import harvest as harvest_command
+from . import lens as lens_command
 from . import patch as patch_command
 from . import profile as profile_command
 from . import query as query_command
 from . import report as report_command
+from . import sae as sae_command
 from . import sites as sites_command
 from . import sparsify as sparsify_command
+from . import steer as steer_command
 
 app = typer.Typer(
     name="actscope",
@@ -29,11 +34,16 @@ app.command("report")(report_command.report)
 app.command("query")(query_command.query)
 app.command("sites")(sites_command.sites)
 app.command("harvest")(harvest_command.harvest)
+app.command("train-sae")(sae_command.train_sae)
 # explain and edit
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)
 app.command("contrast")(contrast_command.contrast)
 app.command("patch")(patch_command.patch)
+app.command("steer")(steer_command.steer)
+app.command("lens")(lens_command.lens)
+app.command("attention")(attention_command.attention)
+app.command("compare")(compare_command.compare)
 # exploit sparsity
 app.command("sparsify")(sparsify_command.sparsify)
 app.command("generate")(generate_command.generate)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
@@ -11,6 +11,7 @@ from .common import (
     DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
     load_model, quiet_libraries, styled,
 )
+from .sae import SAE_HELP, attach_saes
 
 DEFAULT_SITES = {"head": "blocks.*.attn.z", "unit": "blocks.*.mlp.post", "site": "blocks.*.attn.z,blocks.*.mlp.post",
                  "position": "blocks.*.resid.pre"}
@@ -24,6 +25,7 @@ def patch(
     wrong: str = typer.Option(..., "--wrong", help="The competing token; the metric is logit(answer) - logit(wrong)."),
     per: str = typer.Option("head", "--per", help="Patch each head, unit, site or position."),
     sites: Optional[str] = typer.Option(None, "--sites", "-s", help="Sites to patch (default by --per: attn.z heads, mlp.post units, both sites, resid.pre positions)."),
+    sae: Optional[List[str]] = typer.Option(None, "--sae", help=SAE_HELP + " Patch them with --sites SITE.sae --per unit."),
     attribution: bool = typer.Option(False, "--attribution", help="Estimate every effect from one gradient instead of one forward each."),
     top: int = typer.Option(20, "--top", help="Rows to print (largest |recovered| first)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write the full table into."),
@@ -54,6 +56,7 @@ def patch(
                            download=download, trust_remote_code=trust_remote_code)
         if model.tokenizer is None:
             raise InputError(f"{model_dir} has no tokenizer, so text prompts cannot be encoded; use the Python API with token ids")
+        attach_saes(model, sae)
         ids = {name: _token_id(model.tokenizer, text, name) for name, text in (("--answer", answer), ("--wrong", wrong))}
         chosen = sites or DEFAULT_SITES[per]
         metric = logit_difference(ids["--answer"], ids["--wrong"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -23,13 +23,15 @@ def profile(
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Text, .jsonl, .csv, .tsv, .parquet or a saved HF dataset (default: built-in corpus)."),
     column: Optional[str] = typer.Option(None, "--column", help="Text column of a table-shaped data file."),
-    sites: str = typer.Option("blocks.*.mlp.post", "--sites", "-s", help="Site selection, e.g. 'blocks.*.mlp.post,blocks.0-2.attn.pattern'."),
+    sites: Optional[str] = typer.Option(None, "--sites", "-s", help="Site selection, e.g. 'blocks.*.mlp.post,blocks.0-2.attn.pattern' (default: blocks.*.mlp.post; with --sae, only the SAE's features)."),
+    sae: Optional[List[str]] = typer.Option(None, "--sae", help="A sparse autoencoder or transcoder to profile (repeatable): a SAELens folder (cfg.json + sae_weights.safetensors), DIR@SITE to say where it reads, NAME=DIR to tell two on one site apart. Its features become the site SITE.sae."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write (default: ./actscope-runs/<model>-<time>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many real tokens."),
     batch_size: int = typer.Option(8, "--batch-size", help="Documents per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate documents to this many tokens."),
     top_k: int = typer.Option(8, "--top-k", help="Top-activating examples kept per unit."),
+    unit_pages: bool = typer.Option(True, "--unit-pages/--no-unit-pages", help="Keep what unit pages show: each top example's per-token activations, quantile samples, histograms, co-firing."),
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Measurements to add to the run: 'all' or a comma list of " + _METRIC_NAMES + "."),
     checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Earlier checkpoint directories, comma-separated, in training order (for --metrics sensitivity)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN_DIR/report.html (charts + neuron browser) at the end."),
@@ -50,7 +52,7 @@ def profile(
             import actscope
             from actscope.store import check_target
 
-            actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column).checked()
+            actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column, pages=unit_pages).checked()
             if out is not None:
                 check_target(out, overwrite)
         relaunch(command, processes)
@@ -59,12 +61,16 @@ def profile(
         from actscope.data import load_corpus
         from actscope.distributed import rank_device
         from actscope.store import check_target
-        config = actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column).checked()
+        config = actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column, pages=unit_pages).checked()
         if (checkpoint_every is not None or resume) and out is None:
             raise actscope.InputError(f"{'--resume' if resume else '--checkpoint-every'} needs --out: the checkpoint is kept beside the run directory")
         model = load_model(model_dir, device=rank_device(device, context), dtype=dtype, device_map=device_map, revision=revision,
                            download=download, trust_remote_code=trust_remote_code)
-        plan = actscope.plan_sites(model, sites)
+        from actscope.profiling import plan_with_saes
+        from actscope.sae.files import load_spec
+
+        saes = [load_spec(spec) for spec in sae] if sae else None
+        plan, _ = plan_with_saes(model, sites if sites is not None or saes else "blocks.*.mlp.post", saes)
         corpus = load_corpus(data, column=column)
         target = out or _default_out(model.name)
         if context.main:
@@ -72,7 +78,7 @@ def profile(
         with progress_bar(len(corpus), shown=context.main) as advance, _interrupted(target, checkpoint_every, resume, context.main):
             run = actscope.profile(model, corpus, sites=plan, out=target, overwrite=overwrite, config=config, progress=advance,
                                    metrics=metrics, measure_config=_measure_config(checkpoints), on_metric=_announce(context),
-                                   checkpoint_every=checkpoint_every, resume=resume)
+                                   checkpoint_every=checkpoint_every, resume=resume, sae=saes)
         if not context.main:
             return
         _summary(run)
@@ -110,6 +116,8 @@ def _arguments(command: typer.Context) -> list[str]:
             words.append(str(value))
         elif getattr(param, "is_flag", False):
             options.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
+        elif isinstance(value, (list, tuple)):  # a repeatable option (--sae)
+            options += [part for item in value for part in (param.opts[0], str(item))]
         else:
             options += [param.opts[0], str(value)]
     return words + options
@@ -225,6 +233,7 @@ def _summary(run) -> None:
         )
     console.print(table)
     _measurements(run.manifest.get("measurements", {}))
+    _sae_quality(run.tables.get("sae"))
     console.print(styled("Run directory: ", (str(run.path), "bold")), highlight=False, soft_wrap=True)
 
 
@@ -253,3 +262,15 @@ def _measurements(outcome: dict) -> None:
         console.print(styled((name, "bold"), f" → tables {', '.join(result['tables'])}{where}"))
         for line in result["summary"]:
             console.print(f"  {line}", highlight=False)
+
+
+def _sae_quality(table: Any) -> None:
+    """One line per profiled SAE: its reconstruction quality (the run's sae table)."""
+    if table is None:
+        return
+    for row in table.to_pylist():
+        loss = (f", loss {row['clean']:.4f} → {row['reconstructed']:.4f} nats (+{row['loss_increase']:.4f}; "
+                f"{row['recovered']:.1%} recovered against zeroing)" if row["clean"] == row["clean"] else
+                f", {row['objective']} degradation {row['degradation']:.4f} (zeroed: {row['degradation_ablated']:.4f})" if row["objective"] else "")
+        console.print(styled((row["site"], "bold"), f": explained variance {row['explained_variance']:.3f}, L0 {row['l0']:.1f}, "
+                             f"dead {row['dead']}/{row['d_sae']}{loss}"), highlight=False, soft_wrap=True)

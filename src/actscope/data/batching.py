@@ -99,6 +99,29 @@ def context_text(
     return tokenizer.decode(left), tokenizer.decode([ids[pos]]), tokenizer.decode(right)
 
 
+def token_pieces(tokenizer: Any, corpus: Corpus, doc_id: int, max_length: int = 128) -> list[str]:
+    """The text of each token of document ``doc_id`` as fed (same truncation as
+    :func:`token_batches`): with a fast tokenizer the document's own characters from the end of
+    the previous token to the end of this one, so the pieces read as the text does (spaces
+    included); special tokens, and every token with a slow tokenizer, as ``decode([id])``."""
+    _check_corpus(corpus)
+    limit = effective_max_length(tokenizer, max_length)
+    ids = _document_ids(tokenizer, corpus.documents[doc_id], limit)
+    decoded = [tokenizer.decode([i]) for i in ids]
+    if not getattr(tokenizer, "is_fast", False):
+        return decoded
+    text = corpus.documents[doc_id]
+    spans = tokenizer(text, truncation=True, max_length=limit, return_offsets_mapping=True)["offset_mapping"][: len(ids)]
+    pieces, end = [], 0
+    for (start, stop), fallback in zip(spans, decoded):
+        if stop <= start:  # a special token: no characters of its own
+            pieces.append(fallback)
+            continue
+        pieces.append(text[min(end, start):stop])
+        end = stop
+    return pieces + decoded[len(pieces):]
+
+
 def effective_max_length(tokenizer: Any, max_length: int) -> int:
     """``max_length`` capped by the tokenizer's ``model_max_length`` when that is sane."""
     model_limit = getattr(tokenizer, "model_max_length", None)

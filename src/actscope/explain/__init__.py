@@ -7,7 +7,11 @@
   size, permutation p-value) and what switching the top units off does to a behaviour;
 * :func:`activation_patching`, :func:`attribution_patching` (+ :func:`compare_effects`),
   :func:`subspace_patching` / :func:`learn_subspace`, :func:`circuit_overlap`,
-  :func:`induction_scores` — which components carry a behaviour.
+  :func:`induction_scores` — which components carry a behaviour;
+* :func:`steering_vector` / :func:`steer` / :func:`steering_sweep` — add a contrastive, unit or
+  feature direction while the model generates, and measure what it does;
+* :func:`logit_lens` / :func:`fit_tuned_lens` / :func:`lens_kl` — what each layer would predict;
+* :func:`attention_patterns` — every head's pattern over a prompt (the report's attention viewer).
 
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
 result with ``.to_pandas()``. Imports are lazy so that ``import actscope`` stays light.
@@ -32,6 +36,10 @@ _EXPORTS = {
     "SubspacePatch": ".subspace", "LearnedSubspace": ".subspace", "RowNullSplit": ".subspace",
     "circuit_overlap": ".circuits", "CircuitOverlap": ".circuits",
     "induction_scores": ".induction", "repeated_tokens": ".induction", "HeadScores": ".induction",
+    "steering_vector": ".steering", "steer": ".steering", "steered": ".steering", "steering_sweep": ".steering",
+    "SteeringVector": ".steering", "Steered": ".steering", "SteeringSweep": ".steering",
+    "logit_lens": ".lens", "fit_tuned_lens": ".lens", "lens_kl": ".lens", "LensResult": ".lens", "TunedLens": ".lens",
+    "attention_patterns": ".attention", "AttentionPatterns": ".attention",
 }
 
 

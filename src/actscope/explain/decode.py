@@ -104,13 +104,14 @@ def decode(model: ModelLike, sites: str | Sequence[str] = "blocks.*.mlp.post", *
 
 
 def _decode_site(model: Model, site: Site, unembed: torch.Tensor, top: int, skipped: torch.Tensor) -> dict[str, np.ndarray]:
-    w_out = neuron_directions(model, site)  # [d_model, d_ff]
+    derived = getattr(site.hook.read, "decode_directions", None)  # a derived site (SAE features) says where its units write
+    w_out, mapping = derived(model) if derived is not None else (neuron_directions(model, site), residual_map(model, site.layer))
     units = np.asarray(site.units if site.units is not None else range(w_out.shape[1]), dtype=np.int64)
     if units.size and units.max() >= w_out.shape[1]:
         raise InputError(f"{site.label}: unit {int(units.max())} is out of range; {site.name} has {w_out.shape[1]} units (0-{w_out.shape[1] - 1})")
     # A model split over devices keeps the layer and the unembedding apart: work on the latter's.
     chosen = w_out.index_select(1, torch.as_tensor(units, device=w_out.device)).to(unembed.device)
-    directions = residual_map(model, site.layer)(chosen)  # [d_model', units]
+    directions = mapping(chosen)  # [d_model', units]
     if directions.shape[0] != unembed.shape[1]:
         raise InputError(f"{site.label}: the mapped direction has {directions.shape[0]} dimensions but the unembedding expects {unembed.shape[1]}")
     promoted, suppressed = top_tokens(unembed, directions, top, skipped)

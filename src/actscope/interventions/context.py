@@ -80,6 +80,11 @@ def _check_editable(site: Site) -> None:
             f"{site.label}: {what} cannot be edited in place; edit attn.z (per-head outputs) or "
             "the router instead"
         )
+    read_only = getattr(read, "read_only", None)  # a derived site (SAE features) says why it cannot be written back
+    if read_only:
+        raise SiteError(f"{site.label}: {read_only}")
+    if getattr(read, "write_back", None) is not None:  # a derived site that maps an edited view back onto its module's tensor
+        return
     if read not in PLAIN_READERS and getattr(read, "view_of", None) not in PLAIN_READERS[1:]:
         raise SiteError(
             f"{site.label} is computed from its module's tensor (a slice), so it cannot be written back; "
@@ -110,6 +115,9 @@ def _edited(site: Site, functions: tuple[Intervention, ...], call: HookCall, ctx
     """The site's base tensor after the interventions, in the module's own shape."""
     base = read_input(call, ctx) if site.hook.at == "input" else read_output(call, ctx)
     view = site.hook.read(call, ctx) if site.hook.read is not None else base  # [..., units] or heads view
+    write_back = getattr(site.hook.read, "write_back", None)
+    if write_back is not None:  # e.g. SAE features: the module's tensor + decode(edited) − decode(features)
+        return write_back(call, ctx, base, view, _apply(site, functions, view))
     layout = auto_layout(view, call.module) if site.hook.layout == "auto" else site.hook.layout
     if layout == "channels":
         view = view.movedim(1, -1)  # feature maps: channels last for the intervention

@@ -10,6 +10,16 @@
   :func:`moe_routing` — attention sinks and dormant heads; outlier channels; activation
   memory; mixture-of-experts routing.
 
+Representation geometry (METHODS.md, "Representation geometry", "Module drift"):
+
+* :func:`cka`, :func:`hsic`, :func:`rsa`, :func:`rdm`, :func:`effective_rank`,
+  :func:`participation_ratio` — similarity and dimensionality of arrays ``[samples, features]``;
+* :func:`compare_representations` — a site × site similarity matrix of one or two models on
+  the same data (linear CKA streamed in mini-batches);
+* :func:`ridge_cv`, :func:`encoding_scores`, :func:`load_responses`, :func:`noise_ceiling` —
+  encoding models: cross-validated ridge R² from activations to recordings, per layer and model;
+* :func:`module_drift` — per-module weight and representation change across checkpoints.
+
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
 result with ``.to_pandas()``. Imports are lazy so that ``import actscope`` stays light.
 """
@@ -35,6 +45,12 @@ _EXPORTS = {
     "outlier_channels": ".outliers", "OutlierChannels": ".outliers",
     "activation_memory": ".memory", "ActivationMemory": ".memory",
     "moe_routing": ".moe", "MoERouting": ".moe",
+    "cka": ".similarity", "hsic": ".similarity", "rsa": ".similarity", "rdm": ".similarity",
+    "effective_rank": ".similarity", "participation_ratio": ".similarity",
+    "compare_representations": ".compare", "RepresentationSimilarity": ".compare",
+    "ridge_cv": ".encoding", "RidgeFit": ".encoding", "encoding_scores": ".encoding", "EncodingScores": ".encoding",
+    "load_responses": ".encoding", "Responses": ".encoding", "noise_ceiling": ".encoding",
+    "module_drift": ".drift", "ModuleDrift": ".drift",
 }
 
 

@@ -33,6 +33,13 @@ class ProfileConfig:
     k: int = DEFAULT_K
     eps: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
     column: str | None = None
+    pages: bool = True  # unit pages: activation windows, quantile samples, histograms, co-firing
+
+    @property
+    def page_config(self) -> Any:
+        from ..stats.pages import PageConfig
+
+        return PageConfig() if self.pages else None
 
     @property
     def limits(self) -> Limits:
@@ -42,6 +49,8 @@ class ProfileConfig:
         self.limits.checked()
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise InputError(f"--top-k must be at least 1, got {self.k}")
+        if not isinstance(self.pages, bool):
+            raise InputError(f"pages must be True or False (--unit-pages / --no-unit-pages), got {self.pages!r}")
         return self
 
 
@@ -58,7 +67,7 @@ def observe_run(model: Model, plan: Plan, source: Source, config: ProfileConfig,
     content) continues from one. ``weights``: the model's weight hash when already known.
     """
     started, clock = _now(), time.perf_counter()
-    observer = Observer(model, plan, k=config.k, eps=config.eps)
+    observer = Observer(model, plan, k=config.k, eps=config.eps, pages=config.page_config)
     done = _Done.restored(observer, resumed)
     _observe(observer, source, context, done, progress, _Saver(checkpoints, every, done, clock))
     merging = time.perf_counter()
@@ -162,8 +171,29 @@ def _assemble(plan: Plan, source: Source, stats: Mapping[str, Any], config: Prof
     heads = tables.heads_table(plan, stats)
     if heads is not None:
         built["heads"] = heads
+    built.update(_page_tables(plan, stats, context, _pieces_fn(source, config), built["examples"]))
     arrays = tables.site_arrays(plan, stats)
     return Run(manifest, to_arrow(built), arrays)
+
+
+def _page_tables(plan: Plan, stats: Mapping[str, Any], context: Any, pieces: Any, examples: dict) -> dict[str, dict]:
+    """The unit pages' tables (metrics/unit_pages.py); the examples table gains its windows."""
+    from . import unit_pages
+
+    if not unit_pages.page_sites(plan, stats):
+        return {}
+    examples.update(unit_pages.window_columns(plan, stats, examples))
+    samples = unit_pages.samples_table(plan, stats, context)
+    return {"samples": samples, "unit_hist": unit_pages.unit_hist_table(plan, stats),
+            "cofiring": unit_pages.cofiring_table(plan, stats), "tokens": unit_pages.tokens_table(examples, samples, pieces)}
+
+
+def _pieces_fn(source: Source, config: ProfileConfig):
+    if source.corpus is None:
+        return None
+    from ..data import token_pieces
+
+    return lambda doc: token_pieces(source.tokenizer, source.corpus, doc, max_length=config.max_length)
 
 
 def _context_fn(source: Source, config: ProfileConfig):
@@ -180,7 +210,10 @@ def _context_fn(source: Source, config: ProfileConfig):
 def to_arrow(tables: dict[str, dict]) -> dict[str, Any]:
     import pyarrow as pa
 
-    return {name: pa.table({k: list(v) if v.dtype == object else v for k, v in cols.items()}) for name, cols in tables.items() if cols}
+    def column(values: Any) -> Any:  # numpy columns; a pyarrow array (list columns) as it is
+        return values if isinstance(values, pa.Array) else list(values) if values.dtype == object else values
+
+    return {name: pa.table({k: column(v) for k, v in cols.items()}) for name, cols in tables.items() if cols}
 
 
 def _manifest(model, plan, source, config, documents, tokens, started, seconds, weights=None, context=SINGLE, timings=None) -> dict:

@@ -50,6 +50,7 @@ class Model:
         self.config = getattr(module, "config", None)
         self.adapter: Adapter | None = card_for(module)  # by model_type, else by layout (models/adapters/layouts.py)
         self._example_inputs = dict(example_inputs) if example_inputs is not None else None
+        self._derived: dict[str, SiteEntry] = {}  # sites computed from another site (SAE features): add_site
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -104,9 +105,27 @@ class Model:
             )
         return self.adapter.router
 
-    @cached_property
+    @property
     def catalog(self) -> dict[str, SiteEntry]:
-        """Every canonical site this model offers, in a stable order."""
+        """Every canonical site this model offers, in a stable order, then the sites added with
+        :meth:`add_site` (e.g. an attached SAE's features)."""
+        if not self._derived:
+            return self._card_catalog
+        ordered = sorted(self._derived.items(), key=lambda kv: [(0, p, "") if isinstance(p, int) else (1, 0, p) for p in _natural_key(kv[0])])
+        return {**self._card_catalog, **dict(ordered)}
+
+    def add_site(self, entry: SiteEntry) -> None:
+        """Offer ``entry``, a site computed from another one's tensor (its hook's reader does the
+        computing; ``actscope.sae.attach`` adds an SAE's features this way), under its name,
+        everywhere a site is taken. A name the model already has is refused."""
+        if entry.name in self.catalog and self.catalog[entry.name] is not entry:
+            from ..errors import SiteError
+
+            raise SiteError(f"{self.name} already has a site named '{entry.name}'; give the new one another name")
+        self._derived[entry.name] = entry
+
+    @cached_property
+    def _card_catalog(self) -> dict[str, SiteEntry]:
         if self.adapter is None:
             return {}
         entries: dict[str, SiteEntry] = {}

@@ -37,10 +37,7 @@ def examples_payload(neurons: Any, examples: Any, keep: int | None = None) -> di
     ranks kept per unit (besides the MAX_EXAMPLES cap)."""
     n = neurons.num_rows
     rank = _ints(examples, "rank")
-    keep = min(_ranks_to_keep(n, int(rank.max()) + 1 if len(rank) else 0), keep or len(rank))
-    row = row_index(neurons, examples)
-    chosen = np.flatnonzero((row >= 0) & (rank < keep))
-    chosen = chosen[np.lexsort((rank[chosen], row[chosen]))]  # by row, then rank
+    keep, row, chosen = chosen_examples(neurons, examples, keep)
     doc, pos = _ints(examples, "doc")[chosen], _ints(examples, "pos")[chosen]
     key = doc * (int(pos.max(initial=0)) + 1) + pos
     _, first, ctx = np.unique(key, return_index=True, return_inverse=True)
@@ -59,6 +56,16 @@ def examples_payload(neurons: Any, examples: Any, keep: int | None = None) -> di
             "right": [_clip_right(t) for t in _texts(examples, "right", taken)],
         },
     }
+
+
+def chosen_examples(neurons: Any, examples: Any, keep: int | None = None) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(keep, row, chosen)``: the ranks kept per unit, each example's neuron row, and the
+    examples the page shows (indices into ``examples``, by neuron row, then rank)."""
+    rank = _ints(examples, "rank")
+    keep = min(_ranks_to_keep(neurons.num_rows, int(rank.max()) + 1 if len(rank) else 0), keep or len(rank))
+    row = row_index(neurons, examples)
+    chosen = np.flatnonzero((row >= 0) & (rank < keep))
+    return keep, row, chosen[np.lexsort((rank[chosen], row[chosen]))]
 
 
 def decoded_payload(neurons: Any, decoded: Any) -> dict[str, Any]:

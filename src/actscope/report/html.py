@@ -36,8 +36,11 @@ def safe_json(payload: Any) -> str:
     return text
 
 
+SCRIPTS = ("browser.js", "units.js", "views.js")  # one script, hashed once: browser.js first (it shares its helpers)
+
+
 def page_html(run: Any, sections: list[Section], payload: dict[str, Any]) -> str:
-    script = asset("browser.js")
+    script = "\n".join(asset(name) for name in SCRIPTS)
     digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
     policy = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
               "img-src data:; base-uri 'none'; form-action 'none'")

@@ -18,7 +18,8 @@ import numpy as np
 from ..drawing import charts
 from ..drawing.bidi import plain_isolated
 
-IN_CARDS = ("neurons", "examples", "decoded")  # tables shown inside the unit cards
+# tables shown inside the unit cards ("decode" is what `actscope decode --out RUN` writes)
+IN_CARDS = ("neurons", "examples", "decoded", "decode", "samples", "unit_hist", "cofiring", "tokens")
 FIRING_BINS = 100  # at most this many points per units-firing curve, whatever the unit count
 
 

@@ -12,6 +12,7 @@ from actscope.stats import fused, triton_stats
 from actscope.stats._common import check_n_units, check_other, check_state, prepare, state_header
 from actscope.stats.histogram import AbsHistogram
 from actscope.stats.moments import UnitMoments
+from actscope.stats.pages import PageConfig, UnitPages
 from actscope.stats.thresholds import DEFAULT_EPS, ThresholdLadder
 from actscope.stats.topk import TopExamples
 
@@ -24,7 +25,8 @@ class SiteStats:
     Bundles, over the same tokens: ``.moments`` (:class:`UnitMoments`: count, mean, var, min,
     max per unit), ``.ladder`` (:class:`ThresholdLadder`: firing counts, activation ratio,
     dead units), ``.hist`` (:class:`AbsHistogram`: pooled log histogram of ``|a|``) and
-    ``.top`` (:class:`TopExamples`: top-k values and token ids per unit). The input is checked,
+    ``.top`` (:class:`TopExamples`: top-k values and token ids per unit), and with ``pages`` the
+    unit-page data ``.pages`` (:class:`~actscope.stats.pages.UnitPages`). The input is checked,
     moved and converted to float64 once per update and shared by the four.
 
     ``update(x, tok)``: ``x`` ``[N, U]`` real tokens, ``tok`` ``[N]`` int64 global token ids
@@ -39,18 +41,26 @@ class SiteStats:
         eps: Sequence[float] = DEFAULT_EPS,
         k: int = 8,
         hist_kwargs: Mapping[str, Any] | None = None,
+        pages: PageConfig | None = None,
     ):
         self.n_units = check_n_units(n_units, "SiteStats")
         self.moments = UnitMoments(self.n_units)
         self.ladder = ThresholdLadder(self.n_units, eps)
         self.hist = AbsHistogram(**_check_hist_kwargs(hist_kwargs))
         self.top = TopExamples(self.n_units, k)
+        # the unit pages' windows, samples and co-firing bits (None: not kept)
+        self.pages = UnitPages(self.n_units, k, pages) if pages is not None else None
 
     def _parts(self) -> dict[str, Any]:
         return {"moments": self.moments, "ladder": self.ladder, "hist": self.hist, "top": self.top}
 
     def update(self, x: Tensor, tok: Tensor | None = None) -> None:
         """Add the real tokens ``x`` ``[N, U]`` whose global token ids are ``tok`` ``[N]``."""
+        self._update_stats(x, tok)
+        if self.pages is not None:
+            self.pages.update(x, tok, self.top._tok)  # after the top-k table took the batch
+
+    def _update_stats(self, x: Tensor, tok: Tensor | None) -> None:
         if self._fused_fits(x, tok):
             self._update_fused(x, tok)
             return
@@ -87,14 +97,20 @@ class SiteStats:
         # Check every part before changing any, so a failed merge leaves self untouched.
         for name, part in self._parts().items():
             check_other(part, getattr(other, name), part._SETUP)
+        if (self.pages is None) != (other.pages is None):
+            raise InputError("SiteStats.merge: one side keeps unit-page data and the other does not; build both alike")
         for name, part in self._parts().items():
             part.merge(getattr(other, name))
+        if self.pages is not None:
+            self.pages.merge(other.pages, self.top._tok)
         return self
 
     def state_dict(self) -> dict[str, Any]:
         """Nested dicts of plain tensors/ints/lists, one per part."""
         sd = {**state_header(self.KIND), "n_units": self.n_units}
         sd.update({name: part.state_dict() for name, part in self._parts().items()})
+        if self.pages is not None:
+            sd["pages"] = self.pages.state_dict()
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -102,6 +118,7 @@ class SiteStats:
         check_state(sd, self.KIND, ("n_units", "moments", "ladder", "hist", "top"))
         for name, part in self._parts().items():
             part.load_state_dict(sd[name])
+        self.pages = UnitPages.from_state_dict(sd["pages"]) if sd.get("pages") is not None else None
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> SiteStats:

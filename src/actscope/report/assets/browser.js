@@ -168,6 +168,9 @@
     if (spec) new SortableTable(slot, decodeTable(spec), TABLE_PAGE);
   });
 
+  // What units.js and views.js (the same script, after this file) build on.
+  var kit = window.actscopeKit = { el: el, userEl: userEl, plainIsolated: plainIsolated, fmt: fmt, decode: decode, data: data, units: null };
+
   if (data.neurons) neuronBrowser(data.neurons);
 
   function offsets(counts, n) {
@@ -240,7 +243,9 @@
         pair.appendChild(cell("dd", column, row));
       });
       parts.push(stats);
+      if (kit.units) parts.push.apply(parts, kit.units.before(spec, row, showCard));  // histogram
       if (examples) parts.push(exampleList(row));
+      if (kit.units) parts.push.apply(parts, kit.units.after(spec, row, showCard));  // samples, co-firing
       if (decoded) parts.push.apply(parts, decodedLists(row));
       card.replaceChildren.apply(card, parts);
       card.hidden = false;
@@ -268,6 +273,10 @@
         item.appendChild(token);
         item.appendChild(userEl("span", "ctx right", " " + contexts.right[ctx]));
         item.appendChild(el("span", "meta", "a = " + fmt(value) + " \u00b7 doc " + contexts.doc[ctx] + " \u00b7 pos " + contexts.pos[ctx]));
+        if (kit.units && examples.windows) {  // the unit's activation on every token around it
+          var strip = kit.units.window(examples, j, row);
+          if (strip) item.appendChild(strip);
+        }
         list.appendChild(item);
       }
       box.appendChild(list);
