@@ -26,19 +26,23 @@ already match the target — A: α = 0.2 and 0.5; B: the middle and least salien
 if tanh's mean over seeds exceeds ReLU's at every such level but some seed does not; "does not
 hold" otherwise.
 
-Run:  PYTHONPATH=src python examples/tanh_relu_geometry.py [--seeds 5] [--steps 3000]
-(about 1–2 minutes on 2 cores; ``--quick`` for a seconds-long smoke run).
+Run:  PYTHONPATH=src python examples/tanh_relu_geometry.py [--seeds 5] [--steps 3000] [--figures DIR]
+(about 1–2 minutes on 2 cores; ``--quick`` for a seconds-long smoke run; ``--figures`` writes the
+SVG figures there). Spread: mean ± sd (ddof 1) over seeds, and min..max.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 import actscope
+from actscope.drawing.charts import bars, standalone
 from actscope.metrics import cka, rsa
 
 WIDTH = 100
@@ -126,10 +130,10 @@ def verdict(results: dict, family: str, seeds: int) -> str:
 
 def report(results: dict, seeds: int, steps: int) -> None:
     print(f"one hidden layer, width {WIDTH}, SGD lr {LR}, BCE, {steps} steps, seeds 0..{seeds - 1}")
-    print("index = CKA(H, targets) − CKA(H, inputs) on the condition means; min..max over seeds")
+    print("index = CKA(H, targets) − CKA(H, inputs) on the condition means; mean ± sd [min..max] over seeds")
     for family, levels, what in (("A", LEVELS_A, "α"), ("B", LEVELS_B, "target")):
         print(f"\nfamily {family} ({'mixed geometry' if family == 'A' else 'factor salience'})")
-        print(f"  {what:>7}  act   index mean [min..max]     CKA(H,targets)  CKA(H,inputs)  RSA index   final loss   tanh>relu seeds")
+        print(f"  {what:>7}  act   index mean ± sd [min..max]          CKA(H,targets)  CKA(H,inputs)  RSA index   final loss   tanh>relu seeds")
         for level in levels:
             tanh_index = np.array([r["index"] for r in results[(family, level, "tanh")]])
             relu_index = np.array([r["index"] for r in results[(family, level, "relu")]])
@@ -137,10 +141,37 @@ def report(results: dict, seeds: int, steps: int) -> None:
                 rows = results[(family, level, activation)]
                 index = np.array([r["index"] for r in rows])
                 wins = f"{int((tanh_index > relu_index).sum())}/{len(index)}" if activation == "tanh" else ""
-                print(f"  {level!s:>7}  {activation}  {index.mean():+.3f} [{index.min():+.3f}..{index.max():+.3f}]"
+                sd = index.std(ddof=1) if len(index) > 1 else float("nan")
+                print(f"  {level!s:>7}  {activation}  {index.mean():+.3f} ± {sd:.3f} [{index.min():+.3f}..{index.max():+.3f}]"
                       f"   {np.mean([r['cka_target'] for r in rows]):.3f}           {np.mean([r['cka_input'] for r in rows]):.3f}"
                       f"        {np.mean([r['rsa_index'] for r in rows]):+.3f}     {max(r['loss'] for r in rows):.1e}      {wins}")
         print(f"  family {family}: {verdict(results, family, seeds)} (tested levels: {', '.join(map(str, TESTED[family]))})")
+
+
+def figures(results: dict, seeds: int, folder: Path) -> list[Path]:
+    """Two SVG figures (means over seeds): the target-alignment index per task level, and its two
+    parts, CKA(H, targets) and CKA(H, inputs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [("A", level) for level in LEVELS_A] + [("B", level) for level in LEVELS_B]
+    labels = [f"A: α = {level}" if family == "A" else f"B: target = {level} salient" for family, level in keys]
+
+    def mean(family: str, level: Any, activation: str, what: str) -> float:
+        return float(np.mean([r[what] for r in results[(family, level, activation)]]))
+
+    charts = {
+        "tanh-relu-index.svg": bars(
+            "index", labels, {activation: [mean(f, level, activation, "index") for f, level in keys] for activation in ("tanh", "relu")},
+            title=f"target-alignment index CKA(H, targets) − CKA(H, inputs), mean of {seeds} seeds", top=1.0),
+        "tanh-relu-parts.svg": bars(
+            "parts", labels, {f"{activation}·{part}": [mean(f, level, activation, f"cka_{part[:-1]}") for f, level in keys]
+                              for activation in ("tanh", "relu") for part in ("targets", "inputs")},
+            title=f"the index's two parts, CKA(H, targets) and CKA(H, inputs), mean of {seeds} seeds", top=1.0),
+    }
+    written = []
+    for name, svg in charts.items():
+        (folder / name).write_text(standalone(svg), encoding="utf-8")
+        written.append(folder / name)
+    return written
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--quick", action="store_true", help="2 seeds, 200 steps: a smoke run, not a result")
+    parser.add_argument("--figures", type=Path, default=None, help="folder to write the SVG figures into")
     args = parser.parse_args(argv)
     seeds, steps = (2, 200) if args.quick else (args.seeds, args.steps)
     threads = torch.get_num_threads()
@@ -158,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         torch.set_num_threads(threads)
     report(results, seeds, steps)
+    if args.figures is not None:
+        print("figures: " + ", ".join(str(p) for p in figures(results, seeds, args.figures)))
     print(f"\n{time.perf_counter() - started:.0f} s")
     return {family: verdict(results, family, seeds) for family in TESTED}
 

@@ -202,3 +202,14 @@ def step_histogram(name: str, edges: Sequence[float], counts: Sequence[float], *
         f'<text x="{width / 2:.0f}" y="{height - 3}" text-anchor="middle" class="axis">{_text(note or "|a| (log scale)")}</text>'
     )
     return _svg(name, width, height, body, title)
+
+
+STANDALONE_STYLE = (".lbl{font:12px sans-serif;fill:#222}.axis{font:11px sans-serif;fill:#555}"
+                    ".val{font:10px sans-serif;fill:#333}")
+
+
+def standalone(svg: str) -> str:
+    """A chart as a file of its own (a page figure, a reproduction's figure): the report's text
+    styles inlined, so it reads the same outside the report."""
+    head, sep, rest = svg.partition(">")
+    return f"{head}{sep}<style>{STANDALONE_STYLE}</style>{rest}"
