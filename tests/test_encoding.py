@@ -205,3 +205,103 @@ def test_broken_response_files_are_refused(tmp_path, make, message):
 def test_bad_input_is_refused(call, message):
     with pytest.raises(actscope.InputError, match=message):
         call()
+
+
+# -- the command ----------------------------------------------------------------------------------
+WORDS = ["<pad>", "<s>"] + [f"w{i}" for i in range(126)]
+SIMULATED = "blocks.1.resid.post"
+
+
+@pytest.fixture(scope="module")
+def encode_files(tmp_path_factory):
+    """Two small models, 40 stimuli, and responses simulated from model m1's SIMULATED site
+    (3 repeats, as a long Parquet table with shuffled rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import word_tokenizer
+
+    root = tmp_path_factory.mktemp("encode")
+    for seed in (0, 1):
+        module, _ = tiny_model("llama", seed)
+        module.save_pretrained(root / f"m{seed}")
+        word_tokenizer(WORDS, bos="<s>", pad_token="<pad>").save_pretrained(root / f"m{seed}")
+    rng = np.random.default_rng(0)
+    lines = [" ".join(f"w{i}" for i in rng.integers(0, 120, size=4 + n % 6)) for n in range(40)]
+    (root / "stimuli.txt").write_text("\n".join(lines) + "\n")
+    x = stimulus_features(actscope.load(root / "m1"), lines, SIMULATED)[SIMULATED]
+    clean = (x - x.mean(0)) / (x.std(0) + 1e-9) @ rng.normal(size=(x.shape[1], 6)) / np.sqrt(x.shape[1])
+    repeats = clean[None] + rng.normal(size=(3, *clean.shape)) * clean.std() * 0.5
+    rows = [(r, s) for r in range(3) for s in range(40)]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    columns = {"repeat": [r for r, _ in rows], "stimulus": [s for _, s in rows]}
+    columns.update({f"ch{c}": [float(repeats[r, s, c]) for r, s in rows] for c in range(6)})
+    pq.write_table(pa.table(columns), root / "responses.parquet")
+    np.save(root / "responses.npy", repeats)
+    return root, lines, repeats
+
+
+def test_encode_command_ranks_the_generating_site_and_writes_a_run(encode_files, tmp_path):
+    from typer.testing import CliRunner
+
+    from actscope.cli.main import app
+
+    root, lines, repeats = encode_files
+    out = tmp_path / "run"
+    args = ["encode", str(root / "m0"), str(root / "m1"), "--stimuli", str(root / "stimuli.txt"), "--responses",
+            str(root / "responses.parquet"), "--sites", "blocks.*.resid.post", "--alphas", "0.1,10,1000", "--out", str(out)]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"Best: m1 · {SIMULATED}" in result.output and "R² / ceiling" in result.output
+    expected = encoding_scores({"m0": actscope.load(root / "m0"), "m1": actscope.load(root / "m1")}, lines, repeats,
+                               "blocks.*.resid.post", alphas=[0.1, 10, 1000])
+    assert expected.best()["site"] == SIMULATED and expected.best()["model"] == "m1"
+    run = actscope.open_run(out)
+    stored = run.to_pandas("encoding")
+    assert list(stored["model"]) == ["m0", "m0", "m1", "m1"] and list(stored["site"]) == ["blocks.0.resid.post", SIMULATED] * 2
+    assert np.abs(stored["mean_r2"].to_numpy() - expected.to_table()["mean_r2"]).max() < 1e-9
+    assert np.abs(stored["mean_normalized_r2"].to_numpy() - expected.to_table()["mean_normalized_r2"]).max() < 1e-9
+    assert len(run.to_pandas("encoding_channels")) == 4 * 6
+    assert run.manifest["kind"] == "encode" and run.manifest["responses"]["repeats"] == 3
+    assert "encoding" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda root, tmp: ["--responses", str(tmp / "missing.npy")], "no responses file at"),
+    (lambda root, tmp: ["--responses", str(_write(tmp / "bad.parquet", b"\x00garbage"))], "cannot read"),
+    (lambda root, tmp: ["--responses", str(_write(tmp / "words.csv", b"a,b\nx,y\n"))], "no numeric channel columns"),
+    (lambda root, tmp: ["--responses", str(_save(tmp / "short.npy", np.zeros((39, 2))))], "holds 40 stimuli (non-empty documents)"),
+    (lambda root, tmp: ["--responses", str(_savez(tmp / "two.npz"))], "name the responses array 'responses'"),
+    (lambda root, tmp: ["--responses", str(_write(tmp / "r.txt", b"1 2"))], "use .npy, .npz, .csv or .parquet"),
+    (lambda root, tmp: ["--alphas", "1,-2"], "--alphas must be positive numbers"),
+    (lambda root, tmp: ["--folds", "1"], "folds must be a whole number from 2"),
+    (lambda root, tmp: ["--pool", "tokens"], "--pool must be mean or last"),
+])
+def test_encode_command_refuses_bad_input_with_exit_2(encode_files, tmp_path, change, message):
+    from typer.testing import CliRunner
+
+    from actscope.cli.main import app
+
+    root, _, _ = encode_files
+    base = {"--stimuli": str(root / "stimuli.txt"), "--responses": str(root / "responses.npy")}
+    extra = change(root, tmp_path)
+    base.update(dict(zip(extra[::2], extra[1::2])))
+    args = ["encode", str(root / "m0"), *[part for pair in base.items() for part in pair]]
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+def _save(path, array):
+    np.save(path, array)
+    return path
+
+
+def _savez(path):
+    np.savez(path, a=np.zeros((40, 2)), b=np.zeros((40, 2)))
+    return path

@@ -6,6 +6,7 @@ import typer
 from . import compare as compare_command
 from . import attention as attention_command
 from . import contrast as contrast_command
+from . import encode as encode_command
 from . import decode as decode_command
 from . import env as env_command
 from . import examples as examples_command
@@ -44,6 +45,7 @@ app.command("steer")(steer_command.steer)
 app.command("lens")(lens_command.lens)
 app.command("attention")(attention_command.attention)
 app.command("compare")(compare_command.compare)
+app.command("encode")(encode_command.encode)
 # exploit sparsity
 app.command("sparsify")(sparsify_command.sparsify)
 app.command("generate")(generate_command.generate)
