@@ -428,14 +428,94 @@ def test_transcoder_loading_features_and_reconstruction(tmp_path, architecture):
     y_hat = f @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if "W_skip" in t else 0)
     explained = 1 - (y - y_hat).double().pow(2).sum() / (y - y.mean((0, 1))).double().pow(2).sum()
     assert quality["writes"] == "blocks.1.mlp.out" and quality["explained_variance"] == pytest.approx(float(explained), rel=1e-5)
-    with pytest.raises(SiteError, match="transcoder features are read at blocks.1.resid.mid"):
-        with actscope.edit(model, {features: iv.zero()}):
-            pass
     bad = dict(t)
     bad["b_dec"] = torch.zeros(d - 1)
     save_saelens(tmp_path / "bad", bad, architecture=architecture, d_out=d, apply_b_dec_to_input=False, hook_name="blocks.1.hook_resid_mid")
     with pytest.raises(InputError, match=rf"b_dec has shape \[{d - 1}\] but must be \[d_out\] = \[{d}\]"):
         load_sae(tmp_path / "bad")
+
+
+def gpt2_with_transcoder(architecture: str = "skip_transcoder"):
+    """A tiny GPT-2 with a transcoder reading block 1's MLP input (resid.mid) and writing its output."""
+    module, inputs = tiny_model("gpt2")
+    model = actscope.wrap(module)
+    d = module.config.n_embd
+    t = random_tensors(d, 20, architecture, scale=3.0, seed=4)
+    if architecture == "skip_transcoder":
+        t["W_skip"] = torch.randn(d, d, generator=torch.Generator().manual_seed(5)) * 0.01
+    sae = SAE(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], architecture="jumprelu" if "jumprelu" in architecture else "standard",
+              threshold=t.get("threshold"), W_skip=t.get("W_skip"), transcoder=True, apply_b_dec_to_input=False,
+              site="blocks.1.resid.mid", out_site="blocks.1.mlp.out")
+    return module, inputs, model, attach(model, sae), t
+
+
+def transcoded(module, inputs, change):
+    """Logits with block 1's MLP output y replaced by ``change(x, y)``, x the MLP's input (raw hooks)."""
+    block, seen = module.transformer.h[1], {}
+    handles = [block.ln_2.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0])),
+               block.mlp.register_forward_hook(lambda mod, args, out: change(seen["x"], out))]
+    try:
+        with torch.no_grad():
+            return module(**inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("architecture", ["transcoder", "jumprelu_transcoder", "skip_transcoder"])
+def test_editing_transcoder_features_changes_the_site_they_write(architecture):
+    module, inputs, model, features, t = gpt2_with_transcoder(architecture)
+    clean = module(**inputs).logits
+    with torch.no_grad(), actscope.edit(model, {features: lambda f: f}):
+        assert torch.equal(module(**inputs).logits, clean)  # identity: bit-identical
+    with torch.no_grad(), actscope.edit(model, {features: iv.scale(1.0)}):
+        assert torch.equal(module(**inputs).logits, clean)
+    f = hand_features  # read at the MLP's input without b_dec; written to its output
+    for intervention, value in ((iv.zero(), 0.0), (iv.set_value(2.5), 2.5)):
+        with torch.no_grad(), actscope.edit(model, {features + "[6]": intervention}):
+            edited = module(**inputs).logits
+        expected = transcoded(module, inputs, lambda x, y: y + (value - f(x, t, architecture, b_dec=False)[..., 6:7]) * t["W_dec"][6])
+        torch.testing.assert_close(edited, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(edited, clean, atol=1e-4)
+
+
+def test_activation_and_attribution_patching_of_transcoder_features():
+    from actscope.explain import activation_patching, attribution_patching, logit_difference
+    from conftest import clean_and_corrupted
+
+    module, clean, corrupted = clean_and_corrupted("gpt2")
+    model = actscope.wrap(module)
+    d = module.config.n_embd
+    t = random_tensors(d, 16, "transcoder", scale=3.0, seed=6)
+    features = attach(model, SAE(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], transcoder=True, apply_b_dec_to_input=False,
+                                 site="blocks.1.resid.mid", out_site="blocks.1.mlp.out"))
+    metric = logit_difference(5, 9)
+    block = module.transformer.h[1]
+    with torch.no_grad(), actscope.capture(model, "blocks.1.resid.mid") as captured:
+        module(input_ids=clean)
+    f_clean = hand_features(captured.tensor("blocks.1.resid.mid"), t, b_dec=False)
+    exact = activation_patching(model, clean, corrupted, metric, sites=features, per="site")
+    patched = transcoded(module, {"input_ids": corrupted}, lambda x, y: y + (f_clean - hand_features(x, t, b_dec=False)) @ t["W_dec"])
+    assert float(exact.metric[0]) == pytest.approx(float(metric(patched, {})), abs=1e-5)
+
+    estimate = attribution_patching(model, clean, corrupted, metric, sites=features, per="unit")
+    seen = {}
+
+    def keep_output(mod, args, out):
+        seen["y"] = out.detach().clone().requires_grad_(True)
+        return seen["y"]
+
+    handles = [block.ln_2.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0].detach())),
+               block.mlp.register_forward_hook(keep_output)]
+    try:
+        metric(module(input_ids=corrupted).logits, {}).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    grad = seen["y"].grad @ t["W_dec"].T  # ∂m/∂f_j = ∂m/∂y · W_dec[j]
+    by_unit = (grad * (f_clean - hand_features(seen["x"], t, b_dec=False))).sum((0, 1))
+    np.testing.assert_allclose(estimate.effect, by_unit.numpy(), atol=1e-5)
+    assert np.abs(by_unit.numpy()).max() > 1e-4  # the estimate is not trivially zero
 
 
 # -- reconstruction and loss ---------------------------------------------------------------------------
@@ -537,3 +617,41 @@ def test_a_checkpointed_run_resumes_only_with_the_same_sae(tmp_path):
         actscope.profile(None, TEXTS * 3, sae=str(tmp_path / "b"), out=out, batch_size=2, resume=True)
     resumed = actscope.profile(None, TEXTS * 3, sae=str(tmp_path / "a"), out=out, batch_size=2, resume=True)
     assert resumed.manifest["data"]["tokens"] == actscope.profile(None, TEXTS * 3, sae=str(tmp_path / "a"), batch_size=2).manifest["data"]["tokens"]
+
+
+def test_the_readmes_three_lines_run_as_written_and_the_report_shows_the_features(tmp_path, minilm, monkeypatch):
+    """README's 'Profile your own SAELens SAE in three lines', run on MiniLM with SAEs saved here
+    (only --max-tokens added, for speed); the report has the features and the quality table."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from test_report import Page, decode as decoded_column
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Sparse autoencoders and transcoders"):]
+    lines = [line.split("   #")[0].strip() for line in re.search(r"```bash\n(.*?)```", section, re.S)[1].strip().splitlines()]
+    assert len(lines) == 3 and all(line.startswith("actscope ") for line in lines)
+    save_saelens(tmp_path / "path/to/saelens-sae", random_tensors(384, 32, scale=3.0), hook_name="blocks.2.hook_resid_pre")
+    save_saelens(tmp_path / "path/to/sae", random_tensors(384, 16, seed=1), hook_name="blocks.0.hook_resid_pre")
+    save_saelens(tmp_path / "path/to/other", random_tensors(384, 16, seed=2), hook_name="blocks.3.hook_normalized_resid_post")
+    (tmp_path / "corpus.txt").write_text("\n".join(TEXTS) + "\n")
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for line in lines:
+        args = [minilm.source if a == "path/to/model" else a for a in shlex.split(line)[1:]]
+        result = invoke(*args, *(["--max-tokens", "300"] if args[0] == "profile" else []))
+        assert result.exit_code == 0, (line, result.output)
+        outputs.append(result.output)
+    assert "blocks.2.resid.pre.sae" in outputs[0] and "explained variance" in outputs[0]
+    assert "blocks.3.resid.post.sae" in outputs[1] and "blocks.3.resid.post.sae_wide" in outputs[1]  # @SITE beat the hook name
+    run = actscope.open_run(tmp_path / "runs/sae")
+    quality = run.to_pandas("sae").iloc[0]
+    assert f"{quality['explained_variance']:.4g}"[:4] in outputs[2].replace("\n", "") and "loss_increase" in outputs[2]
+    page = Page((tmp_path / "runs/sae/report.html").read_text())
+    payload = page.payload()
+    neurons = payload["neurons"]
+    assert set(decoded_column(neurons["columns"]["site"], neurons["n"])) == {"blocks.2.resid.pre.sae"} and neurons["n"] == 32
+    assert "sae" in payload["tables"] and "table-sae" in page.sections  # the reconstruction quality, its own section
+    shown = decoded_column(payload["tables"]["sae"]["columns"]["explained_variance"], 1)[0]
+    assert shown == pytest.approx(quality["explained_variance"], rel=1e-3)

@@ -83,8 +83,8 @@ def _check_editable(site: Site) -> None:
     read_only = getattr(read, "read_only", None)  # a derived site (SAE features) says why it cannot be written back
     if read_only:
         raise SiteError(f"{site.label}: {read_only}")
-    if getattr(read, "write_back", None) is not None:  # a derived site that maps an edited view back onto its module's tensor
-        return
+    if getattr(read, "write_back", None) is not None or getattr(read, "write_to", None) is not None:
+        return  # a derived site that maps an edited view back onto its module's tensor, or onto another site's
     if read not in PLAIN_READERS and getattr(read, "view_of", None) not in PLAIN_READERS[1:]:
         raise SiteError(
             f"{site.label} is computed from its module's tensor (a slice), so it cannot be written back; "
@@ -93,6 +93,9 @@ def _check_editable(site: Site) -> None:
 
 
 def _register(registry: Hooks, model: Model, site: Site, functions: tuple[Intervention, ...]) -> None:
+    if getattr(site.hook.read, "write_to", None) is not None:  # read at one site, written at another (transcoder features)
+        _register_elsewhere(registry, model, site, functions)
+        return
     module = model.module.get_submodule(site.path)
     ctx = ReadContext(dict(site.index), model.config)
     name = f"edit {site.label} ({site.path}@{site.hook.at})"
@@ -109,6 +112,37 @@ def _register(registry: Hooks, model: Model, site: Site, functions: tuple[Interv
         return _replace_output(site, output, _edited(site, functions, HookCall(mod, args, kwargs, output), ctx))
 
     registry.after(module, hook, with_kwargs=True, name=name)
+
+
+def _register_elsewhere(registry: Hooks, model: Model, site: Site, functions: tuple[Intervention, ...]) -> None:
+    """A derived site whose edits land on another site: a hook on the site's module computes the
+    edited view and the change it makes (``read.delta``: None when nothing changed), and an edit
+    of ``read.write_to`` adds that change to its tensor when the same forward call reaches it."""
+    read, target = site.hook.read, site.hook.read.write_to
+    module = model.module.get_submodule(site.path)
+    ctx = ReadContext(dict(site.index), model.config)
+    pending: list[torch.Tensor | None] = []
+
+    def observe(call: HookCall) -> None:
+        view = read(call, ctx)
+        if view is not None:
+            pending.append(read.delta(call, ctx, view, _apply(site, functions, view)))
+
+    name = f"edit {site.label} ({site.path}@{site.hook.at}, written at {target.label})"
+    if site.hook.at == "input":
+        registry.before(module, lambda mod, args, kwargs: observe(HookCall(mod, args, kwargs)), with_kwargs=True, name=name)
+    else:
+        registry.after(module, lambda mod, args, kwargs, output: observe(HookCall(mod, args, kwargs, output)), with_kwargs=True,
+                       name=name)
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        if not pending:
+            raise SiteError(f"{site.label}: {target.label} ran before {site.name} in this forward call, so the edit has no "
+                            "change to write; a transcoder must read a site the model runs before the one it writes")
+        delta = pending.pop(0)
+        return x if delta is None else x + delta.to(x.dtype).reshape(x.shape)
+
+    _register(registry, model, target, (add,))
 
 
 def _edited(site: Site, functions: tuple[Intervention, ...], call: HookCall, ctx: ReadContext) -> torch.Tensor:

@@ -6,7 +6,10 @@ it, so the tracer, the statistics, top examples, ``edit``, activation and attrib
 take it like any other site. Its reader also says how to write an edited view back
 (``write_back``): the base tensor ``x`` becomes ``x + decode_delta(f' − f)``, i.e.
 ``decode(f') + (x − decode(f))`` — the edit keeps the SAE's reconstruction error, and when no
-feature changed the module's own tensor is handed on untouched (bit-identical outputs). And it
+feature changed the module's own tensor is handed on untouched (bit-identical outputs). A
+transcoder's features are read at one site and written at another (``write_to``, ``delta``):
+``edit`` adds ``decode(f') − decode(f)`` to the written site's tensor ``y``, i.e. ``y`` becomes
+``decode(f') + (y − decode(f))``, again untouched when nothing changed. And it
 says where each feature writes (``decode_directions``), for :func:`actscope.explain.decode`.
 
 Naming: ``BASE.sae`` (``BASE.transcoder`` for a transcoder, at the site it reads); an SAE given a
@@ -152,21 +155,29 @@ def feature_reader(sae: SAE, base: "Site", writes: "Site") -> Any:
 
         return feature_directions(model, sae, writes)
 
+    def delta(call: HookCall, ctx: ReadContext, features: torch.Tensor, edited: torch.Tensor) -> torch.Tensor | None:
+        """A transcoder's change to the site it writes: ``decode(f') − decode(f)``, None if no feature changed."""
+        if edited is features or (not edited.requires_grad and torch.equal(edited, features)):
+            return None
+        x = as_vectors(base_read(call, ctx), layout)
+        return sae.on(x.device).decode_delta(edited - features, x)
+
     read.sae, read.base, read.writes = sae, base, writes
     read.decode_directions = decode_directions
-    reason = _not_editable(sae, base)
-    if reason is None:
-        read.write_back = write_back
-    else:
+    reason = _not_editable(sae, writes)
+    if reason is not None:
         read.read_only = reason
+    elif sae.transcoder:  # read here, written at its output site: edit adds decode(f') − decode(f) there
+        read.write_to, read.delta = writes, delta
+    else:
+        read.write_back = write_back
     return read
 
 
-def _not_editable(sae: SAE, base: "Site") -> str | None:
-    if sae.transcoder:
-        return (f"transcoder features are read at {base.name} but written elsewhere, so an edit has no single tensor to change; "
-                "edit the site it writes instead")
-    read = base.hook.read
+def _not_editable(sae: SAE, written: "Site") -> str | None:
+    """Why edited features cannot be written to the site the SAE reconstructs, or None."""
+    read = written.hook.read
     if read not in PLAIN and getattr(read, "view_of", None) not in PLAIN[1:]:
-        return f"its SAE reads {base.name}, which is computed from its module's tensor, so edited features cannot be written back"
+        verb = "writes" if sae.transcoder else "reads"
+        return f"its {sae.kind} {verb} {written.name}, which is computed from its module's tensor, so edited features cannot be written back"
     return None
