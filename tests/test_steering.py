@@ -146,3 +146,65 @@ def test_steer_command_prints_both_and_writes_the_sweep(lm, prompts, tmp_path):
     assert (out / "report.html").is_file() and 'id="steering"' in (out / "report.html").read_text()
     bad = CliRunner().invoke(app, ["steer", str(lm.source), "--prompt", "x"])
     assert bad.exit_code == 2 and "--positive" in bad.output
+
+
+def test_a_range_of_sites_steers_at_every_layer_of_it(lm, prompts):
+    vector = steering_vector(lm, "blocks.0-1.resid.post", *prompts)
+    assert vector.sites == ["blocks.0.resid.post", "blocks.1.resid.post"]
+    want = block_output(lm, prompts[0], 1) - block_output(lm, prompts[1], 1)  # block 1's own contrast of means, by hand
+    assert torch.allclose(vector.vectors["blocks.1.resid.post"].double(), want, atol=1e-5)
+    hand = logits(lm, "Siri feneet un peo", actscope.edit(lm, {site: iv.add(1.5 * v) for site, v in vector.vectors.items()}))
+    assert torch.equal(logits(lm, "Siri feneet un peo", steered(lm, vector, 1.5)), hand)
+    only_first = logits(lm, "Siri feneet un peo", actscope.edit(lm, {SITE: iv.add(1.5 * vector.vectors[SITE])}))
+    assert (hand - only_first).abs().max() > 1e-4  # the second layer's vector did act
+
+
+def block_output(model, texts, block: int) -> torch.Tensor:
+    """The mean over prompts of each prompt's mean output of decoder layer ``block`` (a raw forward hook)."""
+    out = []
+    handle = model.module.model.layers[block].register_forward_hook(
+        lambda mod, args, output: out.append((output[0] if isinstance(output, tuple) else output)[0].double().mean(0)))
+    try:
+        for text in texts:
+            with torch.no_grad():
+                model.module(**model.tokenizer(text, return_tensors="pt", truncation=True, max_length=128))
+    finally:
+        handle.remove()
+    return torch.stack(out).mean(0)
+
+
+def saved_sae(folder, width: int, site: str = SITE, features: int = 12):
+    from test_sae import random_tensors, save_saelens
+
+    tensors = random_tensors(width, features, scale=3.0, seed=3)
+    save_saelens(folder, tensors, metadata={"actscope_site": site})
+    return tensors
+
+
+def test_an_sae_features_direction_steers_as_a_hand_add_of_its_decoder_row(tmp_path):
+    from actscope.sae import attach, load_sae
+    from actscope.zoo import tiny_lm
+
+    model = actscope.load(str(tiny_lm("relu")))
+    tensors = saved_sae(tmp_path / "sae", model.module.config.hidden_size)
+    feature = attach(model, load_sae(tmp_path / "sae")) + "[3]"
+    vector = steering_vector(model, unit=feature)
+    assert vector.sites == ["blocks.0.resid.post.sae[3]"]
+    base = logits(model, "Siri feneet un peo")
+    assert torch.equal(logits(model, "Siri feneet un peo", steered(model, vector, 0.0)), base)
+    for scale in (2.0, -3.0):  # feature 3 raised by s: the stream gains s · W_dec[3], the SAE's error term kept
+        hand = logits(model, "Siri feneet un peo", actscope.edit(model, {SITE: iv.add(scale * tensors["W_dec"][3])}))
+        got = logits(model, "Siri feneet un peo", steered(model, vector, scale))
+        torch.testing.assert_close(got, hand, atol=1e-5, rtol=1e-5)
+        assert (got - base).abs().max() > 1e-3
+
+
+def test_steer_command_takes_an_sae_feature(lm, tmp_path):
+    saved_sae(tmp_path / "sae", lm.module.config.hidden_size)
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, [
+        "steer", str(lm.source), "--sae", str(tmp_path / "sae"), "--unit", "blocks.0.resid.post.sae[3]", "--scale", "8",
+        "--prompt", "Siri feneet", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "steering vector: blocks.0.resid.post.sae[3]" in result.output and "unsteered" in result.output
+    bad = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["steer", str(lm.source), "--unit", "blocks.0.resid.post.sae[3]", "--prompt", "x"])
+    assert bad.exit_code == 2 and "--sae" in bad.output.replace("\n", "")

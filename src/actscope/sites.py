@@ -190,6 +190,9 @@ def _unknown_site_message(model: "Model", pattern: str) -> str:
     generic = sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names})
     hint = _suggest(pattern, names + generic)
     layers = f" ({model.n_layers} blocks: 0-{model.n_layers - 1})" if model.n_layers else ""
+    if re.search(r"\.(sae|transcoder)(_\w+)?$", pattern.split("[")[0]):  # the features of an SAE not attached
+        hint += (" SAE features are a site once their SAE is attached: --sae DIR on the command line, "
+                 "actscope.sae.attach(model, actscope.load_sae(DIR)) in Python.")
     return f"unknown site '{pattern}' for {model.name}{layers}.{hint} Run `actscope sites {model.source or ''}`".rstrip() + " to list them."
 
 

@@ -12,6 +12,7 @@ from .common import (
     DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors, load_model,
     quiet_libraries, styled,
 )
+from .sae import SAE_HELP, attach_saes
 
 
 def steer(
@@ -20,7 +21,8 @@ def steer(
     positive: Optional[Path] = typer.Option(None, "--positive", help="Prompts (a text file, one per line, or .jsonl/.csv) whose activations the vector points towards."),
     negative: Optional[Path] = typer.Option(None, "--negative", help="Prompts whose activations the vector points away from."),
     site: Optional[str] = typer.Option(None, "--site", "-s", help="Where to add it, e.g. 'blocks.3.resid.post' (a range steers at several layers)."),
-    unit: Optional[str] = typer.Option(None, "--unit", help="Steer one unit instead: 'blocks.3.mlp.post[17]'."),
+    unit: Optional[str] = typer.Option(None, "--unit", help="Steer one unit instead: 'blocks.3.mlp.post[17]', or an SAE feature: 'blocks.3.resid.post.sae[5]' with --sae."),
+    sae: Optional[List[str]] = typer.Option(None, "--sae", help=SAE_HELP + " Steer along a feature's decoder direction with --unit SITE.sae[J]."),
     scale: float = typer.Option(4.0, "--scale", help="Multiplier of the vector."),
     tokens: str = typer.Option("mean", "--tokens", help="mean: every token of every prompt; last: each prompt's last token."),
     positions: str = typer.Option("all", "--positions", help="all, prompt, new (generated tokens only), or prompt positions such as '0,-1'."),
@@ -50,6 +52,7 @@ def steer(
         model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
                            download=download, trust_remote_code=trust_remote_code)
         model.module.eval()
+        attach_saes(model, sae)
         vector = (steering_vector(model, unit=unit) if unit is not None else
                   steering_vector(model, site, str(positive), str(negative), tokens=tokens))
         console.print(f"steering vector: {', '.join(vector.sites)} · {vector.source} · norm {vector.norm():.3g}", highlight=False)
