@@ -102,9 +102,13 @@ def test_samples_come_from_each_quantile_bin(run):
             assert row.q_lo * n <= rank < row.q_hi * n + 1e-9
             assert (row.q_lo, row.q_hi) == (row.bin / 4, (row.bin + 1) / 4)
         assert mine.groupby("bin").size().max() <= 2
-        counts = hist[hist.unit == unit]
+        counts = hist[hist.unit == unit].sort_values("bin")
         assert counts["count"].sum() == n == counts["sampled"].iloc[0]
         assert abs(counts["lo"].iloc[0]) == 0 and counts["hi"].iloc[-1] == pytest.approx(values.max(), rel=1e-6)
+        naive, _ = np.histogram(values.astype(np.float64), bins=16, range=(0.0, float(values.max())))  # 16 equal bins from 0
+        assert list(counts["count"]) == list(naive)
+        frac_pos = run.to_pandas("neurons").set_index("unit").frac_pos[unit]
+        assert np.allclose(counts["share"], naive / n * frac_pos)  # the estimated share of all tokens in each bin
 
 
 def test_cofiring_is_the_jaccard_index_over_the_token_sample(run, captured):
