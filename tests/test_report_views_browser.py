@@ -152,6 +152,49 @@ def test_the_steering_sweep_has_its_chart_and_generations(browser, tmp_path):
     page.close()
 
 
+def test_the_lens_picker_switches_to_the_tuned_lens_and_the_kl_chart_has_both(browser, tmp_path):
+    from actscope.cli.saving import save_tables
+    from actscope.explain import fit_tuned_lens, lens_kl, logit_lens
+    from actscope.zoo import held_out_corpus, tiny_lm
+
+    model = actscope.load(str(tiny_lm("relu")))
+    docs = held_out_corpus(200)
+    tuned = fit_tuned_lens(model, docs, seed=0, steps=10)
+    prompt = "Siri feneet un peo . shi gasoet"
+    both = {**logit_lens(model, prompt, top=3).to_table()}
+    tuned_rows = logit_lens(model, prompt, top=3, lens=tuned).to_table()
+    both = {k: np.concatenate([np.asarray(both[k]), np.asarray(tuned_rows[k])]) for k in both}
+    kl = {"layer": np.arange(2), "logit": np.asarray(lens_kl(model, docs[-40:])), "tuned": np.asarray(lens_kl(model, docs[-40:], tuned))}
+    out = save_tables(model, tmp_path / "lens", "lens", {}, {"lens": both, "lens_kl": kl}, report=True)
+    visit = Visit(browser, out / "report.html")
+    page = visit.page
+    page.wait_for_selector("#lens-grid td.cell")
+    table = pa.table(both).to_pandas()
+
+    def shown() -> list[list[str]]:
+        return page.eval_on_selector_all("#lens-grid tbody tr", "rows => rows.map(r => [...r.querySelectorAll('td.cell')].map(c => c.textContent))")
+
+    def expected(kind: str) -> list[list[str]]:
+        top = table[(table.kind == kind) & (table["rank"] == 0)]
+        return [list(top[top.layer == layer].sort_values("position").token) for layer in sorted(set(top.layer))]
+
+    assert page.eval_on_selector_all("#lens-kind option", "els => els.map(e => e.textContent)") == ["logit lens", "tuned lens"]
+    assert shown() == expected("logit") and page.get_attribute("#lens-grid", "data-kind") == "logit"
+    page.select_option("#lens-kind", "1")
+    assert shown() == expected("tuned") and page.get_attribute("#lens-grid", "data-kind") == "tuned"
+    assert expected("tuned") != expected("logit")  # the switch shows something else
+    title = page.get_attribute("#lens-grid tbody tr:first-child td.cell", "title")  # hover: the cell's top tokens and its KL
+    first = table[(table.kind == "tuned") & (table.layer == 0) & (table.position == 0)].sort_values("rank")
+    cells = [line.rsplit(" ", 1) for line in title.splitlines()[:3]]
+    assert [name for name, _ in cells] == [f"\u2068{token}\u2069" for token in first.token]  # isolated, as in every tooltip
+    assert [float(p) for _, p in cells] == pytest.approx(list(first.prob), rel=1e-3)
+    assert title.splitlines()[3].startswith("KL from the final distribution: ")
+    lines = page.eval_on_selector("svg[data-chart='lens-kl']", "s => s.querySelectorAll('polyline').length")
+    assert lines == 2
+    assert visit.quiet() and visit.requests == [visit.url]
+    page.close()
+
+
 # -- security --------------------------------------------------------------------------------
 def _hostile(run: actscope.Run, text_of) -> actscope.Run:
     """Every text the new views show replaced by ``text_of(i)`` (markup or bidi controls)."""
