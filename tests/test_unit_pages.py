@@ -254,3 +254,27 @@ def test_the_page_carries_every_shown_window_within_its_encoding(run):
                   for i in range(0, len(code), 2)]
         assert pos + windows["ws"][j] == want.window_start and len(values) == len(want.window)
         assert np.allclose(values, want.window, atol=windows["peak"][row] / LEVELS, rtol=1e-3)
+
+
+def test_decoding_into_a_profiled_run_puts_the_tokens_on_its_unit_pages(tmp_path):
+    """`actscope decode --out RUN` adds promoted and suppressed tokens to the run and rewrites its
+    report, whose unit cards then carry them (the same tokens as the decode table)."""
+    from typer.testing import CliRunner
+
+    from actscope.cli.main import app
+    from test_report import Page, decode as decoded_column
+
+    runner = CliRunner(env={"COLUMNS": "200"})
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["profile", "--sites", "blocks.1.mlp.post[0:8]", "--max-tokens", "200", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "decoded" not in Page((out / "report.html").read_text()).payload()["neurons"]
+    result = runner.invoke(app, ["decode", "--site", "blocks.1.mlp.post[0:8]", "--top", "3", "--out", str(out), "--show", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"Report: {out / 'report.html'}" in result.output.replace("\n", "")
+    table = actscope.open_run(out).to_pandas("decode")
+    spec = Page((out / "report.html").read_text()).payload()["neurons"]["decoded"]
+    counts = decoded_column(spec["cnt"], 8)
+    assert counts == [6] * 8  # 3 promoted + 3 suppressed for each unit
+    want = table.sort_values(["unit", "direction", "rank"])  # the card's order: unit, promoted before suppressed, rank
+    assert decoded_column(spec["token"], 48) == list(want.token) and decoded_column(spec["dir"], 48) == list(want.direction)

@@ -62,7 +62,12 @@ def _write(model: Any, decoded: Any, out: Path, site: str, top: int) -> Any:
     agreement = decode_agreement(decoded, data) if "examples" in data.tables else None
     if agreement is not None:
         tables["decode_agreement"] = agreement.to_table()
+    had_report = (out / "report.html").is_file()
     write_run(out, manifest=dict(data.manifest), tables=tables, arrays=data.arrays, state=data.state(), overwrite=True)
+    if had_report:  # rewritten, so the unit cards show the decoded tokens
+        from actscope.report import write_report
+
+        console.print(styled("Report: ", (str(write_report(out)), "bold")), highlight=False, soft_wrap=True)
     return agreement
 
 

@@ -69,8 +69,10 @@ def chosen_examples(neurons: Any, examples: Any, keep: int | None = None) -> tup
 
 
 def decoded_payload(neurons: Any, decoded: Any) -> dict[str, Any]:
-    """Per neuron row its decoded tokens: ``cnt`` per row, then token, score and direction."""
-    row = row_index(neurons, decoded)
+    """Per neuron row its decoded tokens: ``cnt`` per row, then token, score and direction.
+    Sites are matched without a unit selection: a run profiled on ``blocks.1.mlp.post[0:8]``
+    (site ``blocks.1.mlp.post[0,1,…]``) takes the tokens decoded for ``blocks.1.mlp.post``."""
+    row = row_index(_whole_sites(neurons), _whole_sites(decoded))
     rank = _ints(decoded, "rank") if "rank" in decoded.column_names else np.zeros(decoded.num_rows, np.int64)
     direction = np.array([str(d) for d in decoded.column("direction").to_pylist()], dtype=object)
     chosen = np.flatnonzero(row >= 0)
@@ -109,6 +111,13 @@ def _ranks_to_keep(units: int, k: int) -> int:
 def _keys(sites: dict[str, int], site: list[str], unit: np.ndarray) -> np.ndarray:
     codes = np.array([sites.get(s, -1) for s in site], dtype=np.int64)  # unknown site → no match
     return np.where(codes >= 0, codes * (1 << 32) + unit, -1 - np.arange(len(codes)))
+
+
+def _whole_sites(table: Any) -> Any:
+    """``site`` and ``unit`` of ``table``, each site name without its unit selection."""
+    import pyarrow as pa
+
+    return pa.table({"site": [s.split("[", 1)[0] for s in _strings(table, "site")], "unit": _ints(table, "unit")})
 
 
 def _strings(table: Any, name: str) -> list[str]:
