@@ -42,11 +42,11 @@ MiB = 1 << 20
 SITES = "blocks.*.resid.post"
 
 
-def models(layers: int = 12):
+def models(layers: int = 12, width: int = 768):
     import torch
     from transformers import GPT2Config, GPT2Model
 
-    config = GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_inner=3072, n_positions=256)
+    config = GPT2Config(n_layer=layers, n_embd=width, n_head=12, n_inner=4 * width, n_positions=256)
     built = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -81,7 +81,8 @@ def reset_peak() -> bool:
         return False
 
 
-def child(tokens: int, precision: str, check: bool) -> dict:
+def child(tokens: int, precision: str, check: bool, layers: int = 12, width: int = 768) -> dict:
+    """One row of the table (``layers`` and ``width`` smaller only for the test suite's smoke run)."""
     import numpy as np
     import torch
 
@@ -90,7 +91,7 @@ def child(tokens: int, precision: str, check: bool) -> dict:
     from actscope.metrics.representations import paired_rows
     from actscope.sites import plan_sites
 
-    first, second = (actscope.wrap(m) for m in models())
+    first, second = (actscope.wrap(m) for m in models(layers, width))
     data = batches(tokens)
     plan_a, plan_b = plan_sites(first, SITES), plan_sites(second, SITES)
     started = time.perf_counter()
@@ -102,7 +103,7 @@ def child(tokens: int, precision: str, check: bool) -> dict:
     total = time.perf_counter() - started
     found = {"tokens": rows, "precision": precision, "seconds": total, "forward": forward, "passes": result.passes,
              "peak_extra": vm_hwm() - loaded, "reset": reset, "values": result.values.tolist(),
-             "capture_bytes": rows * 768 * 12 * 2 * 4, "threads": torch.get_num_threads()}
+             "capture_bytes": rows * width * layers * 2 * 4, "threads": torch.get_num_threads()}
     if check:
         small = data[:2]
         with torch.no_grad(), actscope.capture(first, SITES, flat=True) as a, actscope.capture(second, SITES, flat=True) as b:

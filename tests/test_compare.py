@@ -260,3 +260,23 @@ def test_command_refuses_bad_input_with_exit_2(model_dirs, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "mine")])
     assert result.exit_code == 2 and "not an actscope run" in result.output
+
+
+def test_benchmark_smoke():
+    """benchmarks/compare_cka.py's measured row, at a tiny size: it runs, and its streamed matrix
+    equals the in-memory CKA of captured activations."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_cka.py"
+    spec = importlib.util.spec_from_file_location("compare_cka", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        row = bench.child(1024, "float64", True, layers=2, width=48)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["tokens"] == 1024 and row["passes"] == 1 and np.array(row["values"]).shape == (2, 2)
+    assert row["check"] < 1e-9 and row["capture_bytes"] == 1024 * 48 * 2 * 2 * 4
+    assert row["seconds"] > 0 and row["forward"] > 0
