@@ -21,7 +21,7 @@ SHOWN = 20  # rows of the ranking printed (the run holds all)
 def encode(
     models: List[str] = typer.Argument(..., metavar="MODEL...", help=MODEL_HELP + "; several models (e.g. one per training objective) are ranked together."),
     stimuli: Path = typer.Option(..., "--stimuli", help="The stimuli, one document each, in the order of the responses' rows: text (one per line), .jsonl, .csv, .tsv, .parquet or a saved HF dataset."),
-    responses: Path = typer.Option(..., "--responses", help="Recorded responses: .npy/.npz ([stimuli, channels], or [repeats, stimuli, channels]), or .csv/.parquet (numeric columns are channels; optional 'stimulus' and 'repeat' columns)."),
+    responses: Path = typer.Option(..., "--responses", help="Recorded responses: .npy/.npz (stimuli × channels, or repeats × stimuli × channels), or .csv/.parquet (numeric columns are channels; optional 'stimulus' and 'repeat' columns)."),
     column: Optional[str] = typer.Option(None, "--column", help="Text column of a table-shaped stimuli file."),
     sites: str = typer.Option("blocks.*.resid.post", "--sites", "-s", help="Sites of every model, e.g. 'blocks.*.mlp.post'."),
     pool: str = typer.Option("mean", "--pool", help="One row per stimulus: mean over its tokens, or its last token."),
