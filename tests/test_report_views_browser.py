@@ -206,7 +206,7 @@ def _hostile(run: actscope.Run, text_of) -> actscope.Run:
         tables[name] = table.set_column(table.column_names.index(column), column, pa.array(values))
 
     for name, column in (("tokens", "token"), ("attention_tokens", "token"), ("lens", "input"), ("lens", "token"),
-                         ("samples", "token"), ("samples", "left")):
+                         ("samples", "token"), ("samples", "left"), ("samples", "right")):
         swap(name, column)
     tables["steering"] = pa.table({"scale": [0.0, 1.0], "prompt": [text_of(0), text_of(1)], "text": [text_of(2), text_of(3)],
                                    "logprob": [-2.0, -1.0], "score": [np.nan, np.nan], "site": ["blocks.0.resid.post"] * 2,
