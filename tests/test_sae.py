@@ -569,9 +569,13 @@ def test_trainer_reduces_its_loss_saves_and_loads_back_deterministically(tmp_pat
 
 def test_topk_trainer_on_harvested_activations(tmp_path, minilm):
     acts = actscope.harvest(minilm, TEXTS * 3, sites="blocks.2.resid.post", out=tmp_path / "acts")
-    trained = actscope.train_sae(activations=acts, architecture="topk", k=8, d_sae=64, steps=30, batch_size=64, lr=3e-3, log_every=5)
+    trained = actscope.train_sae(activations=acts, architecture="topk", k=8, d_sae=64, steps=30, batch_size=64, lr=3e-3, log_every=5,
+                                 out=tmp_path / "sae")
     assert trained.loss[-1] < 0.7 * trained.loss[0] and np.all(trained.l0 <= 8)
     assert trained.sae.site == "blocks.2.resid.post" and trained.sae.architecture == "topk"
+    config = json.loads((tmp_path / "sae" / "cfg.json").read_text())  # no model at hand: the manifest's family (BERT) names the hook
+    assert config["metadata"]["hook_name"] == "blocks.2.hook_normalized_resid_post" and config["k"] == 8
+    assert attach(actscope.load(), load_sae(tmp_path / "sae")) == "blocks.2.resid.post.sae"
     x = torch.stack([acts[i]["blocks.2.resid.post"] for i in range(10)]).float()
     t = {k: getattr(trained.sae, k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
     torch.testing.assert_close(trained.sae.encode(x), hand_features(x, t, "topk", 8))

@@ -19,7 +19,7 @@ it folds into the next layer; a Hugging Face model's norm output includes the we
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 
@@ -54,7 +54,12 @@ TL_NAME = re.compile(r"^blocks\.(?P<i>\d+)\.(?P<hook>.+)$")
 
 def table_for(model: "Model") -> dict[str, str | None]:
     """The hook-name table that applies to ``model``'s family (see the module docstring)."""
-    post_norm = model.adapter is not None and model.adapter.readout.post_norms is not None
+    return table_for_card(model.adapter)
+
+
+def table_for_card(card: Any) -> dict[str, str | None]:
+    """The hook-name table of a family card (None: a card-less model, pre-norm assumed)."""
+    post_norm = card is not None and card.readout.post_norms is not None
     return {**TL_HOOKS, **POST_NORM} if post_norm else dict(TL_HOOKS)
 
 
@@ -97,10 +102,23 @@ def _reason(hook: str, model: "Model") -> str:
 def hook_for_site(model: "Model", site: str) -> str:
     """The TransformerLens hook name of an actscope site on ``model`` (what a saved SAE's
     ``hook_name`` says), or the site itself when no hook name means it."""
+    return hook_for_card(model.adapter, site)
+
+
+def hook_for_family(family: str | None, site: str) -> str:
+    """:func:`hook_for_site` for a model known by its family name alone (e.g. from a harvested
+    dataset's manifest); the site itself for a family without a card."""
+    from ..models.adapters import cards
+
+    card = next((c for c in cards() if c.family == family), None)
+    return hook_for_card(card, site) if card is not None else site
+
+
+def hook_for_card(card: Any, site: str) -> str:
     match = re.match(r"^blocks\.(\d+)\.(.+)$", site)
     if match is None:
         return site
-    table = table_for(model)
+    table = table_for_card(card)
     for hook, target in table.items():
         if target == match[2] and hook != "hook_mlp_in":
             return f"blocks.{match[1]}.{hook}"

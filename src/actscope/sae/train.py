@@ -109,7 +109,7 @@ def train_sae(
         trained = _train(batches, architecture, d_sae, expansion, k, l1, l1_warmup, lr, steps, seed, log_every, progress)
     finally:
         batches.close()  # a stream from the model: its hooks come off now, not when the generator is collected
-    sae = _named(trained.sae, site_name, model_obj)
+    sae = _named(trained.sae, site_name, model_obj, activations)
     trained = TrainedSAE(**{**trained.__dict__, "sae": sae})
     if out is None:
         return trained
@@ -119,7 +119,7 @@ def train_sae(
                              "l1": l1 if architecture == "standard" else None, "l1_warmup": l1_warmup, "lr": lr, "steps": steps,
                              "batch_size": batch_size, "seed": seed, "tokens": trained.tokens, "scale": trained.scale,
                              "final_loss": float(trained.loss[-1]) if len(trained.loss) else None}}
-    path = save_sae(sae, out, overwrite=overwrite, hook_name=_hook_name(model_obj, site_name), model_name=_model_name(model_obj, activations),
+    path = save_sae(sae, out, overwrite=overwrite, hook_name=_hook_name(model_obj, site_name, activations), model_name=_model_name(model_obj, activations),
                     extra=settings)
     return TrainedSAE(**{**trained.__dict__, "path": path})
 
@@ -306,29 +306,36 @@ def _folded(params: dict[str, torch.Tensor], architecture: str, k: int, scale: f
                k=k if architecture == "topk" else None)
 
 
-def _named(sae: SAE, site: str, model: Any) -> SAE:
+def _named(sae: SAE, site: str, model: Any, activations: Any = None) -> SAE:
     from dataclasses import replace
 
-    return replace(sae, site=site, hook_name=_hook_name(model, site))
+    return replace(sae, site=site, hook_name=_hook_name(model, site, activations))
 
 
-def _hook_name(model: Any, site: str) -> str:
+def _hook_name(model: Any, site: str, activations: Any = None) -> str:
+    """The TransformerLens name of ``site``: from the model's card, or, trained on harvested
+    activations, from the card of the family their manifest names; else the site itself."""
     from ..models import Model
+    from .hooknames import hook_for_family, hook_for_site
 
     if isinstance(model, Model):
-        from .hooknames import hook_for_site
-
         return hook_for_site(model, site)
+    if activations is not None:
+        return hook_for_family((_manifest(activations).get("model") or {}).get("family"), site)
     return site
 
 
 def _model_name(model: Any, activations: Any) -> str | None:
     name = getattr(model, "name", None)
     if name is None and activations is not None:
-        manifest = getattr(activations, "manifest", None)
-        if manifest is None:
-            from ..store.activations import open_activations
-
-            manifest = open_activations(activations).manifest
-        name = (manifest.get("model") or {}).get("name")
+        name = (_manifest(activations).get("model") or {}).get("name")
     return name
+
+
+def _manifest(activations: Any) -> dict:
+    manifest = getattr(activations, "manifest", None)
+    if manifest is None:
+        from ..store.activations import open_activations
+
+        manifest = open_activations(activations).manifest
+    return manifest
