@@ -1,0 +1,217 @@
+"""Training callbacks (issue 17): the protocol, ProSparse, the HF Trainer adapter, the steps table."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from actscope.errors import InputError
+from actscope.train import SineSchedule, StepLog, prosparse, relufied, write_steps
+from actscope.zoo.tiny import tiny_model
+from conftest import hook_count, model_state
+
+
+def _gated():
+    module, inputs = tiny_model("llama")
+    module.train()
+    return module, {**inputs, "labels": inputs["input_ids"]}
+
+
+class PlainMlp(torch.nn.Module):
+    """A user's own model: no family card, a GELU MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.act, self.down = torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+# -- the sine schedule ------------------------------------------------------------------------
+def test_sine_schedule_matches_the_formula():
+    schedule = SineSchedule([(10, 1.0), (4, 3.0)])
+    for step in range(20):
+        if step < 10:
+            expected = 0.5 * (math.sin(-math.pi / 2 + math.pi * step / 10) + 1) * 1.0
+        elif step < 14:
+            expected = 1.0 + 0.5 * (math.sin(-math.pi / 2 + math.pi * (step - 10) / 4) + 1) * 2.0
+        else:
+            expected = 3.0
+        assert abs(schedule(step) - expected) < 1e-12
+    assert schedule(0) == 0.0 and abs(schedule(5) - 0.5) < 1e-12
+
+
+def test_sine_schedule_refuses_bad_stages():
+    with pytest.raises(InputError, match="steps >= 1"):
+        SineSchedule([(0, 1.0)])
+    with pytest.raises(InputError, match="at least one stage"):
+        SineSchedule([])
+
+
+# -- ReLU-fication and the penalty --------------------------------------------------------------
+def test_prosparse_relufies_gated_mlp_like_hand_edited_activation():
+    module, inputs = _gated()
+    with prosparse(module, stages=[(5, 0.0)]):
+        got = module(**inputs).logits
+    # hand edit: the same weights with the activation module replaced by ReLU
+    for layer in module.model.layers:
+        layer.mlp.act_fn, saved = torch.nn.ReLU(), layer.mlp.act_fn
+    expected = module(**inputs).logits
+    for layer in module.model.layers:
+        layer.mlp.act_fn = saved
+    assert (got - expected).abs().max().item() < 1e-6
+
+
+def test_fat_relu_threshold_zeroes_below_t():
+    model = PlainMlp()
+    x = torch.randn(5, 8)
+    with prosparse(model, stages=[(1, 0.0)], threshold=0.05) as ps:
+        got = model(x)
+        ps.threshold = 0.0
+        relu = model(x)
+    hidden = model.up(x)
+    expected = model.down(torch.where(hidden > 0.05, hidden, torch.zeros(())))
+    assert (got - expected).abs().max().item() < 1e-6
+    assert (relu - model.down(torch.relu(hidden))).abs().max().item() < 1e-6
+
+
+def test_penalty_is_l1_of_the_activation_over_real_tokens():
+    module, inputs = _gated()
+    mask = inputs["attention_mask"].clone()
+    mask[0, -2:] = 0
+    seen = []
+    handles = [layer.mlp.act_fn.register_forward_hook(lambda m, a, o: seen.append(torch.relu(a[0]).detach()))
+               for layer in module.model.layers]
+    with prosparse(module, stages=[(1, 0.3)], start=0.3) as ps:
+        module(input_ids=inputs["input_ids"], attention_mask=mask)
+        penalty = ps.penalty()
+    for h in handles:
+        h.remove()
+    expected = sum(0.3 * (a.abs().sum(-1) * mask).sum() / mask.sum() for a in seen)
+    assert abs(penalty.item() - expected.item()) < 1e-5
+    assert penalty.requires_grad
+
+
+def test_injected_gradient_equals_penalty_added_to_loss():
+    grads = []
+    for inject in (False, True):
+        module, inputs = _gated()
+        with prosparse(module, stages=[(1, 0.2)], start=0.2) as ps:
+            ps._inject = inject
+            loss = module(**inputs).loss
+            if not inject:
+                loss = loss + ps.penalty()
+            loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in module.parameters()]))
+    assert grads[0].abs().max() > 0
+    assert (grads[0] - grads[1]).abs().max().item() < 1e-6 * max(1.0, grads[0].abs().max().item())
+
+
+def test_removing_the_callback_leaves_the_model_as_before():
+    module, inputs = _gated()
+    before, reference = model_state(module), module(**inputs).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with prosparse(module, stages=[(3, 0.1)]) as ps:
+            assert hook_count(module) > before[0]
+            module(**inputs).loss.add(ps.penalty()).backward()
+            ps.step()
+            raise RuntimeError("boom")
+    module.zero_grad(set_to_none=True)
+    assert model_state(module) == before
+    assert torch.equal(module(**inputs).logits, reference)
+    assert not ps.active
+
+
+def test_plain_loop_records_ratio_lambda_and_penalty():
+    model = PlainMlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    with prosparse(model, stages=[(4, 0.5)]) as ps:
+        for _ in range(6):
+            loss = torch.nn.functional.cross_entropy(model(x), y) + ps.penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            ps.step()
+    table = ps.log.to_pandas()
+    ratio = table[table.metric == "activation_ratio"]
+    assert list(ratio.step) == list(range(6)) and set(ratio.site) == {"act"}
+    lam = table[table.metric == "lambda"].value.tolist()
+    assert [round(v, 9) for v in lam] == [round(SineSchedule([(4, 0.5)])(s), 9) for s in range(6)]
+    assert table[table.metric == "penalty"].step.tolist() == [1, 2, 3, 4, 5]  # λ = 0 at step 0: no penalty
+
+
+def test_activation_ratio_matches_a_direct_count():
+    module, inputs = _gated()
+    mask = inputs["attention_mask"].clone()
+    mask[1, -3:] = 0
+    gates = []
+    handles = [layer.mlp.act_fn.register_forward_hook(lambda m, a, o: gates.append(a[0].detach())) for layer in module.model.layers]
+    with prosparse(module, stages=[(1, 0.0)]) as ps:
+        module(input_ids=inputs["input_ids"], attention_mask=mask)
+        ps.step()
+    for h in handles:
+        h.remove()
+    table = ps.log.to_pandas()
+    got = table[table.metric == "activation_ratio"].value.tolist()
+    expected = [float((g > 0)[mask.bool()].float().mean()) for g in gates]
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-9
+
+
+def test_relufied_matches_the_callback_and_unhooks():
+    module, inputs = _gated()
+    module.eval()
+    before = model_state(module)
+    with prosparse(module, stages=[(1, 0.0)], threshold=0.01):
+        a = module(**inputs).logits
+    with relufied(module, 0.01):
+        b = module(**inputs).logits
+    assert torch.equal(a, b) and model_state(module) == before
+
+
+def test_model_without_card_needs_activation_modules():
+    bare = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with pytest.raises(InputError, match="modules="):
+        prosparse(bare)
+    with pytest.raises(InputError, match="no module 'nope'"):
+        prosparse(PlainMlp(), modules=["nope"])
+
+
+# -- Hugging Face Trainer ------------------------------------------------------------------------
+def test_hf_trainer_adapter(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from actscope.train.hf import trainer_callback
+
+    module, inputs = _gated()
+    before = model_state(module)
+    rows = [{"input_ids": ids, "attention_mask": m, "labels": ids} for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-2)
+    ps = prosparse(module, stages=[(2, 0.1)])
+    Trainer(model=module, args=args, train_dataset=rows * 3, callbacks=[trainer_callback(ps)]).train()
+    table = ps.log.to_pandas()
+    assert sorted(set(table.step)) == [0, 1, 2]
+    assert len(table[table.metric == "penalty"]) == 2  # steps 1, 2 (λ = 0 at step 0)
+    assert hook_count(module) == before[0] and not ps.active and not ps._inject
+    assert model_state(module)[1] != before[1]  # it did train
+
+
+# -- the steps table ------------------------------------------------------------------------------
+def test_steps_table_round_trips_through_a_run(tmp_path):
+    from actscope import open_run
+
+    log = StepLog()
+    log.record(0, "loss", torch.tensor(2.5))
+    log.record(0, "activation_ratio", 0.25, "blocks.0")
+    log.record(1, "loss", 2.0)
+    out = write_steps(tmp_path / "run", log, config={"method": "prosparse"})
+    table = open_run(out).to_pandas("training_steps")
+    assert table.to_dict("list") == {"step": [0, 0, 1], "metric": ["loss", "activation_ratio", "loss"],
+                                     "site": ["", "blocks.0", ""], "value": [2.5, 0.25, 2.0]}
+    assert log.result().series("loss") == {"model": ([0, 1], [2.5, 2.0])}
+    with pytest.raises(InputError, match="recorded: loss, activation_ratio"):
+        log.result().series("dnr")
