@@ -215,3 +215,30 @@ def test_steps_table_round_trips_through_a_run(tmp_path):
     assert log.result().series("loss") == {"model": ([0, 1], [2.5, 2.0])}
     with pytest.raises(InputError, match="recorded: loss, activation_ratio"):
         log.result().series("dnr")
+
+
+def test_dnr_and_callbacks_share_one_steps_table_and_the_report_draws_it(tmp_path):
+    from actscope.report import write_report
+    from actscope.train import DeadNeuronTracker
+
+    model = PlainMlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    log = StepLog()
+    with prosparse(model, stages=[(3, 0.2)], log=log) as ps, DeadNeuronTracker(model, sites="module:act@output") as dnr:
+        for _ in range(3):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            (loss + ps.penalty()).backward()
+            optimizer.step()
+            ps.step(loss=loss)
+            dnr.step()
+    log.extend(dnr.result().as_steps())
+    table = log.to_pandas()
+    assert set(table.metric) == {"activation_ratio", "lambda", "penalty", "loss", "dnr"}
+    ratio = table[(table.metric == "activation_ratio")].value.to_numpy()
+    dead = table[(table.metric == "dnr") & (table.site == "module:act@output")].value.to_numpy()
+    assert abs(ratio + dead - 1).max() < 1e-9  # the same ReLU-fied outputs, counted two ways
+    out = write_steps(tmp_path / "run", log)
+    html = write_report(out).read_text(encoding="utf-8")
+    assert 'id="training_steps"' in html and "activation_ratio per training step" in html and "dnr per training step" in html

@@ -119,10 +119,13 @@ class Callback:
             return torch.zeros((), device=_device(self.model.module))
         return torch.stack([t.reshape(()) for t in terms]).sum()
 
-    def step(self) -> None:
-        """Close a training step: record its scalars, then advance the step count (and schedules)."""
+    def step(self, **scalars: float | torch.Tensor) -> None:
+        """Close a training step: record its scalars (and ``scalars``, e.g. ``loss=loss``, as
+        model-wide metrics), then advance the step count (and schedules)."""
         if self._stack is None:
             raise InputError(f"{self.name}.step() was called while the callback is not attached; call it inside its `with` block")
+        for metric, value in scalars.items():
+            self.log.record(self.steps, metric, value)
         if self._values:
             self.log.record(self.steps, "penalty", torch.stack([v.reshape(()) for v in self._values]).sum(), self.name)
         for site, (fired, pairs) in self._counts.items():

@@ -47,6 +47,10 @@ def trainer_callback(*callbacks: Callback) -> Any:
             for cb in self.callbacks:
                 cb.step()
 
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs:  # the Trainer's running training loss, when it logs
+                self.callbacks[0].log.record(max(int(state.global_step) - 1, 0), "loss", float(logs["loss"]))
+
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             while self._started:
                 self._started.pop().close()
