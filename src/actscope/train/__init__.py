@@ -7,8 +7,10 @@ from .callbacks import Callback
 from .dnr import DeadNeuronRates, DeadNeuronTracker, EpochDeadNeuronRates
 from .freezing import Frozen, freeze_except, freeze_for_finetuning
 from .prosparse import ProSparse, SineSchedule, prosparse, relufied
+from .shaping import DeltaActivationLoss, HeldEdit, TopKActivations, delta_activation_loss, held_edit, topk_activations
 from .steps import StepLog, TrainingSteps, write_steps
 
-__all__ = ["Callback", "DeadNeuronRates", "DeadNeuronTracker", "EpochDeadNeuronRates", "Frozen", "ProSparse", "SineSchedule",
-           "StepLog", "TrainingSteps", "ap_prune_step", "freeze_except", "freeze_for_finetuning", "prosparse", "relufied",
-           "snapshot_weights", "write_steps"]
+__all__ = ["Callback", "DeadNeuronRates", "DeadNeuronTracker", "DeltaActivationLoss", "EpochDeadNeuronRates", "Frozen", "HeldEdit",
+           "ProSparse", "SineSchedule", "StepLog", "TopKActivations", "TrainingSteps", "ap_prune_step", "delta_activation_loss",
+           "freeze_except", "freeze_for_finetuning", "held_edit", "prosparse", "relufied", "snapshot_weights", "topk_activations",
+           "write_steps"]
