@@ -7,10 +7,11 @@ from .callbacks import Callback
 from .dnr import DeadNeuronRates, DeadNeuronTracker, EpochDeadNeuronRates
 from .freezing import Frozen, freeze_except, freeze_for_finetuning
 from .prosparse import ProSparse, SineSchedule, prosparse, relufied
+from .send import SeND, send
 from .shaping import DeltaActivationLoss, HeldEdit, TopKActivations, delta_activation_loss, held_edit, topk_activations
 from .steps import StepLog, TrainingSteps, write_steps
 
 __all__ = ["Callback", "DeadNeuronRates", "DeadNeuronTracker", "DeltaActivationLoss", "EpochDeadNeuronRates", "Frozen", "HeldEdit",
-           "ProSparse", "SineSchedule", "StepLog", "TopKActivations", "TrainingSteps", "ap_prune_step", "delta_activation_loss",
-           "freeze_except", "freeze_for_finetuning", "held_edit", "prosparse", "relufied", "snapshot_weights", "topk_activations",
+           "ProSparse", "SeND", "SineSchedule", "StepLog", "TopKActivations", "TrainingSteps", "ap_prune_step", "delta_activation_loss",
+           "freeze_except", "freeze_for_finetuning", "held_edit", "prosparse", "relufied", "send", "snapshot_weights", "topk_activations",
            "write_steps"]

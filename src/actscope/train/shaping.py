@@ -6,7 +6,8 @@ top-k activations, and the delta-activation (temporal sparsity) loss.
 * :func:`topk_activations` — keep the ``k`` largest entries of each token's site vector, zero the
   rest, in every forward pass (Lazy Neuron's top-k activation, trained with).
 * :func:`delta_activation_loss` — ``λ · ‖Δ‖₁ / numel(Δ)`` with ``Δ = a_t − a_{t−1}`` over
-  consecutive real tokens of each sequence (METHODS.md "Temporal (delta) sparsity").
+  consecutive real tokens of each sequence (METHODS.md "Temporal (delta) sparsity"), computed by
+  ``actscope.metrics.temporal.delta_l1_loss``; ``actscope.metrics.temporal_sparsity`` measures it after.
 
 Each records per step, from training forward passes: ``activation_ratio`` (``a > 0``) of every site
 (top-k and delta), and ``temporal_sparsity`` (fraction of consecutive real-token pairs with
@@ -113,9 +114,9 @@ class DeltaActivationLoss(_SiteCallback):
         return mask[:, 1:] & mask[:, :-1]  # [batch, pos - 1]
 
     def _penalty(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        pairs = self._pair_mask(x, mask).to(x.dtype).unsqueeze(-1)  # [batch, pos - 1, 1]
-        delta = (x[:, 1:] - x[:, :-1]).abs() * pairs
-        return self.lam * delta.sum() / (pairs.sum() * x.shape[-1]).clamp_min(1)
+        from ..metrics.temporal import delta_l1_loss  # the one definition of the loss
+
+        return delta_l1_loss(x, mask, self.lam)
 
     def _count_pairs(self, label: str, x: torch.Tensor) -> None:
         pairs = self._pair_mask(x, self.token_mask(x))
