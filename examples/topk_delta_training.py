@@ -73,13 +73,14 @@ def accuracy(model, tokenizer, docs) -> float:
     return right / total
 
 
-def evaluate(model, tokenizer, docs, with_topk: bool) -> tuple[float, float]:
+def evaluate(model, tokenizer, docs, with_topk: bool) -> tuple[float, float, float]:
+    """(next-token accuracy, temporal sparsity |Δ| <= EPS, activation sparsity |a| <= EPS)."""
     wrapped = actscope.wrap(model, tokenizer=tokenizer)
     model.eval()
     with edit(wrapped, {SITES: topk(K)}) if with_topk else nullcontext():
         acc = accuracy(model, tokenizer, docs)
         table = temporal_sparsity(wrapped, docs, SITES, eps=[EPS]).to_pandas()
-    return acc, float(table.temporal_sparsity.mean())
+    return acc, float(table.temporal_sparsity.mean()), float(table.activation_sparsity.mean())
 
 
 def train(arm: str, seed: int, tokenizer):
@@ -119,9 +120,10 @@ def main() -> int:
     clock = time.perf_counter()
     evaluation = held_out_corpus(200)
     base, tokenizer = load()
-    base_acc, base_ts = evaluate(base, tokenizer, evaluation, False)
-    base_topk_acc, _ = evaluate(base, tokenizer, evaluation, True)
-    print(f"zoo ReLU model: accuracy {base_acc:.4f}, temporal sparsity {base_ts:.4f}; with top-{K} imposed: accuracy {base_topk_acc:.4f}")
+    base_acc, base_ts, base_as = evaluate(base, tokenizer, evaluation, False)
+    base_topk_acc = evaluate(base, tokenizer, evaluation, True)[0]
+    print(f"zoo ReLU model: accuracy {base_acc:.4f}, temporal sparsity {base_ts:.4f}, activation sparsity {base_as:.4f}; "
+          f"with top-{K} imposed: accuracy {base_topk_acc:.4f}")
     results: dict[str, list] = {"control": [], "post-hoc": [], "delta": [], "topk": []}
     curves = {}
     for seed in SEEDS:
@@ -131,15 +133,17 @@ def main() -> int:
             results[arm].append(evaluate(model, tokenizer, evaluation, arm == "topk"))
             if arm == "control":
                 results["post-hoc"].append(evaluate(model, tokenizer, evaluation, True))
-            print(f"seed {seed} {arm:8s}: accuracy {results[arm][-1][0]:.4f}, temporal sparsity {results[arm][-1][1]:.4f}"
+            print(f"seed {seed} {arm:8s}: accuracy {results[arm][-1][0]:.4f}, temporal sparsity {results[arm][-1][1]:.4f}, "
+                  f"activation sparsity {results[arm][-1][2]:.4f}"
                   + (f"; top-{K} post-hoc: accuracy {results['post-hoc'][-1][0]:.4f}" if arm == "control" else "")
                   + f" ({time.perf_counter() - clock:.0f}s)", flush=True)
     draw(curves)
-    print(f"\narm        accuracy (mean ± sd)    temporal sparsity at eps={EPS} (mean ± sd)")
+    print(f"\narm        accuracy (mean ± sd)    temporal sparsity |Δ|<={EPS}    activation sparsity |a|<={EPS}")
     for arm, rows in results.items():
         r = np.array(rows)
-        print(f"{arm:9s}  {r[:, 0].mean():.4f} ± {r[:, 0].std(ddof=1) if len(r) > 1 else 0:.4f}       "
-              f"{r[:, 1].mean():.4f} ± {r[:, 1].std(ddof=1) if len(r) > 1 else 0:.4f}")
+        sd = r.std(axis=0, ddof=1) if len(r) > 1 else np.zeros(3)
+        print(f"{arm:9s}  {r[:, 0].mean():.4f} ± {sd[0]:.4f}       {r[:, 1].mean():.4f} ± {sd[1]:.4f}          "
+              f"{r[:, 2].mean():.4f} ± {sd[2]:.4f}")
     control, post, delta, top = (np.array(results[a]) for a in ("control", "post-hoc", "delta", "topk"))
     ok_a = bool(((delta[:, 1] - control[:, 1]) >= 0.10).all() and (delta[:, 0] >= control[:, 0] - 0.02).all())
     ok_b = bool(((top[:, 0] - post[:, 0]) >= 0.5 * (control[:, 0] - post[:, 0])).all())
