@@ -215,6 +215,19 @@ def test_steps_table_round_trips_through_a_run(tmp_path):
     assert log.result().series("loss") == {"model": ([0, 1], [2.5, 2.0])}
     with pytest.raises(InputError, match="recorded: loss, activation_ratio"):
         log.result().series("dnr")
+    svg = log.result().plot("loss", tmp_path / "loss.svg")
+    assert svg.startswith("<svg") and (tmp_path / "loss.svg").read_text(encoding="utf-8") == svg
+
+
+def test_bad_threshold_and_penalty_misuse_are_refused():
+    with pytest.raises(InputError, match="FATReLU threshold must be a finite number >= 0"):
+        prosparse(PlainMlp(), threshold=-0.1)
+    ps = prosparse(PlainMlp())
+    with pytest.raises(InputError, match="inside its `with` block"):
+        ps.step()
+    ps._inject = True
+    with pytest.raises(InputError, match="do not also add penalty"):
+        ps.penalty()
 
 
 def test_dnr_and_callbacks_share_one_steps_table_and_the_report_draws_it(tmp_path):
