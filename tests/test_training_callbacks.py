@@ -255,3 +255,30 @@ def test_dnr_and_callbacks_share_one_steps_table_and_the_report_draws_it(tmp_pat
     out = write_steps(tmp_path / "run", log)
     html = write_report(out).read_text(encoding="utf-8")
     assert 'id="training_steps"' in html and "activation_ratio per training step" in html and "dnr per training step" in html
+
+
+@pytest.mark.parametrize("make", ["prosparse", "topk", "delta", "held_edit", "send"])
+def test_every_callback_leaves_modules_and_forward_as_before(make):
+    from actscope.interventions import zero
+    from actscope.train import delta_activation_loss, held_edit, send, topk_activations
+
+    module, inputs = _gated()
+    factories = {
+        "prosparse": lambda: prosparse(module, stages=[(2, 0.1)]),
+        "topk": lambda: topk_activations(module, 3),
+        "delta": lambda: delta_activation_loss(module, 0.5),
+        "held_edit": lambda: held_edit(module, {"blocks.1.mlp.post[0,2]": zero()}),
+        "send": lambda: send(module, inputs["input_ids"], every=1, window=1, snapshot_every=1, history=2),
+    }
+    before, reference = model_state(module), module(**inputs).logits
+    cb = factories[make]()
+    with cb:
+        for _ in range(2):
+            module(**inputs).loss.add(cb.penalty()).backward()
+            cb.step()
+        changed = module(**inputs).logits
+    module.zero_grad(set_to_none=True)
+    assert model_state(module) == before
+    assert torch.equal(module(**inputs).logits, reference)
+    if make != "delta":  # the delta loss only adds a penalty; the others change the forward while attached
+        assert not torch.equal(changed, reference)
