@@ -282,3 +282,20 @@ def test_every_callback_leaves_modules_and_forward_as_before(make):
     assert torch.equal(module(**inputs).logits, reference)
     if make != "delta":  # the delta loss only adds a penalty; the others change the forward while attached
         assert not torch.equal(changed, reference)
+
+
+def test_hf_adapter_leaves_a_callback_entered_by_the_user_to_its_block(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from actscope.train.hf import trainer_callback
+
+    module, inputs = _gated()
+    before = model_state(module)[0]
+    rows = [{"input_ids": ids, "attention_mask": m, "labels": ids} for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    ps = prosparse(module, stages=[(1, 0.1)])
+    with ps:
+        Trainer(model=module, args=args, train_dataset=rows, callbacks=[trainer_callback(ps)]).train()
+        assert ps.active  # still attached: the user's block owns it
+    assert not ps.active and model_state(module)[0] == before

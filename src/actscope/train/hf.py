@@ -9,6 +9,11 @@ divides its loss. fp16 training (a gradient scaler the injected gradient would b
 
     trainer = Trainer(model=model, args=args, train_dataset=data,
                       callbacks=[actscope.train.hf.trainer_callback(actscope.train.prosparse(model))])
+
+The Trainer does not call ``on_train_end`` when training raises; to have the hooks removed on
+every exit path, also enter the callback yourself (``with ps: trainer.train()``): a callback
+already attached is left to its ``with`` block. Evaluation passes (eval mode) are not counted
+in the per-step activation ratios.
 """
 from __future__ import annotations
 
