@@ -299,3 +299,20 @@ def test_hf_adapter_leaves_a_callback_entered_by_the_user_to_its_block(tmp_path)
         Trainer(model=module, args=args, train_dataset=rows, callbacks=[trainer_callback(ps)]).train()
         assert ps.active  # still attached: the user's block owns it
     assert not ps.active and model_state(module)[0] == before
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_prosparse_relufies_plain_and_fused_mlps_through_the_card(family):
+    module, inputs = tiny_model(family)
+    with prosparse(module, stages=[(1, 0.0)]) as ps:
+        got = module(**inputs).logits
+    assert len(ps.paths) == module.config.num_hidden_layers  # one activation module per block
+    saved = [(parent, name, getattr(parent, name)) for path in ps.paths
+             for parent, name in [(module.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2])]]
+    for parent, name, _ in saved:
+        setattr(parent, name, torch.nn.ReLU())
+    expected = module(**inputs).logits
+    for parent, name, act in saved:
+        setattr(parent, name, act)
+    assert (got - expected).abs().max().item() < 1e-6
+    assert not torch.equal(got, module(**inputs).logits)  # the model's own activation is back
