@@ -11,14 +11,18 @@ model's modules, parameters and forward are exactly what they were. Inside, a pl
             cb.step()                                   # advance schedules, record the step's scalars
 
 ``penalty()`` returns the sum of the regularisation terms of every forward pass since the last
-call, as a tensor in the autograd graph. For a loop that computes its own loss (Hugging Face
-``Trainer``, Lightning), :func:`actscope.train.hf.trainer_callback` switches a callback to
+call, as a tensor in the autograd graph (in Lightning: return ``loss + cb.penalty()`` from
+``training_step`` and call ``cb.step()`` in ``on_train_batch_end``; not tested here, Lightning is
+not installed). For a loop that computes its own loss (Hugging Face ``Trainer``),
+:func:`actscope.train.hf.trainer_callback` switches a callback to
 *injecting* its penalty instead: each hooked tensor passes through an identity whose backward adds
 ``∂penalty/∂a``, the gradient ``loss + penalty`` would have had, so nobody has to touch the loss.
 Both paths give the same gradients (tested).
 
 Per-step scalars (activation ratio, penalty, λ, …) go into a :class:`~actscope.train.steps.StepLog`
-(``cb.log``; pass one log to several callbacks to share it).
+(``cb.log``; pass one log to several callbacks to share it): ``activation_ratio`` per site (from
+training-mode forward passes only), ``penalty`` with the callback's name as its site, and whatever
+``step(name=value)`` is given, with site ``""``.
 """
 from __future__ import annotations
 
