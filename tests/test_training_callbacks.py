@@ -316,3 +316,30 @@ def test_prosparse_relufies_plain_and_fused_mlps_through_the_card(family):
         setattr(parent, name, act)
     assert (got - expected).abs().max().item() < 1e-6
     assert not torch.equal(got, module(**inputs).logits)  # the model's own activation is back
+
+
+@pytest.mark.parametrize("make", ["held_edit", "send"])
+def test_hf_trainer_drives_the_other_callbacks(tmp_path, make):
+    from transformers import Trainer, TrainingArguments
+
+    from actscope.interventions import zero
+    from actscope.train import held_edit, send
+    from actscope.train.hf import trainer_callback
+
+    module, inputs = _gated()
+    before = model_state(module)
+    rows = [{"input_ids": ids, "attention_mask": m, "labels": ids} for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    down = module.model.layers[0].mlp.down_proj.weight.detach().clone()
+    cb = (held_edit(module, {"blocks.0.mlp.post[1]": zero()}) if make == "held_edit"
+          else send(module, inputs["input_ids"], every=2, window=1, snapshot_every=1, history=2))
+    Trainer(model=module, args=args, train_dataset=rows * 3, callbacks=[trainer_callback(cb)]).train()
+    assert cb.steps == 3 and not cb.active
+    assert model_state(module)[0] == before[0]
+    if make == "send":
+        assert [step for step, _ in cb.identifications] == [1]
+        assert cb.log.to_pandas().query("metric == 'dropped_units'").value.tolist() == [0, 0, round(0.1 * module.config.hidden_size)]
+    else:  # the ablated unit's column of down_proj never learned
+        after = module.model.layers[0].mlp.down_proj.weight
+        assert torch.equal(after[:, 1], down[:, 1]) and not torch.equal(after[:, 0], down[:, 0])
