@@ -21,7 +21,7 @@ PASS RULE (fixed before the run), on every seed:
   (delayed) the first checkpoint with copy accuracy ≥ 0.5 comes later for ``released`` than for
             ``control`` (and it does come, within STEPS).
 
-Run:  PYTHONPATH=src python examples/induction_clamp_training.py   (about 7 minutes on 2 CPU cores)
+Run:  PYTHONPATH=src python examples/induction_clamp_training.py   (about 1.5 minutes on 2 CPU cores)
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ PASS RULE (fixed before the run; direction only): on at least 2 of the 3 seeds, 
 the mean EigenScore over the checkpoints (steps 50 … STEPS) is lower with SeND than without, AND on
 every seed SeND's final held-out loss is within 1 % perplexity of the control's.
 
-Run:  PYTHONPATH=src python examples/send_training.py   (about 6 minutes on 2 CPU cores)
+Run:  PYTHONPATH=src python examples/send_training.py   (about 2-3 minutes on 2 CPU cores)
 """
 from __future__ import annotations
 

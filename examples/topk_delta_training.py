@@ -22,7 +22,7 @@ PASS RULE (fixed before the run): on every seed,
       − accuracy(control with top-k post-hoc)), i.e. training with top-k recovers at least half
       of what imposing it costs.
 
-Run:  PYTHONPATH=src python examples/topk_delta_training.py   (about 5 minutes on 2 CPU cores)
+Run:  PYTHONPATH=src python examples/topk_delta_training.py   (about 3 minutes on 2 CPU cores)
 """
 from __future__ import annotations
 
