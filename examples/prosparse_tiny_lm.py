@@ -17,7 +17,7 @@ PASS RULE (fixed before the run): on every seed,
       SiLU model's ratio of positive activations (the SiLU model has no exact zeros at all), and
   (2) its held-out perplexity is within 2 % of the SiLU model's: exp(L_prosparse − L_silu) ≤ 1.02.
 
-Run:  PYTHONPATH=src python examples/prosparse_tiny_lm.py   (about 6 minutes on 2 CPU cores)
+Run:  PYTHONPATH=src python examples/prosparse_tiny_lm.py   (about 3 minutes on 2 CPU cores)
 """
 from __future__ import annotations
 
