@@ -101,3 +101,29 @@ def outliers(run: Any) -> Section | None:
         labels = [f"{sites[i]} ch {channels[i]}" for i in top]
         chart = charts.bars("outlier-channels", labels, {measure: [values[i] for i in top]}, title=f"Top outlier channels by {measure}")
     return Section("outliers", "Outlier channels", chart + table_slot("outliers"))
+
+
+TRAINING_POINTS = 400  # at most this many points per line of a training chart
+
+
+def training_steps(run: Any) -> Section | None:
+    """``training_steps`` (step, metric, site, value; actscope.train): one chart per metric
+    against steps, a line per site (long runs thinned to every n-th step)."""
+    if "training_steps" not in run.tables:
+        return None
+    table = run.tables["training_steps"]
+    if not {"step", "metric", "site", "value"} <= set(table.column_names):
+        return None
+    steps, metrics = column_values(table, "step"), column_values(table, "metric")
+    sites, values = column_values(table, "site"), column_values(table, "value")
+    grouped: dict[str, dict[str, tuple[list, list]]] = {}
+    for step, metric, site, value in zip(steps, metrics, sites, values):
+        xs, ys = grouped.setdefault(str(metric), {}).setdefault(str(site or "model"), ([], []))
+        xs.append(step)
+        ys.append(value)
+    charts_html = ""
+    for j, (metric, series) in enumerate(grouped.items()):
+        every = max(1, max(len(xs) for xs, _ in series.values()) // TRAINING_POINTS)
+        thinned = {site: (xs[::every], ys[::every]) for site, (xs, ys) in series.items()}
+        charts_html += charts.lines(f"training-{j}", thinned, title=f"{metric} per training step", x_label="step", y_label=metric)
+    return Section("training_steps", "Training: per-step scalars", charts_html + table_slot("training_steps"))

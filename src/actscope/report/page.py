@@ -12,14 +12,14 @@ from .sections import (IN_CARDS, Section, firing_section, histograms_section, la
                        slug, table_slot)
 
 # Tables with a dedicated section (or shown inside the unit cards); any other is generic.
-DEDICATED = ("layers", "heads", "extreme_heads", "cett_sweep", "cett_layers", "moe_experts", "outliers", *SIMILARITY_TABLES, *views.TABLES)
+DEDICATED = ("layers", "heads", "extreme_heads", "cett_sweep", "cett_layers", "moe_experts", "outliers", "training_steps", *SIMILARITY_TABLES, *views.TABLES)
 
 
 def build_sections(run: Any) -> list[Section]:
     """Every section the run has data for, in page order (the header is separate)."""
     builders: list[Callable[[Any], Section | None]] = [
         layers_section, histograms_section, firing_section, sinks_section, measured.extreme_heads, measured.cett_sweep,
-        measured.cett_layers, measured.moe_experts, measured.outliers, similarity_section, views.lens_section,
+        measured.cett_layers, measured.moe_experts, measured.outliers, measured.training_steps, similarity_section, views.lens_section,
         views.steering_section, views.attention_section, neurons_section,
     ]
     sections = [section for build in builders if (section := build(run)) is not None]

@@ -102,6 +102,14 @@ class DeadNeuronRates(TableResult):
             Path(path).write_text(svg, encoding="utf-8")
         return svg
 
+    def as_steps(self) -> Any:
+        """These rates as ``training_steps`` rows (metric ``dnr``), to go into a
+        :class:`~actscope.train.steps.StepLog` beside other callbacks' scalars."""
+        from .steps import TrainingSteps
+
+        return TrainingSteps(step=self.step.copy(), metric=np.full(len(self.step), "dnr", dtype=object),
+                             site=self.site.copy(), value=self.dnr.astype(np.float64))
+
     def per_epoch(self) -> EpochDeadNeuronRates:
         """Mean of the per-step DNRs within each epoch, per site (sites in first-seen order)."""
         keys = list(dict.fromkeys(zip(self.epoch.tolist(), self.site.tolist())))
