@@ -1,0 +1,94 @@
+"""Which input pixels a position of a feature map sees: the receptive field of a conv stack.
+
+:func:`receptive_field` runs one forward pass, records every convolution and pooling layer in the
+order they run with their input and output grids, and composes the chain that leads to the site's
+module: a layer joins the chain when its input grid is the chain's current grid (so a residual
+shortcut's 1×1 projection, which reads the block's larger input, is left out). Each layer with
+kernel k, stride s, padding p and dilation d maps the field (size r, jump j, offset o) to
+``r + (d·(k−1))·j``, ``j·s``, ``o + p·j``. Position i of the result covers input pixels
+``i·j − o … i·j − o + r − 1`` on each axis (:meth:`Field.box`, clipped to the image).
+A ViT's position is its patch (:func:`patch_box`; position 0, the CLS token, sees the whole image).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+_GEOMETRY = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+@dataclass(frozen=True)
+class Field:
+    """The receptive field of a feature map: ``size``, ``jump`` and ``offset`` per axis (y, x),
+    and the map's grid ``(H', W')``."""
+
+    size: tuple[int, int]
+    jump: tuple[int, int]
+    offset: tuple[int, int]
+    grid: tuple[int, int]
+
+    def box(self, position: int, image: tuple[int, int]) -> tuple[int, int, int, int]:
+        """``(y0, x0, y1, x1)`` (ends exclusive) of flattened position ``position`` (``y·W' + x``)."""
+        y, x = divmod(int(position), self.grid[1])
+        y0 = y * self.jump[0] - self.offset[0]
+        x0 = x * self.jump[1] - self.offset[1]
+        return (max(0, y0), max(0, x0), min(image[0], y0 + self.size[0]), min(image[1], x0 + self.size[1]))
+
+
+def receptive_field(module: nn.Module, target: nn.Module, example: torch.Tensor, key: str) -> Field:
+    """The field of ``target``'s output in ``module`` fed ``{key: example}`` ([1, C, H, W])."""
+    from ..hooks import hooks
+
+    order: list[tuple[nn.Module, tuple, tuple]] = []
+    target_grid: list[tuple[int, int]] = []
+
+    def record(mod: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(mod, _GEOMETRY) and args and torch.is_tensor(args[0]) and torch.is_tensor(output):
+            order.append((mod, tuple(args[0].shape[2:]), tuple(output.shape[2:])))
+        if mod is target and torch.is_tensor(output) and output.dim() == 4 and not target_grid:
+            target_grid.append(tuple(output.shape[2:]))
+
+    with torch.no_grad(), hooks(module) as registry:
+        for child in {m for m in module.modules() if isinstance(m, _GEOMETRY)} | {target}:
+            registry.after(child, record, name="receptive field")
+        module(**{key: example})
+    if not target_grid:
+        raise InputError("the site's tensor is not a feature map [batch, channels, H, W], so it has no receptive field")
+    return _compose(order, tuple(example.shape[2:]), target, target_grid[0])
+
+
+def _compose(order: list, image: tuple[int, int], target: nn.Module, grid: tuple[int, int]) -> Field:
+    size, jump, offset, current = [1, 1], [1, 1], [0, 0], tuple(image)
+    for mod, before, after in order:
+        if len(before) == 2 and before == current:
+            kernel, stride, padding, dilation = (_pair(getattr(mod, name, 1)) for name in ("kernel_size", "stride", "padding", "dilation"))
+            for a in range(2):
+                size[a] += dilation[a] * (kernel[a] - 1) * jump[a]
+                offset[a] += padding[a] * jump[a]
+                jump[a] *= stride[a]
+            current = after
+        if mod is target:
+            break
+    if current != grid:
+        raise InputError(f"cannot follow the conv stack to this site (grid {grid}, chain ends at {current}); "
+                         "its receptive field is not a chain of convolutions and pooling")
+    return Field(tuple(size), tuple(jump), tuple(offset), tuple(grid))
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, str):  # padding="same" / "valid" is only used with stride 1
+        return (0, 0)
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+
+
+def patch_box(position: int, image: tuple[int, int], patch: int, cls_tokens: int = 1) -> tuple[int, int, int, int]:
+    """A ViT position's box: the whole image for the CLS token(s), else its patch."""
+    if position < cls_tokens:
+        return (0, 0, image[0], image[1])
+    row, col = divmod(position - cls_tokens, image[1] // patch)
+    return (row * patch, col * patch, min(image[0], (row + 1) * patch), min(image[1], (col + 1) * patch))
