@@ -272,8 +272,8 @@ def _chw(array: np.ndarray) -> torch.Tensor:
         return x[None]
     if x.dim() != 3:
         raise DataError(f"an image must be [H, W], [H, W, C] or [C, H, W]; got shape {tuple(x.shape)}")
-    if x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4):
-        x = x.permute(2, 0, 1)  # [H, W, C] → [C, H, W]
+    if x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3, 4):
+        x = x.permute(2, 0, 1)  # [H, W, C] → [C, H, W] (grey and RGB first axes read as channels)
     return x[:3] if x.shape[0] == 4 else x  # drop alpha
 
 
