@@ -20,6 +20,7 @@ from . import sae as sae_command
 from . import sites as sites_command
 from . import sparsify as sparsify_command
 from . import steer as steer_command
+from . import visualize as visualize_command
 
 app = typer.Typer(
     name="actscope",
@@ -38,6 +39,7 @@ app.command("train-sae")(sae_command.train_sae)
 # explain and edit
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)
+app.command("visualize")(visualize_command.visualize)
 app.command("contrast")(contrast_command.contrast)
 app.command("patch")(patch_command.patch)
 app.command("steer")(steer_command.steer)

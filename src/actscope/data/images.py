@@ -138,6 +138,14 @@ def preprocess_from(model_dir: str | os.PathLike | None) -> dict[str, Any]:
     return found
 
 
+def parse_floats(text: str, flag: str) -> tuple[float, ...]:
+    """``"0.5,0.5,0.5"`` → ``(0.5, 0.5, 0.5)``; a bad number is an InputError naming ``flag``."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"{flag} takes numbers separated by commas, e.g. 0.5,0.5,0.5; got {text!r}") from None
+
+
 def _merged(preprocess: Preprocess, model_dir: Any) -> Preprocess:
     """The arguments, with what they leave at the default taken from the model directory."""
     found = preprocess_from(model_dir)

@@ -124,3 +124,59 @@ def _thumbnail(pixels: torch.Tensor, box: tuple[int, int, int, int], outline: bo
         target = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
         image = torch.nn.functional.interpolate(image[None], size=target, mode="area")[0]
     return image.permute(1, 2, 0).numpy()
+
+
+def write_png(target: Any, image: np.ndarray, *, overwrite: bool = False) -> Any:
+    """Write ``image`` ([H, W, C] in 0..1) as a PNG at ``target``, atomically; an existing file is
+    replaced only when actscope wrote it and ``overwrite`` is given."""
+    from pathlib import Path
+
+    from ..drawing.png import is_actscope_png
+    from ..errors import InputError
+    from ..store.files import atomic_file, check_writable
+
+    target = Path(target)
+    if target.is_dir():
+        raise InputError(f"--out {target} is a folder; give a file name such as {target / 'sheet.png'}")
+    if target.exists() or target.is_symlink():
+        with open(target, "rb") as f:
+            ours = is_actscope_png(f.read(128))
+        if not ours:
+            raise InputError(f"{target} exists and was not written by actscope, so it is never replaced; choose another --out")
+        if not overwrite:
+            raise InputError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
+    check_writable(target)
+    data = png_bytes(image, marked=True)
+    with atomic_file(target, size_hint=len(data)) as partial:
+        partial.write_bytes(data)
+    return target
+
+
+def contact_sheet(table: Mapping[str, Any], columns: int | None = None, size: int = THUMB) -> np.ndarray:
+    """The thumbnails of an ``images`` table (rows in order), one unit per row of the sheet,
+    its ranks left to right, each centred on a ``size``-pixel tile."""
+    from ..drawing.png import grid
+    from ..errors import InputError
+
+    pngs, units = list(table["png"]), [(s, int(u)) for s, u in zip(table["site"], table["unit"])]
+    if not pngs:
+        raise InputError("there are no thumbnails to put on a sheet (the run kept none for these units)")
+    order = list(dict.fromkeys(units))
+    width = columns or max(units.count(u) for u in order)
+    tiles: list[np.ndarray] = []
+    for unit in order:
+        row = [_tile(p, size) for p, u in zip(pngs, units) if u == unit][:width]
+        tiles += row + [np.ones((size, size, 3), np.float32)] * (width - len(row))
+    return grid(tiles, width)
+
+
+def _tile(data: bytes, size: int) -> np.ndarray:
+    from ..drawing.png import read_png
+
+    image = read_png(data)
+    image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+    tile = np.ones((size, size, 3), np.float32)
+    h, w = min(size, image.shape[0]), min(size, image.shape[1])
+    top, left = (size - h) // 2, (size - w) // 2
+    tile[top:top + h, left:left + w] = image[:h, :w]
+    return tile

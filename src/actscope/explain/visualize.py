@@ -100,11 +100,17 @@ def objective(model: Model, target: Target, pixels: torch.Tensor, site: Any = No
     site = site or plan_sites(model, target.site).sites[0]
     module = model.module.get_submodule(site.path)
     read, ctx, seen = site.hook.reader(), ReadContext(dict(site.index), model.config), {}
+    def before(m: Any, a: tuple, k: dict) -> None:
+        seen.setdefault("x", read(HookCall(m, a, k), ctx))
+
+    def after(m: Any, a: tuple, k: dict, o: Any) -> None:
+        seen.setdefault("x", read(HookCall(m, a, k, o), ctx))
+
     with hooks(model.module) as registry:
         if site.hook.at == "input":
-            registry.before(module, lambda m, a, k: seen.setdefault("x", read(HookCall(m, a, k), ctx)), with_kwargs=True, name="visualize")
+            registry.before(module, before, with_kwargs=True, name="visualize")
         else:
-            registry.after(module, lambda m, a, k, o: seen.setdefault("x", read(HookCall(m, a, k, o), ctx)), with_kwargs=True, name="visualize")
+            registry.after(module, after, with_kwargs=True, name="visualize")
         model(**{image_key(model): pixels})
     return _reduce(seen["x"], target)
 
