@@ -94,12 +94,23 @@ class Visualization:
 def objective(model: Model, target: Target, pixels: torch.Tensor, site: Any = None) -> torch.Tensor:
     """The target's value for each of a batch of model inputs ([batch]), with gradients.
     ``site``: the target's planned site, when the caller planned it once already."""
+    return _reduce(site_tensor(model, site or plan_sites(model, target.site).sites[0], pixels), target)
+
+
+def unit_means(model: Model, site: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Every unit's value averaged over positions ([batch, units]), with gradients."""
+    x = site_tensor(model, site, pixels)
+    return x.flatten(2).mean(-1) if x.dim() == 4 else (x.mean(1) if x.dim() == 3 else x)
+
+
+def site_tensor(model: Model, site: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The planned ``site``'s tensor for a batch of model inputs, with gradients."""
     from ..hooks import hooks
     from ..models.adapters.base import HookCall, ReadContext
 
-    site = site or plan_sites(model, target.site).sites[0]
     module = model.module.get_submodule(site.path)
     read, ctx, seen = site.hook.reader(), ReadContext(dict(site.index), model.config), {}
+
     def before(m: Any, a: tuple, k: dict) -> None:
         seen.setdefault("x", read(HookCall(m, a, k), ctx))
 
@@ -112,7 +123,7 @@ def objective(model: Model, target: Target, pixels: torch.Tensor, site: Any = No
         else:
             registry.after(module, after, with_kwargs=True, name="visualize")
         model(**{image_key(model): pixels})
-    return _reduce(seen["x"], target)
+    return seen["x"]
 
 
 def _reduce(x: torch.Tensor, target: Target) -> torch.Tensor:
