@@ -28,7 +28,7 @@ import torch
 from ..errors import InputError
 from ..models import as_model
 from ..sites import plan_sites
-from .visualize import Parameterisation, VisConfig, colour_matrix, total_variation, transform, unit_means
+from .visualize import Parameterisation, VisConfig, colour_matrix, kmeans, total_variation, transform, unit_means
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,8 +48,7 @@ def discriminative_stimuli(model, site: str, images, *, k: int = 4, rounds: int 
                            config: VisConfig | None = None, start: np.ndarray | None = None) -> Stimuli:
     """The most discriminative stimuli of ``site``'s units over ``images`` (see the module docstring);
     ``start``: the clusters to start from (one per unit) instead of k-means'."""
-    from sklearn.cluster import KMeans
-
+    KMeans = kmeans()
     model, config = as_model(model), (config or VisConfig(steps=128)).checked()
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise InputError(f"k must be a whole number of at least 2 clusters, got {k!r}")

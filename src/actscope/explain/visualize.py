@@ -264,11 +264,19 @@ def codes_of(model: Model, site: str, pixels: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).mean(-1) if x.dim() == 4 else (x.mean(1) if x.dim() == 3 else x)
 
 
+def kmeans() -> Any:
+    """scikit-learn's KMeans, or an InputError naming the extra that brings it."""
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        raise InputError("clustering images or units needs scikit-learn: pip install 'actscope[vision]'") from None
+    return KMeans
+
+
 def facets(model: Any, target: Target, images: Any, *, k: int = 3, top: int = 60, code_site: str | None = None,
            config: VisConfig | None = None) -> Facets:
     """Multifaceted visualisation of ``target`` over ``images`` (:class:`~actscope.data.images.Images`)."""
-    from sklearn.cluster import KMeans
-
+    KMeans = kmeans()
     model, target, config = as_model(model), target.checked(), (config or VisConfig()).checked()
     inputs = images.normalised()
     with torch.no_grad():
