@@ -139,6 +139,13 @@ def test_receptive_field_matches_gradient_support(layer):
         assert field.box(position, (16, 16)) == gradient_support(model, target, image, y, x)
 
 
+def test_receptive_field_of_a_module_input_is_that_of_what_feeds_it():
+    model, image = small_cnn(), torch.randn(1, 1, 16, 16)
+    before = receptive_field(model, model[2], image, "input", at="input")
+    assert before == receptive_field(model, model[0], image, "input")  # conv 2 reads conv 0's map (through a ReLU)
+    assert before.size == (3, 3) and before.jump == (1, 1) and before.grid == (16, 16)
+
+
 def test_top_activating_crop_holds_the_bright_patch():
     model = small_cnn()
     with torch.no_grad():
@@ -342,3 +349,28 @@ def test_most_discriminative_stimuli_recover_two_planted_unit_types():
     own = found.responses[np.arange(6), found.clusters]
     other = found.responses[np.arange(6), 1 - found.clusters]
     assert (own > other).all()
+
+
+def _example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduction_pieces_smoke(tmp_path, monkeypatch):
+    """The reproductions' measurements on 1-epoch models (seconds; the scripts train 30 epochs)."""
+    from actscope.zoo.digits import DigitsConfig, load_digits_cnn
+
+    monkeypatch.setenv("ACTSCOPE_CACHE", str(tmp_path))
+    shift = _example("vision_filter_shift")
+    low, bars = (F.filter_stats(load_digits_cnn(DigitsConfig(task=t, epochs=1))) for t in ("low", "bars"))
+    assert shift.distance(low, bars) == pytest.approx(shift.distance(bars, low)) and shift.distance(low, bars) > 0
+    assert shift.distance(low, low) == pytest.approx(0.0, abs=1e-12)
+    codes = np.random.default_rng(0).normal(size=(4, 3))
+    naive = np.mean([np.sqrt(((codes[i] - codes[j]) ** 2).sum()) for i in range(4) for j in range(i + 1, 4)])
+    assert _example("vision_facets").mean_pairwise(codes) == pytest.approx(naive)

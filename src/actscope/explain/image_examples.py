@@ -78,7 +78,7 @@ def site_geometry(model: Model, site: Site, images: Any) -> tuple[Box, bool, tor
     raw = seen.tensor(site.label)
     image = tuple(images.pixels.shape[2:])
     if raw.dim() == 4:
-        field = receptive_field(model.module, model.module.get_submodule(site.path), example, key)
+        field = receptive_field(model.module, model.module.get_submodule(site.path), example, key, site.hook.at)
         return (lambda p: field.box(p, image)), False, raw
     patch = getattr(model.config, "patch_size", None)
     if raw.dim() == 3 and patch:

@@ -40,8 +40,9 @@ class Field:
         return (max(0, y0), max(0, x0), min(image[0], y0 + self.size[0]), min(image[1], x0 + self.size[1]))
 
 
-def receptive_field(module: nn.Module, target: nn.Module, example: torch.Tensor, key: str) -> Field:
-    """The field of ``target``'s output in ``module`` fed ``{key: example}`` ([1, C, H, W])."""
+def receptive_field(module: nn.Module, target: nn.Module, example: torch.Tensor, key: str, at: str = "output") -> Field:
+    """The field of ``target``'s output (``at="input"``: its input) in ``module`` fed
+    ``{key: example}`` ([1, C, H, W])."""
     from ..hooks import hooks
 
     order: list[tuple[nn.Module, tuple, tuple]] = []
@@ -50,8 +51,9 @@ def receptive_field(module: nn.Module, target: nn.Module, example: torch.Tensor,
     def record(mod: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(mod, _GEOMETRY) and args and torch.is_tensor(args[0]) and torch.is_tensor(output):
             order.append((mod, tuple(args[0].shape[2:]), tuple(output.shape[2:])))
-        if mod is target and torch.is_tensor(output) and output.dim() == 4 and not target_grid:
-            target_grid.append(tuple(output.shape[2:]))
+        seen = output if at == "output" else (args[0] if args else None)
+        if mod is target and torch.is_tensor(seen) and seen.dim() == 4 and not target_grid:
+            target_grid.append(tuple(seen.shape[2:]))
 
     with torch.no_grad(), hooks(module) as registry:
         for child in {m for m in module.modules() if isinstance(m, _GEOMETRY)} | {target}:
@@ -59,12 +61,14 @@ def receptive_field(module: nn.Module, target: nn.Module, example: torch.Tensor,
         module(**{key: example})
     if not target_grid:
         raise InputError("the site's tensor is not a feature map [batch, channels, H, W], so it has no receptive field")
-    return _compose(order, tuple(example.shape[2:]), target, target_grid[0])
+    return _compose(order, tuple(example.shape[2:]), target, target_grid[0], at)
 
 
-def _compose(order: list, image: tuple[int, int], target: nn.Module, grid: tuple[int, int]) -> Field:
+def _compose(order: list, image: tuple[int, int], target: nn.Module, grid: tuple[int, int], at: str = "output") -> Field:
     size, jump, offset, current = [1, 1], [1, 1], [0, 0], tuple(image)
     for mod, before, after in order:
+        if mod is target and at == "input":
+            break
         if len(before) == 2 and before == current:
             kernel, stride, padding, dilation = (_pair(getattr(mod, name, 1)) for name in ("kernel_size", "stride", "padding", "dilation"))
             for a in range(2):
