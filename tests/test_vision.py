@@ -75,14 +75,26 @@ def test_array_layouts_npy_and_dataset_agree(tmp_path):
     assert all(is_image_data(x) for x in (hwc, tmp_path / "x.npy", Duck()))
     assert not is_image_data(["some text"]) and not is_image_data({"input_ids": torch.zeros(1, 2)})
 
+    class Rows:  # a data set of model-input dicts is not image data
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.zeros(3, dtype=torch.long)}
+
+    assert not is_image_data(Rows()) and not is_image_data(torch.zeros(2, 5, dtype=torch.long))
+
 
 def test_saved_hf_image_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(2)
     arrays = [rng.integers(0, 256, (5, 5, 3), dtype=np.uint8) for _ in range(3)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
-    datasets.Dataset.from_dict({"image": [PIL.fromarray(a) for a in arrays], "label": [1, 0, 1]}, features=features).save_to_disk(str(tmp_path / "ds"))
+    dataset = datasets.Dataset.from_dict({"image": [PIL.fromarray(a) for a in arrays], "label": [1, 0, 1]}, features=features)
+    dataset.save_to_disk(str(tmp_path / "ds"))
     images = load_images(tmp_path / "ds")
+    in_memory = load_images(dataset)  # the data set object itself: rows with an image column
+    assert torch.equal(in_memory.pixels, images.pixels) and in_memory.labels.tolist() == [1, 0, 1]
     assert images.labels.tolist() == [1, 0, 1] and images.classes == ("a", "b")
     assert torch.allclose(images.pixels[2], torch.as_tensor(arrays[2] / 255.0, dtype=torch.float32).permute(2, 0, 1))
 

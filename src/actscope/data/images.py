@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -111,7 +111,28 @@ def is_image_data(data: Any) -> bool:
         return False
     if isinstance(data, (list, tuple, dict, str, torch.Tensor)) or data is None:
         return False
-    return hasattr(data, "__len__") and hasattr(data, "__getitem__") and not hasattr(data, "documents")
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) or hasattr(data, "documents"):
+        return False
+    try:
+        first = data[0] if len(data) else None
+    except Exception:  # noqa: BLE001 - not indexable by position: not a data set of images
+        return False
+    return _is_image_item(first)
+
+
+def _is_image_item(item: Any) -> bool:
+    """An (image, label) pair, an image, or a row with an image column."""
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    if isinstance(item, Mapping):
+        return any(key in item for key in ("image", "img"))
+    if hasattr(item, "convert") and hasattr(item, "mode"):  # a PIL image
+        return True
+    if torch.is_tensor(item):
+        return item.dim() in (2, 3) and (item.is_floating_point() or item.dtype == torch.uint8)
+    if isinstance(item, np.ndarray):
+        return item.ndim in (2, 3) and (item.dtype == np.uint8 or np.issubdtype(item.dtype, np.floating))
+    return False
 
 
 def preprocess_from(model_dir: str | os.PathLike | None) -> dict[str, Any]:
@@ -244,6 +265,8 @@ def _from_dataset(dataset: Any, limit: int | None, source: str) -> tuple:
     arrays, labels = [], []
     for i in range(count):
         item = dataset[i]
+        if isinstance(item, Mapping):  # a row of a data set object (e.g. datasets.Dataset)
+            item = (item.get("image", item.get("img")), item.get("label", item.get("labels", -1)))
         image, label = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) >= 2 else (item, -1)
         arrays.append(_as_array(image))
         labels.append(int(label) if isinstance(label, (int, np.integer)) or (torch.is_tensor(label) and label.numel() == 1) else -1)
