@@ -151,6 +151,34 @@ def test_receptive_field_matches_gradient_support(layer):
         assert field.box(position, (16, 16)) == gradient_support(model, target, image, y, x)
 
 
+class Residual(nn.Module):
+    """A downsampling residual block whose 1×1 shortcut runs before its main path."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.shortcut = nn.Conv2d(4, 4, 1, stride=2)
+        self.main = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+
+    def forward(self, input):
+        x = self.stem(input)
+        skip = self.shortcut(x)
+        return self.main(x) + skip
+
+
+def test_receptive_field_through_a_residual_block_is_the_main_paths():
+    model = Residual()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.abs_().add_(0.1)
+    image = torch.randn(1, 1, 16, 16)
+    field = receptive_field(model, model.main[1], image, "input")
+    for position in (0, 9, 63):
+        y, x = divmod(position, 8)
+        assert field.box(position, (16, 16)) == gradient_support(model, model.main[1], image, y, x)
+
+
 def test_receptive_field_of_a_module_input_is_that_of_what_feeds_it():
     model, image = small_cnn(), torch.randn(1, 1, 16, 16)
     before = receptive_field(model, model[2], image, "input", at="input")

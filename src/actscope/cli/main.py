@@ -9,6 +9,7 @@ from . import contrast as contrast_command
 from . import decode as decode_command
 from . import env as env_command
 from . import examples as examples_command
+from . import filters as filters_command
 from . import generate as generate_command
 from . import harvest as harvest_command
 from . import lens as lens_command
@@ -40,6 +41,7 @@ app.command("train-sae")(sae_command.train_sae)
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)
 app.command("visualize")(visualize_command.visualize)
+app.command("filters")(filters_command.filters)
 app.command("contrast")(contrast_command.contrast)
 app.command("patch")(patch_command.patch)
 app.command("steer")(steer_command.steer)

@@ -1,9 +1,9 @@
 """Which input pixels a position of a feature map sees: the receptive field of a conv stack.
 
 :func:`receptive_field` runs one forward pass, records every convolution and pooling layer in the
-order they run with their input and output grids, and composes the chain that leads to the site's
-module: a layer joins the chain when its input grid is the chain's current grid (so a residual
-shortcut's 1×1 projection, which reads the block's larger input, is left out). Each layer with
+order they run with their input and output grids, and composes them: a layer extends the field
+of the grid it reads, and where two branches reach one grid (a residual block's shortcut and its
+main path) the larger field is kept, the union of the two. Each layer with
 kernel k, stride s, padding p and dilation d maps the field (size r, jump j, offset o) to
 ``r + (d·(k−1))·j``, ``j·s``, ``o + p·j``. Position i of the result covers input pixels
 ``i·j − o … i·j − o + r − 1`` on each axis (:meth:`Field.box`, clipped to the image).
@@ -65,22 +65,28 @@ def receptive_field(module: nn.Module, target: nn.Module, example: torch.Tensor,
 
 
 def _compose(order: list, image: tuple[int, int], target: nn.Module, grid: tuple[int, int], at: str = "output") -> Field:
-    size, jump, offset, current = [1, 1], [1, 1], [0, 0], tuple(image)
+    """The largest field reaching each grid, layer by layer in the order they ran: a layer extends
+    the field of the grid it reads; where branches meet (a residual sum) the larger field wins, as
+    the union of the branches' fields is the larger one."""
+    best: dict[tuple, tuple[list[int], list[int], list[int]]] = {tuple(image): ([1, 1], [1, 1], [0, 0])}
     for mod, before, after in order:
         if mod is target and at == "input":
             break
-        if len(before) == 2 and before == current:
+        if len(before) == 2 and before in best:
+            size, jump, offset = (list(v) for v in best[before])
             kernel, stride, padding, dilation = (_pair(getattr(mod, name, 1)) for name in ("kernel_size", "stride", "padding", "dilation"))
             for a in range(2):
                 size[a] += dilation[a] * (kernel[a] - 1) * jump[a]
                 offset[a] += padding[a] * jump[a]
                 jump[a] *= stride[a]
-            current = after
+            if after not in best or best[after][0] < size:
+                best[after] = (size, jump, offset)
         if mod is target:
             break
-    if current != grid:
-        raise InputError(f"cannot follow the conv stack to this site (grid {grid}, chain ends at {current}); "
-                         "its receptive field is not a chain of convolutions and pooling")
+    if tuple(grid) not in best:
+        raise InputError(f"cannot follow the conv stack to this site (its grid {grid} is reached by no chain of convolutions "
+                         "and pooling from the image); its receptive field is unknown")
+    size, jump, offset = best[tuple(grid)]
     return Field(tuple(size), tuple(jump), tuple(offset), tuple(grid))
 
 
