@@ -77,3 +77,21 @@ def test_image_flags_on_text_data_are_refused(vit, tmp_path):
     text.write_text("hello there\n")
     result = runner.invoke(app, ["profile", str(vit / "model"), "--data", str(text), "--image-size", "16", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "apply to image data" in result.output
+
+
+def test_filters_prints_the_table_and_the_divergence(tmp_path):
+    import torch
+    import transformers
+
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        transformers.ResNetModel(config).save_pretrained(tmp_path / f"m{seed}")
+    result = runner.invoke(app, ["filters", str(tmp_path / "m0"), "--compare", str(tmp_path / "m1")])
+    assert result.exit_code == 0, result.output
+    import actscope
+    from actscope.metrics.filters import filter_stats, pooled_divergence
+
+    first, second = (filter_stats(actscope.load(tmp_path / f"m{seed}")) for seed in (0, 1))
+    assert all(f"{value:.3f}" in result.output for value in first.variance_entropy) and len(first.layer) == 4
+    assert f"KL(MODEL ‖ --compare) = {pooled_divergence(first, second):.4f}" in result.output

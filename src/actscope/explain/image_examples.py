@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..drawing.png import png_bytes
+from ..errors import InputError
 from ..feeding import image_key
 from ..models import Model
 from ..sites import Plan, Site
@@ -78,7 +79,10 @@ def site_geometry(model: Model, site: Site, images: Any) -> tuple[Box, bool, tor
     raw = seen.tensor(site.label)
     image = tuple(images.pixels.shape[2:])
     if raw.dim() == 4:
-        field = receptive_field(model.module, model.module.get_submodule(site.path), example, key, site.hook.at)
+        try:
+            field = receptive_field(model.module, model.module.get_submodule(site.path), example, key, site.hook.at)
+        except InputError:  # a grid no chain of convolutions reaches: show the whole image
+            return (lambda p: (0, 0, *image)), False, raw
         return (lambda p: field.box(p, image)), False, raw
     patch = getattr(model.config, "patch_size", None)
     if raw.dim() == 3 and patch:
@@ -132,7 +136,6 @@ def write_png(target: Any, image: np.ndarray, *, overwrite: bool = False) -> Any
     from pathlib import Path
 
     from ..drawing.png import is_actscope_png
-    from ..errors import InputError
     from ..store.files import atomic_file, check_writable
 
     target = Path(target)
@@ -156,7 +159,6 @@ def contact_sheet(table: Mapping[str, Any], columns: int | None = None, size: in
     """The thumbnails of an ``images`` table (rows in order), one unit per row of the sheet,
     its ranks left to right, each centred on a ``size``-pixel tile."""
     from ..drawing.png import grid
-    from ..errors import InputError
 
     pngs, units = list(table["png"]), [(s, int(u)) for s, u in zip(table["site"], table["unit"])]
     if not pngs:
