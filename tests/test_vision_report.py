@@ -62,6 +62,8 @@ def test_neuron_browser_shows_the_top_images(digits_run, tmp_path):
         sizes = page.eval_on_selector_all("#unit-card img.thumb", "els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")
         assert len(sizes) == 8 and all(done and w > 0 and h > 0 for done, w, h in sizes)
         assert requests == [url] and problems == []
+        samples = page.eval_on_selector_all("#unit-card li.sample .tok", "els => els.map(e => e.textContent)")
+        assert samples and all(text.startswith("image ") for text in samples)  # an image run's samples name their image
         page.eval_on_selector("#unit-card", "e => e.scrollIntoView()")
         shot = DOCS / "vision_report.png"
         if os.environ.get("ACTSCOPE_UPDATE_SCREENSHOT") != "1" and shot.exists():
