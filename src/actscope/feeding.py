@@ -12,7 +12,12 @@ and forward calls, for profiling, every measurement, calibration and explanation
 * token-id rows (:func:`token_rows`): right-padded the same way, the row number the example;
 * model-input dicts, one or an iterable of them (``{"input_ids": …, "attention_mask": …}`` or
   whatever a wrapped module takes), fed as they are; padding is excluded through their
-  ``attention_mask`` when they have one.
+  ``attention_mask`` when they have one;
+* image data (:mod:`actscope.data.images`: a folder, an array, a data set of (image, label), a
+  saved HF image data set, or :class:`~actscope.data.images.Images`): normalised pixels in
+  batches of ``batch_size`` under the model's input name (``pixel_values`` for a Hugging Face
+  vision model, else the first argument of the module's ``forward``), image ``i`` being example
+  ``i``; ``max_tokens`` caps the number of images.
 
 The limits are checked once, here (:class:`Limits`), with the CLI's flag names in the messages.
 
@@ -63,6 +68,7 @@ class Source:
     batches: Iterable[Any]
     corpus: Any = None
     tokenizer: Any = None
+    images: Any = None  # the Images fed, when the data are images
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,10 @@ def source_for(model: Model, data: Any, *, batch_size: int = 8, max_length: int 
     if isinstance(data, Source):
         return data
     limits = Limits(batch_size, max_length, max_tokens, column).checked()
+    from .data.images import is_image_data
+
+    if is_image_data(data):
+        return image_source(model, images_for(model, data, limit=limits.max_tokens), batch_size=limits.batch_size)
     if not is_text_source(data):
         return Source([data] if isinstance(data, Mapping) else data)
     corpus = load_corpus(data, column=limits.column)
@@ -104,6 +114,69 @@ def token_rows(model: Model, rows: Sequence[Sequence[int]], *, batch_size: int =
             yield Batch(input_ids, mask, torch.arange(start, start + len(input_ids)), int(mask.sum()))
 
     return Source(batches(), tokenizer=model.tokenizer)
+
+
+def images_for(model: Model, data: Any, *, preprocess: Any = None, limit: int | None = None) -> Any:
+    """``data`` read as :class:`~actscope.data.images.Images` for ``model``: its channel count
+    and (for a Hugging Face vision model) size, and its directory's preprocessing when it has one."""
+    from .data.images import Images, Preprocess, load_images
+
+    if isinstance(data, Images):
+        return data
+    config = model.config
+    chosen = preprocess or Preprocess()
+    size = getattr(config, "image_size", None) if chosen.size is None else chosen.size
+    size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
+    channels = chosen.channels or getattr(config, "num_channels", None) or _first_conv_channels(model.module)
+    from dataclasses import replace
+
+    return load_images(data, preprocess=replace(chosen, size=size, channels=channels), model_dir=_model_dir(model), limit=limit)
+
+
+def image_source(model: Model, images: Any, *, batch_size: int = 8) -> Source:
+    """Batches of normalised pixels under the model's input name, image ``i`` being example ``i``."""
+    Limits(batch_size=batch_size).checked()
+    key = image_key(model)
+
+    def batches() -> Iterator[ImageBatch]:
+        for start in range(0, len(images), batch_size):
+            pixels = images.normalised(slice(start, start + batch_size))
+            yield ImageBatch({key: pixels}, examples=torch.arange(start, start + len(pixels)))
+
+    return Source(batches(), images=images)
+
+
+class ImageBatch(dict):
+    """One call's pixels (a model-input dict) and the numbers of its images."""
+
+    def __init__(self, inputs: dict, *, examples: torch.Tensor) -> None:
+        super().__init__(inputs)
+        self.examples = examples
+
+
+def image_key(model: Model) -> str:
+    """The keyword a model takes its pixels by: ``pixel_values`` when its forward has it (Hugging
+    Face vision models), else the first parameter of its ``forward`` (``input`` for ``nn.Sequential``)."""
+    import inspect
+
+    parameters = [p for p in inspect.signature(model.module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [p.name for p in parameters]
+    if "pixel_values" in names:
+        return "pixel_values"
+    if not names:
+        raise InputError(f"{model.name}'s forward takes no named argument, so images cannot be fed to it; wrap it in a module whose forward(x) takes them")
+    return names[0]
+
+
+def _first_conv_channels(module: torch.nn.Module) -> int | None:
+    conv = next((m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    return int(conv.in_channels) if conv is not None else None
+
+
+def _model_dir(model: Model) -> str | None:
+    source = model.source
+    return source if source and os.path.isdir(source) else None
 
 
 def tokenize(model: Model, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -150,6 +223,8 @@ def unpack(batch: Any, device: torch.device) -> Call:
 
     if isinstance(batch, Batch):
         return Call({k: v.to(device) for k, v in batch.model_inputs().items()}, batch.n_tokens, batch.doc_ids)
+    if isinstance(batch, ImageBatch):
+        return Call({k: v.to(device) for k, v in batch.items()}, len(batch.examples), batch.examples)
     if isinstance(batch, Mapping):
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         mask = inputs.get("attention_mask")

@@ -79,6 +79,8 @@ def profile(
                                  every=every, resumed=resumed, weights=weights)
     if not context.main:
         return run
+    if source.images is not None:
+        run = _with_images(run, model, plan, source.images, config)
     if features:
         run = _with_sae_quality(run, model, source, data, features, config)
     if chosen:
@@ -91,6 +93,17 @@ def profile(
     if checkpoints is not None:
         checkpoints.remove()
     return Run(run.manifest, run.tables, run.arrays, path)
+
+
+def _with_images(run: Run, model: Model, plan: Plan, images: Any, config: ProfileConfig) -> Run:
+    """The run with an ``images`` table: each top example's box and PNG thumbnail
+    (:func:`actscope.explain.image_examples.image_examples`)."""
+    from .explain.image_examples import image_examples
+
+    examples = {name: run.tables["examples"].column(name).to_numpy(zero_copy_only=False) for name in ("site", "unit", "rank", "doc", "pos")}
+    table = image_examples(model, plan, examples, images, spatial=config.spatial)
+    data = {**run.manifest["data"], "images": list(images.pixels.shape[1:]), "classes": list(images.classes)}
+    return Run({**run.manifest, "data": data}, {**run.tables, **to_arrow({"images": table})}, run.arrays)
 
 
 def plan_with_saes(model: Model, sites: Any, sae: Any) -> tuple[Plan, list[str]]:

@@ -248,8 +248,10 @@ class Observer(Tracer):
     """Streams every site into accumulators: ``SiteStats`` per unit site, ``HeadSink`` per
     attention pattern. Read them from ``.stats`` after (or during) the context."""
 
-    def __init__(self, model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None, pages: Any = None) -> None:
+    def __init__(self, model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None, pages: Any = None,
+                 spatial: str = "positions") -> None:
         super().__init__(model, sites)
+        self.spatial = checked_spatial(spatial)  # "max" / "mean": one value per example and unit
         self.k = k
         self.eps = tuple(eps) if eps is not None else None
         self.pages = pages  # a stats.PageConfig: also keep the unit pages' windows and samples
@@ -261,6 +263,8 @@ class Observer(Tracer):
             self._observe_pattern(site, value)
             return
         reading = flatten(site, value, self._batch_info(), module)
+        if self.spatial != "positions":
+            reading = reduce_positions(reading, self.spatial)
         stats = self.stats.get(site.label)
         if stats is None:
             stats = self.stats[site.label] = self._new_site_stats(reading.values.shape[-1])
@@ -287,11 +291,35 @@ class Observer(Tracer):
         stats.update(pattern.detach(), query_mask)
 
 
+SPATIAL = ("positions", "max", "mean")
+
+
+def checked_spatial(spatial: str) -> str:
+    if spatial not in SPATIAL:
+        from .errors import InputError
+
+        raise InputError(f"--spatial must be one of {', '.join(SPATIAL)}, got {spatial!r}")
+    return spatial
+
+
+def reduce_positions(reading: Reading, how: str) -> Reading:
+    """One row per example: the max or mean over its positions (a feature map's spatial
+    positions, a ViT's patches), recorded at position 0."""
+    example, _ = split_token_id(reading.tok)
+    examples, row = torch.unique(example, return_inverse=True)
+    values = reading.values
+    out = torch.zeros(len(examples), values.shape[1], dtype=values.dtype, device=values.device)
+    index = row.to(values.device)[:, None].expand_as(values)
+    out = out.scatter_reduce(0, index, values, reduce="amax" if how == "max" else "mean", include_self=False)
+    return Reading(out, token_id(examples, 0))
+
+
 @contextmanager
-def observe(model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None, pages: Any = None) -> Iterator[Observer]:
+def observe(model: Model, sites: Any = None, *, k: int = 8, eps: Sequence[float] | None = None, pages: Any = None,
+            spatial: str = "positions") -> Iterator[Observer]:
     """Observe ``sites`` of ``model`` while the block runs; statistics land in ``.stats``.
     ``pages`` (a :class:`actscope.stats.pages.PageConfig`) also keeps what unit pages show."""
-    observer = Observer(model, sites, k=k, eps=eps, pages=pages)
+    observer = Observer(model, sites, k=k, eps=eps, pages=pages, spatial=spatial)
     with observer.attached():
         yield observer
 

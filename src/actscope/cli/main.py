@@ -10,6 +10,7 @@ from . import encode as encode_command
 from . import decode as decode_command
 from . import env as env_command
 from . import examples as examples_command
+from . import filters as filters_command
 from . import generate as generate_command
 from . import harvest as harvest_command
 from . import lens as lens_command
@@ -21,6 +22,7 @@ from . import sae as sae_command
 from . import sites as sites_command
 from . import sparsify as sparsify_command
 from . import steer as steer_command
+from . import visualize as visualize_command
 
 app = typer.Typer(
     name="actscope",
@@ -39,6 +41,8 @@ app.command("train-sae")(sae_command.train_sae)
 # explain and edit
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)
+app.command("visualize")(visualize_command.visualize)
+app.command("filters")(filters_command.filters)
 app.command("contrast")(contrast_command.contrast)
 app.command("patch")(patch_command.patch)
 app.command("steer")(steer_command.steer)

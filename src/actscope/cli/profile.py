@@ -37,6 +37,10 @@ def profile(
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN_DIR/report.html (charts + neuron browser) at the end."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="TOKENS", help="Save the statistics and the data position every TOKENS tokens (per process) beside --out, to --resume after a crash."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint (same model, data, sites, options and processes)."),
+    spatial: str = typer.Option("positions", "--spatial", help="Feature maps and ViT patches: every position a row (positions), or per image its max or mean."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Image data: resize to SIZE or H,W (default: the model directory's preprocessing, else the images' own size)."),
+    image_mean: Optional[str] = typer.Option(None, "--image-mean", help="Image data: per-channel mean to subtract, e.g. 0.485,0.456,0.406 (default: the model directory's, else 0)."),
+    image_std: Optional[str] = typer.Option(None, "--image-std", help="Image data: per-channel std to divide by (default: the model directory's, else 1)."),
     processes: int = typer.Option(1, "--processes", help="Profile in N processes (torchrun on this machine), each taking every N-th batch; the result equals one process's."),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
@@ -61,7 +65,8 @@ def profile(
         from actscope.data import load_corpus
         from actscope.distributed import rank_device
         from actscope.store import check_target
-        config = actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column, pages=unit_pages).checked()
+        config = actscope.ProfileConfig(max_tokens=max_tokens, batch_size=batch_size, max_length=max_length, k=top_k, column=column, pages=unit_pages,
+                                        spatial=spatial).checked()
         if (checkpoint_every is not None or resume) and out is None:
             raise actscope.InputError(f"{'--resume' if resume else '--checkpoint-every'} needs --out: the checkpoint is kept beside the run directory")
         model = load_model(model_dir, device=rank_device(device, context), dtype=dtype, device_map=device_map, revision=revision,
@@ -71,7 +76,7 @@ def profile(
 
         saes = [load_spec(spec) for spec in sae] if sae else None
         plan, _ = plan_with_saes(model, sites if sites is not None or saes else "blocks.*.mlp.post", saes)
-        corpus = load_corpus(data, column=column)
+        corpus = _images(model, data, image_size, image_mean, image_std, max_tokens) or load_corpus(data, column=column)
         target = out or _default_out(model.name)
         if context.main:
             check_target(target, overwrite)  # before the progress bar: a bad --out fails at once
@@ -86,6 +91,22 @@ def profile(
             from actscope.report import write_report
 
             console.print(styled("Report: ", (str(write_report(run)), "bold")), highlight=False, soft_wrap=True)
+
+
+def _images(model: Any, data: Any, size: Optional[str], mean: Optional[str], std: Optional[str], limit: Optional[int]) -> Any:
+    """Image data (a folder of images, an .npy array, a saved image data set) as Images, or None for text."""
+    from actscope.data.images import Preprocess, is_image_data, parse_floats
+    from actscope.errors import InputError
+    from actscope.feeding import images_for
+
+    if data is None or not is_image_data(data):
+        if any(v is not None for v in (size, mean, std)):
+            raise InputError("--image-size, --image-mean and --image-std apply to image data; --data is not a folder of images, an .npy file or a saved image data set")
+        return None
+    sizes = tuple(int(v) for v in parse_floats(size, "--image-size")) if size else None
+    chosen = Preprocess(size=(sizes * 2 if len(sizes) == 1 else sizes) if sizes else None,
+                        mean=parse_floats(mean, "--image-mean") if mean else (0.0,), std=parse_floats(std, "--image-std") if std else (1.0,))
+    return images_for(model, data, preprocess=chosen, limit=limit)
 
 
 def relaunch(command: typer.Context, processes: int) -> None:

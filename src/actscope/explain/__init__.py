@@ -11,7 +11,10 @@
 * :func:`steering_vector` / :func:`steer` / :func:`steering_sweep` — add a contrastive, unit or
   feature direction while the model generates, and measure what it does;
 * :func:`logit_lens` / :func:`fit_tuned_lens` / :func:`lens_kl` — what each layer would predict;
-* :func:`attention_patterns` — every head's pattern over a prompt (the report's attention viewer).
+* :func:`attention_patterns` — every head's pattern over a prompt (the report's attention viewer);
+* vision (docs/vision.md): :func:`facets` (multifaceted feature visualisation; single images with
+  :func:`actscope.explain.visualize.visualize`, targets :class:`Target`, settings :class:`VisConfig`),
+  :func:`discriminative_stimuli` (most discriminative stimuli), :func:`receptive_field`.
 
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
 result with ``.to_pandas()``. Imports are lazy so that ``import actscope`` stays light.
@@ -40,6 +43,8 @@ _EXPORTS = {
     "SteeringVector": ".steering", "Steered": ".steering", "SteeringSweep": ".steering",
     "logit_lens": ".lens", "fit_tuned_lens": ".lens", "lens_kl": ".lens", "LensResult": ".lens", "TunedLens": ".lens",
     "attention_patterns": ".attention", "AttentionPatterns": ".attention",
+    "facets": ".visualize", "Target": ".visualize", "VisConfig": ".visualize",
+    "discriminative_stimuli": ".mds", "receptive_field": ".receptive",
 }
 
 

@@ -20,6 +20,10 @@ Representation geometry (METHODS.md, "Representation geometry", "Module drift"):
   encoding models: cross-validated ridge R² from activations to recordings, per layer and model;
 * :func:`module_drift` — per-module weight and representation change across checkpoints.
 
+Convolution filters (METHODS.md, "Conv filter statistics"): :func:`filter_stats`,
+:func:`filter_divergence`, :func:`pooled_divergence` — 3×3 filter distributions, their principal
+components, sparsity, variance entropy and KL divergence between layers or models.
+
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
 result with ``.to_pandas()``. Imports are lazy so that ``import actscope`` stays light.
 """
@@ -51,6 +55,7 @@ _EXPORTS = {
     "ridge_cv": ".encoding", "RidgeFit": ".encoding", "encoding_scores": ".encoding", "EncodingScores": ".encoding",
     "load_responses": ".encoding", "Responses": ".encoding", "noise_ceiling": ".encoding",
     "module_drift": ".drift", "ModuleDrift": ".drift",
+    "filter_stats": ".filters", "FilterStats": ".filters", "filter_divergence": ".filters", "pooled_divergence": ".filters",
 }
 
 

@@ -34,6 +34,7 @@ class ProfileConfig:
     eps: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
     column: str | None = None
     pages: bool = True  # unit pages: activation windows, quantile samples, histograms, co-firing
+    spatial: str = "positions"  # feature maps and patches: every position a row, or per image its max/mean
 
     @property
     def page_config(self) -> Any:
@@ -51,6 +52,9 @@ class ProfileConfig:
             raise InputError(f"--top-k must be at least 1, got {self.k}")
         if not isinstance(self.pages, bool):
             raise InputError(f"pages must be True or False (--unit-pages / --no-unit-pages), got {self.pages!r}")
+        from ..trace import checked_spatial
+
+        checked_spatial(self.spatial)
         return self
 
 
@@ -67,7 +71,7 @@ def observe_run(model: Model, plan: Plan, source: Source, config: ProfileConfig,
     content) continues from one. ``weights``: the model's weight hash when already known.
     """
     started, clock = _now(), time.perf_counter()
-    observer = Observer(model, plan, k=config.k, eps=config.eps, pages=config.page_config)
+    observer = Observer(model, plan, k=config.k, eps=config.eps, pages=config.page_config, spatial=config.spatial)
     done = _Done.restored(observer, resumed)
     _observe(observer, source, context, done, progress, _Saver(checkpoints, every, done, clock))
     merging = time.perf_counter()
@@ -221,7 +225,7 @@ def _manifest(model, plan, source, config, documents, tokens, started, seconds, 
 
     from ..store import library_versions, weight_hash
 
-    corpus = source.corpus
+    corpus = source.corpus if source.corpus is not None else source.images
     return {
         "kind": "profile",
         "model": {
@@ -233,7 +237,7 @@ def _manifest(model, plan, source, config, documents, tokens, started, seconds, 
             "weight_hash": weights or weight_hash(model.module),
         },
         "data": {
-            "name": corpus.name if corpus is not None else "model inputs",
+            "name": getattr(corpus, "name", None) or getattr(corpus, "source", None) if corpus is not None else "model inputs",
             "source": corpus.source if corpus is not None else None,
             "fingerprint": corpus.fingerprint if corpus is not None else None,
             "documents": documents,

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from .columns import encode_table
-from .examples import chosen_examples, decoded_payload, examples_payload
+from .examples import chosen_examples, decoded_payload, examples_payload, images_payload
 from .sections import IN_CARDS
 from .units import cofire_payload, hist_payload, samples_payload, windows_payload
 
@@ -64,7 +64,10 @@ def _examples_within_budget(run: Any, neurons: Any, extras: dict[str, Any], used
 def _with_windows(run: Any, neurons: Any, examples: Any, chosen: dict[str, Any]) -> dict[str, Any]:
     _, row, rows = chosen_examples(neurons, examples, chosen["keep"])
     windows = windows_payload(neurons, examples, rows, row, run.tables.get("tokens"))
-    return {**chosen, "windows": windows} if windows is not None else chosen
+    chosen = {**chosen, "windows": windows} if windows is not None else chosen
+    if "images" in run.tables and run.tables["images"].num_rows:  # a run fed images: thumbnails
+        chosen.update(images_payload(examples, rows, run.tables["images"]))
+    return chosen
 
 
 def _size(payload: Any) -> int:

@@ -85,6 +85,24 @@ def decoded_payload(neurons: Any, decoded: Any) -> dict[str, Any]:
     }
 
 
+def images_payload(examples: Any, rows: np.ndarray, images: Any) -> dict[str, Any]:
+    """For the shown examples (``rows`` of ``examples``), ``img``: each one's index into ``uris``
+    (PNG data URIs of the run's ``images`` table) or -1, and each one's box ``y0 x0 y1 x1``."""
+    import base64
+
+    key = {(s, u, r): i for i, (s, u, r) in enumerate(zip(_strings(images, "site"), _ints(images, "unit"), _ints(images, "rank")))}
+    wanted = zip(np.array(_strings(examples, "site"), dtype=object)[rows], _ints(examples, "unit")[rows], _ints(examples, "rank")[rows])
+    found = [key.get((s, int(u), int(r)), -1) for s, u, r in wanted]
+    used = sorted({i for i in found if i >= 0})
+    slot = {i: n for n, i in enumerate(used)}
+    png = images.column("png").to_pylist()
+    return {
+        "img": [slot.get(i, -1) for i in found],
+        "uris": ["data:image/png;base64," + base64.b64encode(png[i]).decode("ascii") for i in used],
+        "box": [[int(images.column(c)[i].as_py()) for c in ("y0", "x0", "y1", "x1")] if i >= 0 else None for i in found],
+    }
+
+
 def _clip_left(text: str) -> str:
     """The last CONTEXT_CHARS characters, starting at a word when it can, marked with '…'."""
     if len(text) <= CONTEXT_CHARS:

@@ -19,7 +19,7 @@ from ..drawing import charts
 from ..drawing.bidi import plain_isolated
 
 # tables shown inside the unit cards ("decode" is what `actscope decode --out RUN` writes)
-IN_CARDS = ("neurons", "examples", "decoded", "decode", "samples", "unit_hist", "cofiring", "tokens")
+IN_CARDS = ("neurons", "examples", "decoded", "decode", "samples", "unit_hist", "cofiring", "tokens", "images")
 FIRING_BINS = 100  # at most this many points per units-firing curve, whatever the unit count
 
 

@@ -264,6 +264,11 @@
       var contexts = examples.contexts;
       for (var j = start; j < stop; j++) {
         var ctx = examples.ctx[j], value = examples.val[j];
+        if (examples.img && examples.img[j] >= 0) {  // a run fed images: the thumbnail of what the unit saw
+          list.className = "examples images";
+          list.appendChild(imageItem(examples, j, value, contexts.doc[ctx]));
+          continue;
+        }
         var item = el("li", "example");
         item.appendChild(userEl("span", "ctx left", contexts.left[ctx] + " "));
         var token = userEl("span", "tok", contexts.token[ctx] || "(no text)");  // runs fed model inputs keep no text
@@ -281,6 +286,18 @@
       }
       box.appendChild(list);
       return box;
+    }
+
+    function imageItem(examples, j, value, doc) {
+      var item = el("li", "example image");
+      var picture = el("img", "thumb");
+      picture.src = examples.uris[examples.img[j]];  // a data: URI built by actscope (the page's policy allows only those)
+      var box = examples.box[j];
+      picture.alt = "image " + doc + (box ? ", pixels y " + box[0] + "-" + box[2] + ", x " + box[1] + "-" + box[3] : "");
+      picture.title = "activation " + fmt(value) + " \u00b7 " + picture.alt;
+      item.appendChild(picture);
+      item.appendChild(el("span", "meta", "a = " + fmt(value) + " \u00b7 image " + doc));
+      return item;
     }
 
     function decodedLists(row) {

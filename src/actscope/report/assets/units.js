@@ -127,7 +127,7 @@
       }
       var ctx = part.ctx[i], item = el("li", "sample");
       item.appendChild(userEl("span", "ctx left", contexts.left[ctx] + " "));
-      var token = item.appendChild(userEl("span", "tok", contexts.token[ctx] || "(no text)"));
+      var token = item.appendChild(userEl("span", "tok", contexts.token[ctx] || (spec.examples && spec.examples.uris ? "image " + contexts.doc[ctx] : "(no text)")));
       if (maxima) shade(token, part.val[i] || 0, maxima[row] || 0);  // relative to the unit's largest value
       item.appendChild(userEl("span", "ctx right", " " + contexts.right[ctx]));
       item.appendChild(el("span", "meta", "a = " + fmt(part.val[i]) + " \u00b7 doc " + contexts.doc[ctx] + " \u00b7 pos " + contexts.pos[ctx]));

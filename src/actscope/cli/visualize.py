@@ -1,0 +1,70 @@
+"""``actscope visualize``: an image that maximises a unit or channel of a vision model (or one per facet)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (
+    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors, load_model, quiet_libraries,
+)
+
+
+def visualize(
+    model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + " (a vision model)."),
+    site: str = typer.Option(..., "--site", "-s", help="The site, e.g. blocks.3.mlp.post or module:layer1.0.conv2@output."),
+    unit: int = typer.Option(..., "--unit", "-u", help="Channel (conv) or neuron index."),
+    kind: str = typer.Option("channel", "--kind", help="channel (mean over positions) or unit (the centre position)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write (facets side by side with --facets)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a PNG actscope wrote at --out."),
+    steps: int = typer.Option(256, "--steps", help="Optimisation steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the start and the random transformations (same seed, same image)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (default: the model's image size)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Images (folder, .npy, saved data set): give facets, sizes and colours."),
+    facets: int = typer.Option(0, "--facets", help="Multifaceted: cluster the top images of --data into this many facets, one image each."),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    device_map: Optional[str] = DEVICE_MAP,
+    revision: Optional[str] = REVISION,
+    download: bool = DOWNLOAD,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+) -> None:
+    """Optimise an image (decorrelated Fourier parameterisation, jitter, scale, rotation, total variation) to maximise a unit."""
+    quiet_libraries(download)
+    with friendly_errors():
+        import numpy as np
+
+        from actscope.data.images import preprocess_from
+        from actscope.drawing.png import grid
+        from actscope.errors import InputError
+        from actscope.explain import visualize as vis
+        from actscope.explain.image_examples import write_png
+        from actscope.feeding import images_for
+
+        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision, download=download,
+                           trust_remote_code=trust_remote_code)
+        config, target = vis.VisConfig(steps=steps, seed=seed), vis.Target(site, kind, unit)
+        if facets and data is None:
+            raise InputError("--facets clusters the top images of a data set; pass --data too")
+        if data is not None:
+            images = images_for(model, data)
+            if facets:
+                found = vis.facets(model, target, images, k=facets, top=min(len(images), max(facets * 20, 60)), config=config)
+                pictures, values = [v.image for v in found.images], [v.value for v in found.images]
+            else:
+                pre = images.preprocess
+                shown = vis.visualize(model, target, shape=tuple(images.pixels.shape[1:]), mean=pre.mean, std=pre.std, config=config,
+                                      colour=vis.colour_matrix(images.pixels))
+                pictures, values = [shown.image], [shown.value]
+        else:
+            pre = preprocess_from(model.source)
+            side = size or getattr(model.config, "image_size", None)
+            channels = getattr(model.config, "num_channels", None)
+            if not side or not channels:
+                raise InputError("the model does not say its image size and channels; pass --size, or --data with images")
+            shown = vis.visualize(model, target, shape=(channels, side, side), mean=pre.get("mean", (0.0,)), std=pre.get("std", (1.0,)), config=config)
+            pictures, values = [shown.image], [shown.value]
+        sheet = grid([p.permute(1, 2, 0).numpy() for p in pictures], len(pictures)) if len(pictures) > 1 else pictures[0].permute(1, 2, 0).numpy()
+        path = write_png(out, np.asarray(sheet), overwrite=overwrite)
+        console.print(f"{site} {kind} {unit}: objective " + ", ".join(f"{v:.4g}" for v in values) + f" · {path}")
