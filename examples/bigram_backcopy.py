@@ -145,13 +145,14 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, str]:
+    """Run, print, and return ``{claim: label}``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--steps", type=int, default=BackcopyConfig.steps)
     parser.add_argument("--seeds", default="0,1,2", help="training seeds (initial weights and batches)")
     parser.add_argument("--variants", default="adam,relu,sgd", help=f"any of {', '.join(VARIANTS)}")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     figures: dict[str, list[dict[str, float]]] = {}
@@ -164,10 +165,12 @@ def main() -> None:
     for variant, runs in figures.items():
         print(f"{variant:<8} " + " ".join(f"{spread([f[k] for f in runs]):>15}"
                                           for k in ("share", "share_trigger", "value_ratio", "residual_ratio", "copy_accuracy")))
+    verdicts = {}
     for claim, (variant, description, *_) in RULES.items():
         if variant in figures:
-            verdict, passed, total = label(claim, figures)
-            print(f"{verdict.upper():<14} {description} ({passed}/{total} seeds)")
+            verdicts[claim], passed, total = label(claim, figures)
+            print(f"{verdicts[claim].upper():<14} {description} ({passed}/{total} seeds)")
+    return verdicts
 
 
 if __name__ == "__main__":
