@@ -47,3 +47,14 @@ def test_lazy_neuron_width_rule():
     one_seed_up = {**falling, (widths[-1], seeds[0]): 0.3}
     assert lazy.width_trend(one_seed_up)[0] == "direction only"
     assert lazy.width_trend({(w, s): 0.2 for w in widths for s in seeds})[0] == "does not hold"
+
+
+def test_core_temporal_rules():
+    core = script("core_temporal")
+    positive, negative = [0.9, 0.5, 0.3], [0.4, 0.5, 0.1, 0.2]
+    naive = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in positive for n in negative) / 12
+    assert core.auc(positive, negative) == naive
+    assert core.overall([True, True], [True, True]) == "holds"
+    assert core.overall([True, False], [True, True]) == "direction only"
+    assert core.overall([False, False], [True, False]) == "does not hold"
+    assert len(core.PAIRS) > 5 and len({p for pair in core.PAIRS for p in pair}) == 2 * len(core.PAIRS)
