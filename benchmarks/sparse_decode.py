@@ -33,22 +33,33 @@ decoding, ``--new-tokens`` greedy tokens after a ``--prompt-tokens`` prompt, dec
 (prefill excluded), median of ``--repeats`` after one warm-up; (3) ``--kernels``: the per-shape
 choice, C kernel vs gather by token count.
 
-``--methods cats,teal,core,cett``: section (2) compares the calibration methods of
-``actscope.sparse`` instead of CATS alone (dense measured once; each method's rows through the C
-kernels and through the gather primitives). cats, teal and core run at each ``--sparsities``
-target; cett takes no sparsity: it is calibrated once with ``p=0.01`` (CETT-PPL-1 %) on the
-calibration prompt. Each method skips rows of different matrices while decoding
-(``actscope.sparse.forwards``), so each has its own model-level f = skippable bytes / all bytes
-read per token:
+``--methods cats,teal,teal-uniform,teal-mlp,core,cett``: section (2) compares the calibration
+methods of ``actscope.sparse`` instead of CATS alone (dense measured once; each method's rows
+through the C kernels and through the gather primitives). cats, the teals and core run at each
+``--sparsities`` target; cett takes no sparsity: it is calibrated once with ``p=0.01``
+(CETT-PPL-1 %) on the calibration prompt. Each method skips rows of different matrices while
+decoding (``actscope.sparse.forwards``, ``actscope.sparse.projections``), so each has its own
+model-level f = skippable bytes / all bytes read per token:
 
 * cats — up and down rows of the inactive units (the gate is read in full);
-* teal — the input channels of gate and up (rows of the transposed gate|up) and down rows;
+* teal — TEAL as published: the input channels of every projection (q, k, v, o, gate, up, down:
+  rows of each transposed weight), sparsities from the greedy search (``--teal-step``, on the
+  first ``TEAL_CALIBRATION_TOKENS`` tokens of the calibration prompt: a random model's search
+  is only there to give a realistic spread of sparsities over projections);
+* teal-uniform — the same projections, every one at the target;
+* teal-mlp — uniform over the MLP only: the input channels of gate and up, and down rows;
 * core — gate, up and down rows outside the prompt's core set (fixed at prefill);
 * cett — down rows only (its neuron ``act(gate)·up`` needs gate and up in full).
 
 "measured s" is then the share of those skippable rows the decoding steps did not read, from the
 sparse context's own tally (``handle.realised().read``), so ``f · s`` is the share of all bytes
 per token skipped.
+
+The bound ``1 / (1 − f·s)`` assumes both paths read memory at the same rate. The run also measures
+the machine's read bandwidth (a plain sum over a 1 GB array, the same threads) and prints, per
+row, the rate it read its bytes at (bytes read per token / time per token) as a share of that
+bandwidth: the physical bound is 100 %. A sparse row above its model-level bound reads faster
+than the dense path does, which the "of bw" column shows.
 
 Options: ``--threads N`` (torch's and the kernel's threads; default torch's), ``--repeats``,
 ``--sparsities``, ``--new-tokens``, ``--prompt-tokens``, the model's shape (``--hidden``,
@@ -402,9 +413,27 @@ def _decode_swapped(model, context, prompt, new_tokens):
 
 # ---- per-method comparison (--methods) ------------------------------------------------------
 
-# Gated-MLP matrices whose rows (or, for TEAL's gate/up, input columns) a decoding step can skip.
-SKIPPED = {"cats": ("up", "down"), "teal": ("gate", "up", "down"), "core": ("gate", "up", "down"), "cett": ("down",)}
+# Matrices whose rows (or, for TEAL, input columns) a decoding step can skip, and calibrate's options.
+SKIPPED = {"cats": ("mlp.up", "mlp.down"), "teal": ("attention", "mlp.gate", "mlp.up", "mlp.down"),
+           "teal-uniform": ("attention", "mlp.gate", "mlp.up", "mlp.down"), "teal-mlp": ("mlp.gate", "mlp.up", "mlp.down"),
+           "core": ("mlp.gate", "mlp.up", "mlp.down"), "cett": ("mlp.down",)}
+OPTIONS = {"cats": {"method": "cats"}, "teal": {"method": "teal"}, "teal-uniform": {"method": "teal", "allocation": "uniform"},
+           "teal-mlp": {"method": "teal", "allocation": "uniform", "projections": "mlp"},
+           "core": {"method": "core"}, "cett": {"method": "cett"}}
 CETT_P = 0.01
+TEAL_CALIBRATION_TOKENS = 32
+
+
+def read_bandwidth(repeats: int = 7, size: int = 1 << 28) -> float:
+    """GB/s of a plain read: the median time of ``sum`` over a 1 GB float32 array (well past any cache)."""
+    data = torch.ones(size)
+    data.sum()  # touch every page first
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * data.element_size() / statistics.median(times) / 1e9
 
 
 def method_settings(methods, sparsities) -> list[tuple[str, str, dict]]:
@@ -418,7 +447,7 @@ def method_settings(methods, sparsities) -> list[tuple[str, str, dict]]:
     return out
 
 
-def methods_section(model, prompt, calibration_prompt, methods, sparsities, repeats, new_tokens) -> None:
+def methods_section(model, prompt, calibration_prompt, methods, sparsities, repeats, new_tokens, teal_step) -> None:
     """End-to-end decoding, dense vs each method through actscope's kernels and the gather path."""
     import actscope
     from actscope.sparse import calibrate
@@ -426,17 +455,24 @@ def methods_section(model, prompt, calibration_prompt, methods, sparsities, repe
     volume = bytes_per_token(model)
     total = sum(volume.values())
     mlp = sum(volume[f"mlp.{m}"] for m in ("gate", "up", "down"))
-    f = {m: sum(volume[f"mlp.{k}"] for k in SKIPPED[m]) / total for m in methods}
+    f = {m: sum(volume[k] for k in SKIPPED[m]) / total for m in methods}
+    # the bytes a method's tally ("read") is a share of: every projection of a block, or its MLP
+    base = {m: (mlp + volume["attention"]) if "attention" in SKIPPED[m] else mlp for m in methods}
+    bandwidth = read_bandwidth()
     print(f"\n== end-to-end greedy decoding by method: {new_tokens} tokens after a {prompt.shape[1]}-token prompt ==")
-    print(f"bytes read per token: {total / 1e6:.0f} MB; model-level f (skippable bytes / all bytes) per method: "
+    print(f"bytes read per token: {total / 1e6:.0f} MB; read bandwidth (sum over 1 GB): {bandwidth:.1f} GB/s; "
+          "model-level f (skippable bytes / all bytes) per method: "
           + ", ".join(f"{m} {f[m]:.3f} ({'+'.join(SKIPPED[m])})" for m in methods))
     print("sparse execution: actscope.sparse.calibrate(method=...) on the 128-token calibration prompt + sparsify; "
+          f"teal's greedy search on its first {TEAL_CALIBRATION_TOKENS} tokens, step {teal_step}; "
           "gather = the same with ACTSCOPE_SPARSE_KERNEL=0")
     wrapped = actscope.wrap(model)
     runs, calibrated = {"dense": lambda: decode_seconds(model, prompt, new_tokens)}, {}
     for method, label, setting in method_settings(methods, sparsities):
         start = time.perf_counter()
-        calibration = calibrate(wrapped, [{"input_ids": calibration_prompt}], method=method, **setting)
+        tokens = calibration_prompt[:, :TEAL_CALIBRATION_TOKENS] if method == "teal" else calibration_prompt
+        extra = {"step": teal_step} if method == "teal" else {}
+        calibration = calibrate(wrapped, [{"input_ids": tokens}], **OPTIONS[method], **setting, **extra)
         calibrated[(method, label)] = time.perf_counter() - start
         for impl in IMPLS:
             runs[(method, label, impl)] = (lambda c=calibration, impl=impl:
@@ -454,21 +490,25 @@ def methods_section(model, prompt, calibration_prompt, methods, sparsities, repe
                 read.setdefault(name, []).extend(out[2])
     median = {name: statistics.median(v) for name, v in seconds.items()}
     dense_ms = median["dense"] / new_tokens * 1e3
-    print(f"{'method':>6} {'setting':>8} {'measured s':>10} {'f':>6} {'impl':>8} {'ms/token':>9} {'tokens/s':>8} "
-          f"{'speed-up':>8} {'bound':>6} {'of bound':>8}")
-    print(f"{'-':>6} {'-':>8} {'-':>10} {'-':>6} {'dense':>8} {dense_ms:9.1f} {1e3 / dense_ms:8.2f}")
+    def of_bandwidth(bytes_read: float, ms: float) -> str:
+        return f"{bytes_read / (ms / 1e3) / 1e9 / bandwidth:7.0%}"
+
+    print(f"{'method':>12} {'setting':>8} {'measured s':>10} {'f':>6} {'impl':>8} {'ms/token':>9} {'tokens/s':>8} "
+          f"{'speed-up':>8} {'bound':>6} {'of bound':>8} {'of bw':>7}")
+    print(f"{'-':>12} {'-':>8} {'-':>10} {'-':>6} {'dense':>8} {dense_ms:9.1f} {1e3 / dense_ms:8.2f} {'':>8} {'':>6} {'':>8} "
+          f"{of_bandwidth(total, dense_ms)}")
     for name in runs:
         if name == "dense":
             continue
         method = name[0]
         skippable = f[method] * total
-        # share of the MLP's bytes not read → share of this method's skippable bytes not read
-        measured = (1 - statistics.mean(read[name])) * mlp / skippable
+        # share of the tallied bytes not read → share of this method's skippable bytes not read
+        measured = (1 - statistics.mean(read[name])) * base[method] / skippable
         ms = median[name] / new_tokens * 1e3
         up = median["dense"] / median[name]
         b = bound(f[method], measured)
-        print(f"{method:>6} {name[1]:>8} {measured:10.3f} {f[method]:6.3f} {name[2]:>8} {ms:9.1f} {1e3 / ms:8.2f} "
-              f"{up:8.2f} {b:6.2f} {up / b:8.0%}")
+        print(f"{method:>12} {name[1]:>8} {measured:10.3f} {f[method]:6.3f} {name[2]:>8} {ms:9.1f} {1e3 / ms:8.2f} "
+              f"{up:8.2f} {b:6.2f} {up / b:8.0%} {of_bandwidth(total * (1 - f[method] * measured), ms)}")
 
 
 def kernels_section(model, repeats) -> None:
@@ -526,7 +566,8 @@ def main() -> None:
                         help="CATS with the benchmark's own module swap instead of actscope.sparse.sparsify")
     parser.add_argument("--kernels", action="store_true", help="also time the per-shape kernel choice")
     parser.add_argument("--methods", type=parse_methods, default=None,
-                        help="comma-separated cats,teal,core,cett: end-to-end section per method instead of CATS alone")
+                        help=f"comma-separated {','.join(SKIPPED)}: end-to-end section per method instead of CATS alone")
+    parser.add_argument("--teal-step", type=float, default=0.1, help="teal: the greedy search's sparsity step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -543,7 +584,7 @@ def main() -> None:
     if not args.skip_mlp:
         mlp_section(model, calibration, args.sparsities, args.repeats, not args.own_swap)
     if not args.skip_decode and args.methods:
-        methods_section(model, prompt, calibration, args.methods, args.sparsities, args.repeats, args.new_tokens)
+        methods_section(model, prompt, calibration, args.methods, args.sparsities, args.repeats, args.new_tokens, args.teal_step)
     elif not args.skip_decode:
         decode_section(model, prompt, calibration, args.sparsities, args.repeats, args.new_tokens, not args.own_swap)
     if args.kernels:

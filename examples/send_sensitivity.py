@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import actscope
-from actscope.metrics.eigenscore import eigenscore, eigenscore_efficient, eigenscore_exact
+from actscope.metrics.eigenscore import MEAN_LAST_LAYER, eigenscore, eigenscore_efficient, eigenscore_exact
 from actscope.metrics import neuron_sensitivity
 from actscope.zoo import build_tokenizer, generate_corpus, held_out_corpus, tiny_lm
 from actscope.zoo.lm import cache_root, encode_documents
@@ -90,15 +90,24 @@ def _part_a() -> None:
 
 
 # -- B: sampled answers ----------------------------------------------------------------------
+EMBEDDINGS = {  # name: eigenscore's options
+    "INSIDE (default): middle layer, last answer token": {},
+    "variant: last layer, mean over the answer": MEAN_LAST_LAYER,
+}
+
+
 def part_b() -> None:
     model = actscope.load(tiny_lm("relu"))
     prompts = [" ".join(doc.split()[:2]) for doc in held_out_corpus(6)]
-    print("\nB. EigenScore of K = 10 answers sampled from the zoo's tiny LM (relu), last block's resid.post")
-    print(f"   {'prompt':<22} {'exact':>8} {'efficient':>10} {'abs.err':>8} {'rel.err':>8}")
-    for prompt in prompts:
-        result = eigenscore(model, prompt, k=10, max_new_tokens=16, seed=0)
-        error = abs(result.efficient - result.exact)
-        print(f"   {prompt!r:<22} {result.exact:>8.4f} {result.efficient:>10.4f} {error:>8.4f} {error / abs(result.exact):>8.2%}")
+    print("\nB. EigenScore of K = 10 answers sampled from the zoo's tiny LM (relu), two embeddings")
+    for name, options in EMBEDDINGS.items():
+        print(f"   {name}")
+        print(f"   {'prompt':<22} {'site':<20} {'exact':>8} {'efficient':>10} {'abs.err':>8} {'rel.err':>8}")
+        for prompt in prompts:
+            result = eigenscore(model, prompt, k=10, max_new_tokens=16, seed=0, **options)
+            error = abs(result.efficient - result.exact)
+            print(f"   {prompt!r:<22} {result.site:<20} {result.exact:>8.4f} {result.efficient:>10.4f} {error:>8.4f} "
+                  f"{error / abs(result.exact):>8.2%}")
 
 
 # -- C: sensitive neurons across checkpoints -------------------------------------------------

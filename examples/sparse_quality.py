@@ -1,9 +1,11 @@
 """Quality of calibrated sparse MLP execution on the tiny causal LMs trained here.
 
 For the ReLU and the SiLU tiny LM (``actscope.zoo.tiny_lm``): calibrate CETT-PPL-1 %, then CATS,
-TEAL and CoreInfer at target sparsities 0.5, 0.7, 0.9 and at the sparsity CETT reached, and
+TEAL and CoreInfer at target sparsities 0.4, 0.5, 0.7, 0.9 and at the sparsity CETT reached, and
 print the dense and sparse perplexity of each on held-out text, measured with the sparse
-kernels running (``actscope.sparse.evaluate``).
+kernels running (``actscope.sparse.evaluate``). TEAL runs in three variants: as published
+(greedy allocation over every projection of each block, attention ones included: the default),
+uniform over every projection, and uniform over the MLP's projections only.
 
 Data (all from ``held_out_corpus(800)``, a seed no training run uses): documents 0–99
 calibrate; 100–399 are the CETT search's objective data; 400–799 are the evaluation, seen by
@@ -31,7 +33,14 @@ import actscope
 from actscope.sparse import calibrate, evaluate, sparsify
 from actscope.zoo.lm import held_out_corpus, tiny_lm
 
-TARGETS = (0.5, 0.7, 0.9)
+TARGETS = (0.4, 0.5, 0.7, 0.9)
+METHODS = {  # name: calibrate's options besides the sparsity
+    "cats": {"method": "cats"},
+    "teal": {"method": "teal"},  # greedy, every projection
+    "teal uniform all": {"method": "teal", "allocation": "uniform"},
+    "teal uniform mlp": {"method": "teal", "allocation": "uniform", "projections": "mlp"},
+    "core": {"method": "core"},
+}
 CLAIM = 0.012
 PROMPT_TOKENS = 8
 NEW_TOKENS = 24
@@ -82,9 +91,9 @@ def rows_for(activation: str) -> tuple[list[dict], float]:
     reports = [evaluate(model, cett, held_out)]
     speeds = [decode_speed(model, cett, prompts)]
     reached = round(float(reports[0].realised_sparsity), 3)
-    for method in ("cats", "teal", "core"):
+    for options in METHODS.values():
         for target in (*TARGETS, reached):
-            cal = calibrate(model, calibration, method=method, sparsity=target)
+            cal = calibrate(model, calibration, sparsity=target, **options)
             reports.append(evaluate(model, cal, held_out))
             speeds.append(decode_speed(model, cal, prompts))
     rows = [{**r.to_pandas().iloc[0].to_dict(), **speed} for r, speed in zip(reports, speeds)]

@@ -10,7 +10,7 @@ import torch
 
 import actscope
 from actscope.errors import InputError
-from actscope.metrics.eigenscore import EigenScore, eigenscore, eigenscore_efficient, eigenscore_exact
+from actscope.metrics.eigenscore import MEAN_LAST_LAYER, EigenScore, eigenscore, eigenscore_efficient, eigenscore_exact
 from actscope.zoo.tiny import tiny_model
 
 import conftest
@@ -159,11 +159,13 @@ def lm():
     return actscope.wrap(module.double(), _word_tokenizer(128)), "w5 w6"
 
 
-def naive_embedding(model, prompt_ids: list[int], answer: tuple[int, ...], pool: str) -> np.ndarray:
-    """The last block's output over one unpadded prompt + answer, by a plain forward hook."""
+def naive_embedding(model, prompt_ids: list[int], answer: tuple[int, ...], pool: str, hidden_state: int) -> np.ndarray:
+    """Hugging Face's ``hidden_states[hidden_state]`` (the output of block hidden_state - 1)
+    over one unpadded prompt + answer, by a plain forward hook, pooled over the answer."""
     module = model.module
     seen = []
-    handle = module.model.layers[-1].register_forward_hook(lambda mod, args, output: seen.append(output))
+    block = module.model.layers[hidden_state - 1]
+    handle = block.register_forward_hook(lambda mod, args, output: seen.append(output))
     try:
         with torch.no_grad():
             module(input_ids=torch.tensor([prompt_ids + list(answer)]))
@@ -174,13 +176,22 @@ def naive_embedding(model, prompt_ids: list[int], answer: tuple[int, ...], pool:
     return (answer_rows.mean(dim=0) if pool == "mean" else answer_rows[-1]).numpy()
 
 
-@pytest.mark.parametrize("pool", ["mean", "last"])
-def test_sampled_answers_match_naive_embeddings(lm, pool):
+# INSIDE's embedding (the default): the last token at hidden_states[(L + 1) // 2]; the variant:
+# mean-pooled at the last block; and one mix of the two
+VARIANTS = {"inside": ({}, "last", "middle"), "mean-last-layer": (MEAN_LAST_LAYER, "mean", "last"),
+            "mean-middle": ({"pool": "mean"}, "mean", "middle")}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sampled_answers_match_naive_embeddings(lm, variant):
     model, prompt = lm
+    options, pool, layer = VARIANTS[variant]
+    hidden_state = (model.n_layers + 1) // 2 if layer == "middle" else model.n_layers
     state = torch.get_rng_state()
-    result = eigenscore(model, prompt, k=6, max_new_tokens=10, pool=pool, seed=3)
+    result = eigenscore(model, prompt, k=6, max_new_tokens=10, seed=3, **options)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
-    assert isinstance(result, EigenScore) and result.site == f"blocks.{model.n_layers - 1}.resid.post"
+    assert isinstance(result, EigenScore) and result.site == f"blocks.{hidden_state - 1}.resid.post"
+    assert result.pool == pool
     d = model.config.hidden_size
     assert result.embeddings.shape == (6, d) and len(result.answers) == 6
     assert len(set(result.answer_ids)) == 6  # six distinct sampled answers
@@ -191,7 +202,7 @@ def test_sampled_answers_match_naive_embeddings(lm, pool):
         assert 1 <= len(answer) <= 10 and not eos & set(answer[:-1])  # stops at the first end token
         assert len(answer) == 10 or answer[-1] in eos  # ... which it keeps
     prompt_ids = list(model.tokenizer(prompt)["input_ids"])
-    expected = np.stack([naive_embedding(model, prompt_ids, answer, pool) for answer in result.answer_ids])
+    expected = np.stack([naive_embedding(model, prompt_ids, answer, pool, hidden_state) for answer in result.answer_ids])
     np.testing.assert_allclose(result.embeddings, expected, rtol=1e-6, atol=0)
     assert result.exact == pytest.approx(eigenscore_exact(result.embeddings), rel=1e-12)
     assert result.efficient == pytest.approx(eigenscore_efficient(result.embeddings, seed=3), rel=1e-12)

@@ -13,7 +13,8 @@ import torch
 import actscope
 from actscope.errors import DataError, InputError, SiteError
 from actscope.metrics.extreme import DomainStates, ExtremeTokens, classify_domains, extreme_tokens
-from actscope.zoo.backcopy import BOS, BackcopyTask, read_meta, task_of, train_backcopy
+from actscope.models.attention import RELU_ATTENTION, relu_attention
+from actscope.zoo.backcopy import BOS, BackcopyTask, load_backcopy, read_meta, task_of, train_backcopy
 from actscope.zoo.tiny import tiny_model
 
 from conftest import model_state
@@ -284,8 +285,8 @@ def test_task_bad_input():
         BackcopyTask(vocab_size=8, n_triggers=6)
     with pytest.raises(InputError, match="length must be an int >= 2"):
         BackcopyTask().sample(3, 1)
-    with pytest.raises(InputError, match="activation 'relu' is not supported"):
-        train_backcopy(activation="relu")
+    with pytest.raises(InputError, match="activation 'gelu' is not supported"):
+        train_backcopy(activation="gelu")
     with pytest.raises(InputError, match="optimizer must be one of"):
         train_backcopy(optimizer="lion")
     with pytest.raises(InputError, match="n_layers must be an int >= 1"):
@@ -313,3 +314,58 @@ def test_train_backcopy_saves_a_loadable_model(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="is not a backcopy model directory"):
         train_backcopy(steps=3, out_dir=tmp_path / "other")
+
+
+# -- ReLU attention (the Bigram-Backcopy mitigation) ------------------------------------------
+def _naive_relu_attention(query, key, value, visible, scaling):
+    """One (batch, head, query) at a time: ReLU(q·k·scaling) / (number of visible keys)."""
+    b, h, q_len, _ = query.shape
+    weights = torch.zeros(b, h, q_len, key.shape[2], dtype=query.dtype)
+    for i in range(b):
+        for j in range(h):
+            for q in range(q_len):
+                keys = [k for k in range(key.shape[2]) if visible[i, q, k]]
+                for k in keys:
+                    weights[i, j, q, k] = max(float(query[i, j, q] @ key[i, j // (h // key.shape[1]), k]) * scaling, 0.0) / len(keys)
+    values = value.repeat_interleave(h // value.shape[1], dim=1)
+    return (weights @ values).transpose(1, 2), weights
+
+
+@pytest.mark.parametrize("mask_kind", ["additive", "bool", "none"])
+def test_relu_attention_matches_a_naive_loop(mask_kind):
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 5, 8, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(2, 2, 5, 8, generator=generator, dtype=torch.float64) for _ in range(2))  # 2 kv heads
+    visible = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 5, 5).clone()
+    if mask_kind != "none":
+        visible[1, :, 0] = False  # left padding in the second sequence
+        visible[1, 0, 0] = True  # (its padded query still sees itself, as transformers' masks do)
+    additive = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+    mask = {"additive": additive[:, None], "bool": visible[:, None], "none": None}[mask_kind]
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    output, weights = relu_attention(module, query, key, value, mask, scaling=0.35)
+    expected_output, expected_weights = _naive_relu_attention(query, key, value, visible, 0.35)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(output, expected_output, rtol=1e-12, atol=1e-12)
+
+
+def test_relu_attention_trains_and_is_observed_as_trained(tmp_path, caplog):
+    path = train_backcopy(activation="relu", steps=3, out_dir=tmp_path / "relu")
+    assert read_meta(path)["config"]["activation"] == "relu"
+    model = load_backcopy(path)
+    assert model.module.config._attn_implementation == RELU_ATTENTION
+    inputs = BackcopyTask().inputs(3, 10, seed=1)
+    with caplog.at_level("WARNING", logger="actscope"), actscope.capture(model, "blocks.0.attn.pattern") as captured:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    assert "switching to eager" not in caplog.text  # kept its own attention: it returns the pattern
+    pattern = captured.tensor("blocks.0.attn.pattern")  # [batch, head, query, key]
+    assert bool((pattern >= 0).all()) and not torch.allclose(pattern.sum(-1), torch.ones(3, 1, 10))  # ReLU, not softmax
+    assert bool((pattern.triu(1) == 0).all())  # causal
+    assert model.module.config._attn_implementation == RELU_ATTENTION  # after the capture too
+    plain = actscope.load(path)  # transformers does not save the choice: softmax, other outputs
+    with torch.no_grad():
+        assert not torch.allclose(plain.module(**inputs).logits, logits)
+    result = extreme_tokens(model, [inputs])
+    assert result.sink_score.shape == (1, 1) and math.isfinite(float(result.sink_score[0, 0]))

@@ -37,8 +37,20 @@ def test_unknown_site_suggests_and_names_the_command(minilm):
     message = str(error.value)
     assert "unknown site 'blocks.1.mlp.psot'" in message
     assert "Did you mean: blocks.1.mlp.post" in message
-    assert "actscope sites" in message
+    assert f"Run `actscope sites {minilm.source}` to list them." in message
     assert "6 blocks" in message
+
+
+@pytest.mark.parametrize("source,argument", [
+    ("sentence-transformers/all-MiniLM-L6-v2@0123abcd", "sentence-transformers/all-MiniLM-L6-v2 --revision 0123abcd"),
+    ("/models/my model", "'/models/my model'"),
+    ("/models/a@b/model", "/models/a@b/model"),
+    (None, ""),
+])
+def test_the_sites_command_in_messages_runs_as_written(source, argument):
+    from actscope.sites import _command_model
+
+    assert _command_model(source) == argument
 
 
 def test_out_of_range_block_is_unknown(minilm):

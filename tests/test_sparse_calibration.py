@@ -72,7 +72,7 @@ def test_real_tokens_only(llama):
 
 
 def test_teal_thresholds_are_quantiles_of_inputs(llama):
-    cal = calibrate(llama, data(), method="teal", sparsity=0.5)
+    cal = calibrate(llama, data(), method="teal", sparsity=0.5, allocation="uniform", projections="mlp")
     for layer in (0, 1):
         x = captured(llama, f"module:model.layers.{layer}.mlp.gate_proj@input").abs().numpy().ravel()
         h = captured(llama, f"blocks.{layer}.mlp.post").abs().numpy().ravel()
@@ -108,7 +108,9 @@ def test_core_expected_sparsity_from_each_prompt_alone(llama):
     np.testing.assert_allclose(cal.expected_sparsity, [1 - np.mean(sizes[0]), 1 - np.mean(sizes[1])], rtol=1e-12)
 
 
-@pytest.mark.parametrize("method,kw", [("cats", {"sparsity": 0.5}), ("teal", {"sparsity": 0.3}), ("core", {"sparsity": 0.5})])
+@pytest.mark.parametrize("method,kw", [("cats", {"sparsity": 0.5}), ("teal", {"sparsity": 0.3, "step": 0.1}),
+                                       ("teal", {"sparsity": 0.3, "allocation": "uniform", "projections": "mlp"}),
+                                       ("core", {"sparsity": 0.5})])
 def test_round_trip(llama, tmp_path, method, kw):
     cal = calibrate(llama, data(), method=method, **kw)
     path = cal.save(tmp_path / "cal.safetensors")
@@ -143,9 +145,11 @@ def test_another_models_calibration_is_refused(llama, tmp_path):
 
 
 def test_to_pandas_has_one_row_per_layer(llama):
-    frame = calibrate(llama, data(), method="teal", sparsity=0.5).to_pandas()
+    frame = calibrate(llama, data(), method="teal", sparsity=0.5, allocation="uniform", projections="mlp").to_pandas()
     assert list(frame["layer"]) == [0, 1]
     assert {"expected_sparsity", "expected_weight_skipped", "threshold_in", "threshold_down"} <= set(frame.columns)
+    frame = calibrate(llama, data(), method="teal", sparsity=0.5, allocation="uniform").to_pandas()
+    assert {"threshold_self_attn.q_proj", "threshold_mlp.down_proj", "block_error", "sparsity self_attn.o_proj"} <= set(frame.columns)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -155,6 +159,10 @@ def test_to_pandas_has_one_row_per_layer(llama):
     ({"method": "teal", "sparsity": 0.5, "p": 0.01}, "takes a target sparsity and no p"),
     ({"method": "cett", "sparsity": 0.5}, "takes p"),
     ({"method": "core", "sparsity": 0.5, "alpha": 0}, "alpha must be"),
+    ({"method": "teal", "sparsity": 0.5, "allocation": "fast"}, "allocation must be one of greedy, uniform"),
+    ({"method": "teal", "sparsity": 0.5, "projections": "attn"}, "projections must be one of all, mlp"),
+    ({"method": "teal", "sparsity": 0.5, "step": 0}, r"step \(the greedy search's sparsity step\) must be in \(0, 0.5\]"),
+    ({"method": "cats", "sparsity": 0.5, "allocation": "greedy"}, "allocation and projections are TEAL's options"),
 ])
 def test_bad_settings(llama, kw, match):
     with pytest.raises(InputError, match=match):

@@ -58,6 +58,9 @@ def as_method(method: str, **settings):
         for layer, units in zip(header["layers"], header["units"]):
             if method == "cett":
                 tensors[f"{layer}.neuron"] = torch.full((units,), 0.01)
+            elif method == "teal" and "names" in settings:  # over projections
+                for name in settings["names"]:
+                    tensors[f"{layer}.{name}"] = torch.tensor([0.1])
             elif method == "teal":
                 tensors[f"{layer}.in"], tensors[f"{layer}.down"] = torch.tensor([0.1]), torch.tensor([0.1])
         header["settings"] = settings
@@ -117,7 +120,17 @@ CORRUPTIONS = {
     "cett without p": (as_method("cett", c=1.0), "settings 'p' is missing, a cett calibration needs it (a fraction > 0: the allowed perplexity increase)"),
     "cett wrong shape": (lambda h, t: (as_method("cett", p=0.01)(h, t), t.__setitem__("1.neuron", torch.full((32,), 0.1))),
                          "tensor '1.neuron' has shape [32], expected [64]"),
-    "teal sparsity text": (as_method("teal", sparsity="half"), "settings 'sparsity' is 'half', expected a fraction in [0, 1)"),
+    "teal sparsity text": (as_method("teal", sparsity="half", allocation="uniform", projections="mlp"),
+                           "settings 'sparsity' is 'half', expected a fraction in [0, 1)"),
+    "teal of an older actscope": (as_method("teal", sparsity=0.5),
+                                  "settings 'allocation' is missing, a teal calibration needs it (greedy or uniform)"),
+    "teal without names": (as_method("teal", sparsity=0.5, allocation="greedy", projections="all"),
+                           "settings 'names' is None, expected the list of the blocks' projection names"),
+    "teal of other projections": (as_method("teal", sparsity=0.5, allocation="greedy", projections="all", names=["attn.c_attn", "mlp.c_fc"]),
+                                  "it has thresholds for projections ['attn.c_attn', 'mlp.c_fc'], model 'model' has ['self_attn.q_proj',"),
+    "teal projection missing": (lambda h, t: (as_method("teal", sparsity=0.5, allocation="uniform", projections="all",
+                                                        names=["self_attn.q_proj"])(h, t), t.pop("1.self_attn.q_proj")),
+                                "tensor '1.self_attn.q_proj' is missing (a teal calibration holds '{layer}.self_attn.q_proj' for layers"),
     "core alpha 0": (as_method("core", sparsity=0.5, alpha=0, beta=0.5), "settings 'alpha' is 0, expected a fraction in (0, 1]"),
     "core beta 2": (as_method("core", sparsity=0.5, alpha=0.4, beta=2), "settings 'beta' is 2, expected a fraction in (0, 1]"),
     "core tensor": (lambda h, t: (as_method("core", alpha=0.4, beta=0.5)(h, t), t.__setitem__("0.act", torch.tensor([0.1]))),

@@ -69,8 +69,30 @@ def test_sparsify_cett_takes_p_in_percent(workspace, tmp_path):
     assert saved.method == "cett" and saved.settings["p"] == 0.01
 
 
+@pytest.mark.parametrize("options,expected", [
+    ([], {"allocation": "greedy", "projections": "all"}),
+    (["--allocation", "uniform", "--projections", "mlp"], {"allocation": "uniform", "projections": "mlp"}),
+])
+def test_sparsify_teal_variants(workspace, tmp_path, options, expected):
+    model_dir, data, _ = workspace
+    out = tmp_path / "teal.safetensors"
+    result = run("sparsify", model_dir, "--data", data, "--method", "teal", "--sparsity", "0.4", *options, "--out", out)
+    assert result.exit_code == 0, result.output
+    saved = Calibration.load(out, actscope.load(model_dir))
+    assert {k: saved.settings[k] for k in expected} == expected
+    text = " ".join(result.output.split())
+    assert f"sparsity=0.4 {expected['allocation']} {expected['projections']}" in text
+    if expected["projections"] == "all":
+        assert saved.by_projection and "sparsity of each projection's input over the layers" in text
+        rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") >= 4}
+        for name in saved.settings["names"]:
+            assert f"{saved.per_layer[f'sparsity {name}'].mean():.3f}" in rows[name]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--p", "1", "--method", "cats"], "takes a target sparsity and no p"),
+    (["--sparsity", "0.5", "--method", "teal", "--allocation", "best"], "allocation must be one of greedy, uniform"),
+    (["--sparsity", "0.5", "--method", "cats", "--projections", "all"], "allocation and projections are TEAL's options"),
     (["--sparsity", "1.5", "--method", "teal"], "sparsity must be a fraction"),
     (["--sparsity", "0.5", "--method", "dense"], "method must be one of"),
 ])

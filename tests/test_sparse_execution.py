@@ -26,7 +26,13 @@ from test_layouts import LAYOUTS, fresh
 # Every family whose card lets sparse execution run its MLPs, and the card-less families whose
 # matched layout is one of them (tests/test_layouts.py).
 FAMILIES = [*sparse_families(), *(name for name, tiny in LAYOUTS.items() if tiny.layout in sparse_families())]
-SETTINGS = {"cats": {"sparsity": 0.7}, "teal": {"sparsity": 0.6}, "cett": {"p": 0.005}, "core": {"sparsity": 0.5}}
+SETTINGS = {  # name: calibrate's options
+    "cats": {"method": "cats", "sparsity": 0.7},
+    "teal": {"method": "teal", "sparsity": 0.6, "step": 0.2},  # greedy over every projection, attention ones too
+    "teal uniform mlp": {"method": "teal", "sparsity": 0.6, "allocation": "uniform", "projections": "mlp"},
+    "cett": {"method": "cett", "p": 0.005},
+    "core": {"method": "core", "sparsity": 0.5},
+}
 LOW = 3  # token ids below this are special in some tiny configs
 STEPS = 3
 
@@ -53,7 +59,7 @@ def setup(family: str) -> tuple:
     if family not in _CACHE:
         module = fresh(family) if family in LAYOUTS else tiny_model(family)[0]
         model = actscope.wrap(module)
-        cals = {m: calibrate(model, calibration_data(), method=m, **kw) for m, kw in SETTINGS.items()}
+        cals = {name: calibrate(model, calibration_data(), **kw) for name, kw in SETTINGS.items()}
         cals["cett"] = non_degenerate(cals["cett"])
         _CACHE[family] = (module, model, cals)
     return _CACHE[family]

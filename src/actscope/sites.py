@@ -193,7 +193,22 @@ def _unknown_site_message(model: "Model", pattern: str) -> str:
     if re.search(r"\.(sae|transcoder)(_\w+)?$", pattern.split("[")[0]):  # the features of an SAE not attached
         hint += (" SAE features are a site once their SAE is attached: --sae DIR on the command line, "
                  "actscope.sae.attach(model, actscope.load_sae(DIR)) in Python.")
-    return f"unknown site '{pattern}' for {model.name}{layers}.{hint} Run `actscope sites {model.source or ''}`".rstrip() + " to list them."
+    command = f"actscope sites {_command_model(model.source)}".rstrip()
+    return f"unknown site '{pattern}' for {model.name}{layers}.{hint} Run `{command}` to list them."
+
+
+def _command_model(source: str | None) -> str:
+    """The MODEL argument that loads ``source`` again: a directory as it is (quoted for a shell),
+    a hub snapshot ``org/name@commit`` as ``org/name --revision commit``."""
+    import shlex
+    from pathlib import Path
+
+    if not source:
+        return ""
+    repo, at, revision = source.rpartition("@")
+    if at and repo and not Path(source).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        return f"{shlex.quote(repo)} --revision {shlex.quote(revision)}"
+    return shlex.quote(source)
 
 
 def _suggest(word: str, choices: list[str]) -> str:

@@ -19,6 +19,7 @@ from .errors import MemoryGuardError, SiteError
 from .hooks import Hooks, hooks
 from .models import Model, ModelLike, as_model
 from .models.adapters.base import HookCall, ReadContext
+from .models.attention import PATTERN_RETURNING
 from .sites import Plan, Site, module_entry, plan_sites
 
 log = logging.getLogger("actscope")
@@ -227,11 +228,12 @@ def _check_range(site: Site, chosen: tuple[int, ...], size: int, what: str) -> N
 # -- eager attention -------------------------------------------------------------------
 @contextmanager
 def eager_attention(model: Model, announce: bool = True) -> Iterator[None]:
-    """Switch a Hugging Face model to eager attention (which returns probabilities)."""
+    """Switch a Hugging Face model to eager attention (which returns probabilities), unless its
+    attention function already returns them (``models.attention.PATTERN_RETURNING``)."""
     module = model.module
     config = getattr(module, "config", None)
     before = getattr(config, "_attn_implementation", None)
-    if config is None or before in (None, "eager") or not hasattr(module, "set_attn_implementation"):
+    if config is None or before is None or before in PATTERN_RETURNING or not hasattr(module, "set_attn_implementation"):
         yield
         return
     if announce:

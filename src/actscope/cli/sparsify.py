@@ -20,6 +20,8 @@ def sparsify(
     p: Optional[float] = typer.Option(None, "--p", help="CETT: allowed perplexity increase in percent (1 = 1 %)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="cats/teal/core: target sparsity in [0, 1)."),
     alpha: float = typer.Option(0.4, "--alpha", help="core: token-wise core fraction α."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="teal: greedy (default: TEAL's search over the projections of each block) | uniform."),
+    projections: Optional[str] = typer.Option(None, "--projections", help="teal: all (default: every linear layer of a block, attention ones included) | mlp."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the perplexity report (default: the last --held-out share of --data, not calibrated on)."),
     held_out: Optional[float] = typer.Option(None, "--held-out", help="Share of --data held out for the perplexity report when --eval-data is absent (default 0.2)."),
     column: Optional[str] = typer.Option(None, "--column", help="Text column of a table-shaped data file."),
@@ -47,7 +49,8 @@ def sparsify(
                            download=download, trust_remote_code=trust_remote_code)
         model.module.eval()
         calibration = calibrate(model, list(calibration_docs), method=chosen, sparsity=sparsity,
-                                p=None if p is None else p / 100, alpha=alpha, batch_size=batch_size, max_length=max_length)
+                                p=None if p is None else p / 100, alpha=alpha, batch_size=batch_size, max_length=max_length,
+                                allocation=allocation, projections=projections)
         calibration.save(out, overwrite=overwrite)
         _layers(calibration)
         _quality(evaluate(model, calibration, list(held_out_docs), batch_size=batch_size, max_length=max_length))
@@ -69,11 +72,25 @@ SHORT_NAMES = {"expected_sparsity": "sparsity", "expected_weight_skipped": "weig
 
 def _layers(calibration) -> None:
     frame = calibration.to_pandas()
+    if calibration.by_projection:  # per layer its totals; the projections get a table of their own
+        _projections(calibration)
+        frame = frame[[c for c in frame.columns if not c.startswith(("threshold_", "sparsity "))]]
     table = Table(title=f"{calibration.method} calibration of {calibration.model_name}: expected per layer", title_justify="left")
     for name in frame.columns:
         table.add_column(SHORT_NAMES.get(name, name.replace("threshold_", "t_")), justify="right")
     for row in frame.itertuples(index=False):
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+def _projections(calibration) -> None:
+    table = Table(title=f"TEAL ({calibration.settings['allocation']}): sparsity of each projection's input over the layers",
+                  title_justify="left")
+    for name in ("projection", "mean", "min", "max"):
+        table.add_column(name, justify="left" if name == "projection" else "right")
+    for name in calibration.settings["names"]:
+        values = calibration.per_layer[f"sparsity {name}"]
+        table.add_row(name, *(f"{v:.3f}" for v in (values.mean(), values.min(), values.max())))
     console.print(table)
 
 

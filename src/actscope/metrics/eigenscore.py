@@ -11,6 +11,12 @@ its reference code uses ``torch.cov`` (with it) and ``log10``: divide our score 
 compare with numbers from that code.) Higher means the answers' embeddings spread over more
 directions, which INSIDE reads as the model being less sure (more likely hallucinating).
 
+Which embedding. By default the one INSIDE uses: the hidden state of each answer's last token
+at the middle layer, i.e. Hugging Face's ``hidden_states[(L + 1) // 2]`` of an L-block model
+(the output of block ``(L + 1) // 2 − 1``; block 15 of a 32-block Llama), read in one forward
+pass over prompt + answer. ``site=``/``pool=`` choose another: ``pool="mean"`` with the last
+block's ``resid.post`` is the mean-pooled last-layer variant (:data:`MEAN_LAST_LAYER`).
+
 :func:`eigenscore_exact` takes the eigenvalues. :func:`eigenscore_efficient` never does:
 
 * It works on the smaller of the two Gram matrices. With ``B = Z·J_d/√(d−1)`` (``[K, d]``),
@@ -59,6 +65,7 @@ MOMENT_TOLERANCE = 1e-3  # bound on the truncation error of the log series, in l
 MAX_AUTO_MOMENTS = 50_000  # cost: one [m, m] @ [m, probes] product per moment
 SINGLE_THREAD_SIZE = 512  # the moment recurrence runs on one thread up to this matrix size
 POOLS = ("mean", "last")
+MEAN_LAST_LAYER = {"site": "last", "pool": "mean"}  # eigenscore(model, prompt, **MEAN_LAST_LAYER)
 
 
 # -- scores of given embeddings -------------------------------------------------------
@@ -216,7 +223,7 @@ def eigenscore(
     k: int = 10,
     *,
     site: str | None = None,
-    pool: str = "mean",
+    pool: str = "last",
     alpha: float = DEFAULT_ALPHA,
     max_new_tokens: int = 16,
     temperature: float = 1.0,
@@ -232,9 +239,11 @@ def eigenscore(
     Answers come from ``generate(do_sample=True)`` (``temperature``/``top_p``/``top_k``; 0
     disables top-k) with the global RNG untouched (a forked one seeded with ``seed``). An
     answer is the generated tokens through the first end-of-sequence token (kept, so an
-    empty answer still has one token). Its embedding is the ``pool`` (``mean`` over the
-    answer tokens, or the ``last`` one) of ``site`` (default: the last block's
-    ``resid.post``), read in one forward pass over prompt + answer. ``model``: a directory,
+    empty answer still has one token). Its embedding is the ``pool`` (the ``last`` answer
+    token, or the ``mean`` over the answer tokens) of ``site``, read in one forward pass over
+    prompt + answer. The defaults are INSIDE's: the last token at the middle layer
+    (``blocks.{(L + 1) // 2 - 1}.resid.post``); ``site="last"`` names the last block's
+    ``resid.post`` (``**MEAN_LAST_LAYER``: mean-pooled there). ``model``: a directory,
     an ``nn.Module`` or an actscope ``Model``; a tokenizer is required.
     """
     _check_count("k", k)
@@ -300,10 +309,11 @@ def _as_model(model: Model, tokenizer: Any) -> Any:
 def _answer_site(model: Model, site: str | None) -> str:
     from ..sites import plan_sites
 
-    if site is None:
+    if site is None or site == "last":
         if not model.n_layers:
             raise InputError(f"{model.name} has no known blocks, so there is no default site; pass site=...")
-        site = f"blocks.{model.n_layers - 1}.resid.post"
+        block = (model.n_layers + 1) // 2 - 1 if site is None else model.n_layers - 1
+        site = f"blocks.{block}.resid.post"
     plan = plan_sites(model, site)
     if len(plan.sites) != 1:
         raise InputError(f"site {site!r} selects {len(plan.sites)} sites; name exactly one")
@@ -391,4 +401,4 @@ def _pool(values: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, poo
     return values[last]
 
 
-__all__ = ["EigenScore", "eigenscore", "eigenscore_efficient", "eigenscore_exact"]
+__all__ = ["MEAN_LAST_LAYER", "EigenScore", "eigenscore", "eigenscore_efficient", "eigenscore_exact"]

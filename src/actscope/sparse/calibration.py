@@ -9,7 +9,9 @@ units and per-layer figures. Loading also refuses a file whose header or tensors
 Threshold tensors are named ``"{layer}.{kind}"``: ``act`` (CATS, one number: ``|act(gate)|``
 below it is skipped), ``in`` and ``down`` (TEAL, one number each: input entries with ``|x| ≤ t``
 of the gate/up and of the down projection are skipped), ``neuron`` (CETT, ``[d_mlp]``:
-``|a_i| < t_i`` is skipped). CORE has none: its sets are chosen per prompt from α and β.
+``|a_i| < t_i`` is skipped). CORE has none: its sets are chosen per prompt from α and β. TEAL
+over projections (the default) holds one number per projection instead, named by its path in
+the block (``"3.self_attn.q_proj"``; the names are in ``settings["names"]``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from ..results import TableResult
 from ..store.bound import Bound, WeightBound
-from .validation import KINDS, check_header, check_model, check_tensors
+from .validation import by_projection, check_header, check_model, check_tensors, threshold_kinds
 from ..models import Model
 
 
@@ -51,6 +53,18 @@ class Calibration(TableResult, WeightBound):
     per_layer: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
     settings: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The names after ``"{layer}."`` of the threshold tensors (a projection's path for TEAL
+        over projections)."""
+        return threshold_kinds(self.method, self.settings)
+
+    @property
+    def by_projection(self) -> bool:
+        """One threshold per projection (TEAL unless uniform over the MLP): run by
+        :mod:`~actscope.sparse.projections`, not the sparse MLP."""
+        return by_projection(self.method, self.settings)
+
     def threshold(self, layer: int, kind: str) -> torch.Tensor:
         """The float32 threshold tensor of ``layer`` (``[1]`` or ``[d_mlp]``)."""
         return self.thresholds[f"{layer}.{kind}"]
@@ -63,7 +77,7 @@ class Calibration(TableResult, WeightBound):
             "expected_sparsity": np.asarray(self.expected_sparsity, dtype=np.float64),
             "expected_weight_skipped": np.asarray(self.expected_weight_skipped, dtype=np.float64),
         }
-        for kind in KINDS[self.method]:
+        for kind in self.kinds:
             values = [self.threshold(layer, kind) for layer in self.layers]
             name = f"threshold_{kind}" if values[0].numel() == 1 else f"threshold_{kind}_median"
             table[name] = np.array([float(v.double().median()) for v in values])
@@ -94,6 +108,13 @@ class Calibration(TableResult, WeightBound):
         check_header(bound.path, header)
         check_model(bound.path, header, model, mlp_blocks(model))
         check_tensors(bound.path, header, tensors)
+        if by_projection(header["method"], header["settings"]):
+            from .projections import block_projections
+            from .validation import refuse
+
+            found = [p.name for p in block_projections(model, header["layers"], header["settings"]["projections"])[header["layers"][0]]]
+            if found != header["settings"]["names"]:
+                refuse(bound.path, f"it has thresholds for projections {header['settings']['names']}, model '{model.name}' has {found}")
         return cls(
             method=header["method"], family=header["family"], model_name=bound.model_name,
             weight_hash=bound.weight_hash, layers=tuple(header["layers"]), units=tuple(header["units"]),

@@ -22,11 +22,12 @@ import torch
 from ..errors import InputError
 from ..hooks import hooks
 from ..results import TableResult
-from .calibration import KINDS, Calibration
+from .calibration import Calibration
 from .calls import CallTracker
-from .families import MlpBlock, mlp_blocks, refuse_unsupported_weights
+from .families import MlpBlock, mlp_blocks, refuse_unsupported_projections, refuse_unsupported_weights
 from .forwards import SparseMlp, Tally
 from .layout import lay_out
+from .projections import install_projections
 from .swaps import install, refuse_hooks, refuse_nested
 from ..models import Model, ModelLike
 
@@ -66,30 +67,33 @@ class SparseHandle:
     def reset(self) -> None:
         """Forget the counts (e.g. after a warm-up)."""
         n = len(self.calibration.layers)
-        # [phase, layer]: phase 0 = every call, 1 = decoding calls only
-        self._tokens = np.zeros((2, n), dtype=np.int64)
+        # [phase, layer]: phase 0 = every call, 1 = decoding calls only. Counts are weighted by
+        # each runner's part of its block (1 for a sparse MLP; a projection's share of the
+        # block's projection weights under TEAL over projections, so that the parts add to 1).
+        self._tokens = np.zeros((2, n))
         self._sparsity, self._skipped = np.zeros((2, n)), np.zeros((2, n))
-        self._read, self._calls = np.zeros(n), np.zeros(n, dtype=np.int64)
+        self._read, self._calls = np.zeros(n), np.zeros(n)
         self._position = {layer: i for i, layer in enumerate(self.calibration.layers)}
 
-    def record(self, layer: int, tally: Tally, n: int) -> None:
+    def record(self, layer: int, tally: Tally, n: int, part: float = 1.0) -> None:
         info = self._tracker.current
         rows = info.rows(n) if info is not None else None
         real = rows[1].to(tally.sparsity.device) if rows is not None else torch.ones(n, dtype=torch.bool, device=tally.sparsity.device)
         i = self._position[layer]
         phases = (0,) if info is None or info.prefill else (0, 1)
         for phase in phases:
-            self._tokens[phase, i] += int(real.sum())
-            self._sparsity[phase, i] += float(tally.sparsity[real].sum())
-            self._skipped[phase, i] += float(tally.weight_skipped[real].sum())
-        self._read[i] += tally.read
-        self._calls[i] += 1
+            self._tokens[phase, i] += part * int(real.sum())
+            self._sparsity[phase, i] += part * float(tally.sparsity[real].sum())
+            self._skipped[phase, i] += part * float(tally.weight_skipped[real].sum())
+        self._read[i] += part * tally.read
+        self._calls[i] += part
 
     def realised(self) -> RealisedSparsity:
-        tokens = np.maximum(self._tokens, 1)
+        tokens = np.where(self._tokens > 0, self._tokens, 1)
         sparsity, skipped = self._sparsity / tokens, self._skipped / tokens
-        return RealisedSparsity(np.array(self.calibration.layers), self._tokens[0].copy(), sparsity[0], skipped[0],
-                                self._read / np.maximum(self._calls, 1), self._tokens[1].copy(), sparsity[1], skipped[1])
+        return RealisedSparsity(np.array(self.calibration.layers), np.rint(self._tokens[0]).astype(np.int64), sparsity[0],
+                                skipped[0], self._read / np.where(self._calls > 0, self._calls, 1),
+                                np.rint(self._tokens[1]).astype(np.int64), sparsity[1], skipped[1])
 
     @property
     def sparsity(self) -> np.ndarray:
@@ -126,9 +130,17 @@ def sparsify(model: ModelLike, calibration: Calibration, *, check_weights: bool 
     refuse_nested(model, blocks, "a second sparsify")
     refuse_unsupported_weights(model, blocks)
     check_match(model, blocks, calibration, check_weights)
-    refuse_hooks(model, blocks)
     tracker = CallTracker()
     handle = SparseHandle(calibration, tracker)
+    if calibration.by_projection:
+        found = projections_of(model, calibration)
+        refuse_unsupported_projections(model, found)
+        with hooks(model.module) as registry:
+            tracker.attach(registry)
+            install_projections(registry, found, lambda p: calibration.thresholds[p.key], handle.record)
+            yield handle
+        return
+    refuse_hooks(model, blocks)
     cores: dict[int, torch.Tensor] = {}
     with hooks(model.module) as registry:
         tracker.attach(registry)
@@ -170,7 +182,20 @@ def _thresholds(calibration: Calibration, block: MlpBlock) -> dict[str, torch.Te
     if weight.device.type == "meta" or not weight.is_floating_point() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         weight = dense_weight(block.down)
     return {kind: calibration.threshold(block.layer, kind).to(dtype=weight.dtype, device=weight.device)
-            for kind in KINDS[calibration.method]}
+            for kind in calibration.kinds}
+
+
+def projections_of(model: Model, calibration: Calibration) -> dict:
+    """The model's projections that a TEAL-over-projections calibration names (refused when the
+    model's differ, e.g. a calibration of another family that slipped through)."""
+    from .projections import block_projections
+
+    found = block_projections(model, list(calibration.layers), calibration.settings["projections"])
+    names = [p.name for p in found[calibration.layers[0]]]
+    if names != list(calibration.settings["names"]):
+        raise InputError(f"the calibration has thresholds for projections {list(calibration.settings['names'])}, model "
+                         f"'{model.name}' has {names}; calibrate this model")
+    return found
 
 
 def _own_forward(module: Any) -> Callable:

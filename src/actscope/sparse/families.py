@@ -119,6 +119,20 @@ def refuse_unsupported_weights(model: Model, blocks: list[MlpBlock]) -> None:
             )
 
 
+def refuse_unsupported_projections(model: Model, projections: dict[int, list]) -> None:
+    """The same refusals for the projections TEAL runs sparsely (attention ones included)."""
+    for layer, found in projections.items():
+        for p in found:
+            if _offloaded(p.module) or _quantised(p.module):
+                why = "offloaded by accelerate" if _offloaded(p.module) else f"quantised ({type(p.module).__name__})"
+                raise InputError(
+                    f"{model.name}: block {layer}'s {p.name} is {why}: sparse execution runs each projection from a float copy "
+                    "of its weight, which would undo the offload or replace the quantised arithmetic. Load the model "
+                    "unquantised on one device (or with enough max_memory on the GPUs) to run it sparsely; calibrate and "
+                    "dense_with_thresholds work on this model"
+                )
+
+
 def _offloaded(module: torch.nn.Module) -> bool:
     hooked = any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in module.modules())
     return hooked or any(p.device.type == "meta" for p in module.parameters())

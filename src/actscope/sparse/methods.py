@@ -4,9 +4,14 @@
   of ``|act(gate)|`` (plain MLPs: ``|act(pre)|``) over the calibration tokens. A unit with
   ``|act(gate)| < t`` is skipped: its up row and down row are never read (plain MLPs: only its
   down row, since the activation has to be computed first).
-* **teal** — per layer two thresholds, the ``sparsity`` quantiles of ``|x|`` (the MLP input,
-  read by gate and up) and of ``|a|`` (the input of the down projection), both over the dense
-  model's calibration activations *(our choice: one pass, no greedy layer-by-layer re-fit)*.
+* **teal** — TEAL as published (the default, ``allocation="greedy", projections="all"``): one
+  threshold per linear layer of each block (q, k, v, o, gate, up, down, or the family's fused
+  ones), the sparsity of each chosen by TEAL's block-wise greedy search so that each block (the
+  parameter-weighted mean over its projections) reaches the target (:mod:`~.projections`).
+  ``allocation="uniform"`` gives every projection the target; ``projections="mlp"`` covers the
+  MLP's projections only. ``allocation="uniform", projections="mlp"`` is the uniform MLP-only
+  variant: per layer two thresholds, the ``sparsity`` quantiles of ``|x|`` (the MLP input, read
+  by gate and up) and of ``|a|`` (the input of the down projection), run by the sparse MLP.
   Input entries with ``|x| ≤ t`` are zeroed: their rows of the transposed weights are skipped.
 * **cett** — per-unit thresholds of CETT-PPL-p% (:func:`actscope.metrics.cett.cett_sparsity`,
   objective :class:`~actscope.metrics.cett.CausalLMLoss` on ``eval_data`` or, by default, the
@@ -31,7 +36,8 @@ from ..errors import InputError
 from .calibration import Calibration
 from .validation import METHODS
 from .families import MlpBlock, mlp_blocks
-from .recording import DEFAULT_MAX_VALUES, record_abs
+from .projections import ALLOCATIONS, DEFAULT_STEP, SCOPES, allocate, block_projections, threshold_of
+from .recording import DEFAULT_MAX_VALUES, record_abs, record_inputs
 from .swaps import refuse_nested
 from ..models import Model, ModelLike
 
@@ -48,15 +54,21 @@ def calibrate(
     alpha: float = 0.4,
     eval_data: Any = None,
     max_values: int = DEFAULT_MAX_VALUES,
+    allocation: str | None = None,
+    projections: str | None = None,
+    step: float = DEFAULT_STEP,
 ) -> Calibration:
     """Calibrate ``method`` (cats, teal, cett, core) on ``data`` (strings, a text source or
     model-input dicts). cats/teal/core take a target ``sparsity`` in [0, 1); cett takes ``p``,
-    the allowed perplexity increase as a fraction (0.01 = 1 %)."""
+    the allowed perplexity increase as a fraction (0.01 = 1 %). teal only: ``allocation``
+    (``"greedy"``, the default, or ``"uniform"``), ``projections`` (``"all"``, the default, or
+    ``"mlp"``) and the greedy search's ``step``."""
     from ..models import as_model
     from ..feeding import materialised
     from ..store import weight_hash
 
     _check_method_settings(method, sparsity, p)
+    teal = _teal_options(method, allocation, projections, step)
     model = as_model(model)
     _check_eval_mode(model)
     blocks = mlp_blocks(model)
@@ -65,7 +77,10 @@ def calibrate(
         fields = _cett(model, data, p, batch_size, max_length, eval_data)
     else:
         batches = materialised(model, data, what="calibration", batch_size=batch_size, max_length=max_length)
-        fields = {"cats": _cats, "teal": _teal, "core": _core}[method](model, blocks, batches, sparsity, alpha, max_values)
+        if method == "teal" and teal != ("uniform", "mlp"):
+            fields = _teal_projections(model, blocks, batches, sparsity, *teal, step, max_values)
+        else:
+            fields = {"cats": _cats, "teal": _teal, "core": _core}[method](model, blocks, batches, sparsity, alpha, max_values)
     return Calibration(
         method=method, family=model.family, model_name=model.name, weight_hash=weight_hash(model.module),
         layers=tuple(b.layer for b in blocks), units=tuple(b.units for b in blocks), **fields,
@@ -84,6 +99,22 @@ def _check_method_settings(method: Any, sparsity: Any, p: Any) -> None:
         raise InputError(f"method {method!r} takes a target sparsity and no p; e.g. calibrate(model, data, method={method!r}, sparsity=0.5)")
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity < 1:
         raise InputError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}; e.g. 0.5")
+
+
+def _teal_options(method: str, allocation: Any, projections: Any, step: Any) -> tuple[str, str]:
+    if method != "teal":
+        if allocation is not None or projections is not None:
+            raise InputError(f"allocation and projections are TEAL's options; method {method!r} takes neither")
+        return ("", "")
+    allocation = "greedy" if allocation is None else allocation
+    projections = "all" if projections is None else projections
+    if allocation not in ALLOCATIONS:
+        raise InputError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if projections not in SCOPES:
+        raise InputError(f"projections must be one of {', '.join(SCOPES)}, got {projections!r}")
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) or not 0 < step <= 0.5:
+        raise InputError(f"step (the greedy search's sparsity step) must be in (0, 0.5], got {step!r}; e.g. 0.05")
+    return allocation, projections
 
 
 def _check_eval_mode(model: Model) -> None:
@@ -131,7 +162,34 @@ def _teal(model: Model, blocks: list[MlpBlock], batches: list, sparsity: float, 
         expected.append(_weight_share(block, s_in[-1], s_down[-1]))
     return dict(thresholds=thresholds, expected_sparsity=np.array(expected), expected_weight_skipped=np.array(expected),
                 per_layer={"expected_in_sparsity": np.array(s_in), "expected_down_sparsity": np.array(s_down)},
-                settings={"sparsity": float(sparsity)})
+                settings={"sparsity": float(sparsity), "allocation": "uniform", "projections": "mlp"})
+
+
+def _teal_projections(model: Model, blocks: list[MlpBlock], batches: list, sparsity: float, allocation: str, scope: str,
+                      step: float, max_values: int) -> dict:
+    """TEAL over every projection (or the MLP's), greedy or uniform (:mod:`~.projections`)."""
+    found = block_projections(model, [b.layer for b in blocks], scope)
+    values = record_inputs(model, {p.key: p.module for ps in found.values() for p in ps}, batches, max_values=max_values)
+    for key, v in values.items():
+        if v.size == 0:
+            raise InputError(f"the calibration data gave no input values for {key} (no real tokens?); pass more text")
+    thresholds, expected, errors, per_projection = {}, [], [], {}
+    for layer, projections in found.items():
+        chosen, error = allocate(model, projections, values, batches, float(sparsity), allocation, step)
+        params = np.array([p.params for p in projections], dtype=np.float64)
+        shares = []
+        for p in projections:
+            t = threshold_of(values[p.key], chosen[p.key])
+            thresholds[p.key] = torch.tensor([t], dtype=torch.float32)
+            shares.append(float(np.mean(values[p.key] <= np.float32(t))))
+            per_projection.setdefault(f"sparsity {p.name}", []).append(chosen[p.key])
+        expected.append(float(params @ np.array(shares) / params.sum()))
+        errors.append(error)
+    names = [p.name for p in next(iter(found.values()))]
+    return dict(thresholds=thresholds, expected_sparsity=np.array(expected), expected_weight_skipped=np.array(expected),
+                per_layer={"block_error": np.array(errors), **{k: np.array(v) for k, v in per_projection.items()}},
+                settings={"sparsity": float(sparsity), "allocation": allocation, "projections": scope, "step": float(step),
+                          "names": names})
 
 
 def _core(model: Model, blocks: list[MlpBlock], batches: list, sparsity: float, alpha: float, max_values: int) -> dict:

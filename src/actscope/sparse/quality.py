@@ -61,6 +61,8 @@ def setting_text(calibration: Calibration) -> str:
         return f"p={100 * s['p']:g}%"
     if calibration.method == "core":
         return f"alpha={s['alpha']:g} beta={s['beta']:g}"
+    if calibration.method == "teal":  # which TEAL: greedy or uniform, over every projection or the MLP's
+        return f"sparsity={s['sparsity']:g} {s['allocation']} {s['projections']}"
     return f"sparsity={s['sparsity']:g}"
 
 

@@ -5,8 +5,8 @@ The model runs its own dense MLP forward; hooks only zero what the calibration s
 * cats — a forward hook on the gate (plain MLPs: the first projection) sets the pre-activation
   to 0 where ``|act(pre)| < t``; every supported activation has ``act(0) = 0``, so the neuron
   is 0 there;
-* teal — forward pre-hooks zero the entries ``|x| ≤ t`` of the inputs of gate/up (or the first
-  projection) and of the down projection;
+* teal — forward pre-hooks zero the entries ``|x| ≤ t`` of the input of every projection the
+  calibration covers (uniform over the MLP: of gate/up, or the first projection, and of down);
 * cett — a forward pre-hook on the down projection zeroes ``|a_i| < t_i``
   (:func:`actscope.interventions.threshold`, the edit the CETT search measures);
 * core — on a prefill call the down projection's input (the neuron) chooses each prompt's core
@@ -44,8 +44,16 @@ def dense_with_thresholds(model: ModelLike, calibration: Calibration, *, check_w
     cores: dict[int, torch.Tensor] = {}
     with hooks(model.module) as registry:
         tracker = CallTracker().attach(registry)
-        for block in blocks:
-            _apply_skips(registry, block, calibration, tracker, cores)
+        if calibration.by_projection:  # TEAL over projections: each one's input thresholded
+            from .execution import projections_of
+            from .projections import threshold_for, zero_at_most
+
+            for projections in projections_of(model, calibration).values():
+                for p in projections:
+                    registry.before(p.module, zero_at_most(threshold_for(p, calibration.thresholds[p.key])))
+        else:
+            for block in blocks:
+                _apply_skips(registry, block, calibration, tracker, cores)
         yield
 
 

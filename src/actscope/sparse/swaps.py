@@ -96,8 +96,9 @@ def module_names(root: torch.nn.Module) -> dict[int, str]:
 
 
 def refuse_nested(model: Model, blocks: list[MlpBlock], action: str) -> None:
-    """Refuse ``action`` (which needs the dense MLP forwards) inside a ``sparsify`` block."""
-    if any(swap_mark(module) is not None for block in blocks for module, _, _ in swap_plan(block)):
+    """Refuse ``action`` (which needs the dense forwards) inside a ``sparsify`` block: any
+    forward of the model swapped (the MLPs', or TEAL's projections')."""
+    if any(swap_mark(module) is not None for module in model.module.modules()):
         raise InputError(f"model '{model.name}' already runs sparsely (inside a sparsify block); {action} needs the "
                          "dense MLP forwards: call it outside the sparsify block")
 

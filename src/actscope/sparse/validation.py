@@ -26,6 +26,17 @@ from ..models import Model
 
 METHODS = ("cats", "teal", "cett", "core")
 KINDS = {"cats": ("act",), "teal": ("in", "down"), "cett": ("neuron",), "core": ()}  # threshold tensors per method
+# (TEAL over projections holds one per projection instead: threshold_kinds)
+
+
+def by_projection(method: str, settings: Mapping[str, Any]) -> bool:
+    """TEAL over every projection (or greedy over the MLP's): one threshold per projection."""
+    return method == "teal" and (settings.get("allocation"), settings.get("projections")) != ("uniform", "mlp")
+
+
+def threshold_kinds(method: str, settings: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names after ``"{layer}."`` of a calibration's threshold tensors."""
+    return tuple(settings["names"]) if by_projection(method, settings) else KINDS[method]
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -75,14 +86,15 @@ _SPARSITY: Rule = (_fraction(high_open=True), "a fraction in [0, 1)")
 _SHARE: Rule = (_fraction(low_open=True), "a fraction in (0, 1]")
 SETTINGS: dict[str, dict[str, Rule]] = {
     "cats": {"sparsity": _SPARSITY},
-    "teal": {"sparsity": _SPARSITY},
+    "teal": {"sparsity": _SPARSITY, "allocation": (lambda v: v in ("greedy", "uniform"), "greedy or uniform"),
+             "projections": (lambda v: v in ("all", "mlp"), "all or mlp")},
     "cett": {"p": (lambda v: _number(v) and v > 0, "a fraction > 0: the allowed perplexity increase")},
     "core": {"alpha": _SHARE, "beta": _SHARE},
 }
 
 SHAPES: dict[str, Callable[[int], list[int]]] = {
     "act": lambda units: [1], "in": lambda units: [1], "down": lambda units: [1], "neuron": lambda units: [units],
-}
+}  # any other kind is a projection's: [1]
 
 
 def refuse(source: Path, problem: str) -> NoReturn:
@@ -108,15 +120,20 @@ def check_header(source: Path, header: Mapping[str, Any]) -> None:
     method = header["method"]
     _check_rules(source, header["settings"], SETTINGS[method], "settings",
                  f"settings '{{key}}' is missing, a {method} calibration needs it ({{what}})")
+    if by_projection(method, header["settings"]):
+        names = header["settings"].get("names")
+        if not (_list_of(_text)(names) and names and len(set(names)) == len(names)):
+            refuse(source, f"settings 'names' is {shown(names)}, expected the list of the blocks' projection names")
 
 
 def check_tensors(source: Path, header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Exactly the method's tensors (``"{layer}.{kind}"`` and ``units``), each of its shape,
     float, finite and ≥ 0; ``units`` equal to the header's."""
     method = header["method"]
-    shapes = {f"{layer}.{kind}": SHAPES[kind](units) for layer, units in zip(header["layers"], header["units"])
-              for kind in KINDS[method]}
-    holds = _holds(method, header["layers"])
+    kinds = threshold_kinds(method, header["settings"])
+    shapes = {f"{layer}.{kind}": SHAPES.get(kind, lambda units: [1])(units) for layer, units in zip(header["layers"], header["units"])
+              for kind in kinds}
+    holds = _holds(method, kinds, header["layers"])
     for name in [*shapes, "units"]:
         if name not in tensors:
             refuse(source, f"tensor '{name}' is missing ({holds})")
@@ -130,8 +147,7 @@ def check_tensors(source: Path, header: Mapping[str, Any], tensors: Mapping[str,
         _check_threshold(source, name, tensors[name], shape)
 
 
-def _holds(method: str, layers: list[int]) -> str:
-    kinds = KINDS[method]
+def _holds(method: str, kinds: tuple[str, ...], layers: list[int]) -> str:
     if not kinds:
         return f"a {method} calibration holds only 'units'"
     each = " and ".join(f"'{{layer}}.{kind}'" for kind in kinds)

@@ -34,12 +34,13 @@ from typing import Any
 import torch
 
 from actscope.errors import InputError
+from actscope.models.attention import use_relu_attention
 from actscope.zoo.cache import (holds_model, meta_of_kind, read_meta, save_quietly, train_cached, training_meta,
                                  write_meta, zoo_dir)
 
 VERSION = "1"
 BOS = 0
-ACTIVATIONS = ("softmax",)
+ACTIVATIONS = ("softmax", "relu")  # of the attention weights (ReLU: actscope.models.attention)
 OPTIMIZERS = ("adam", "sgd")
 _LOGIT_SCALE = 2.0  # peakedness of the bigram rows: learnable, but far from deterministic
 
@@ -136,8 +137,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 def _check_config(cfg: BackcopyConfig) -> None:
     if cfg.activation not in ACTIVATIONS:
-        raise InputError(f"train_backcopy: activation {cfg.activation!r} is not supported; pass one of {ACTIVATIONS} "
-                         "(ReLU attention is not implemented: it would need a custom attention function at load time).")
+        raise InputError(f"train_backcopy: activation {cfg.activation!r} is not supported; pass one of {ACTIVATIONS}.")
     if cfg.optimizer not in OPTIMIZERS:
         raise InputError(f"train_backcopy: optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}.")
     minimums = {"n_layers": 1, "n_heads": 1, "steps": 1, "seed": 0, "d_ff": 1, "batch_size": 1, "length": 4}
@@ -176,7 +176,25 @@ def _llama(cfg: BackcopyConfig) -> Any:
     )
     config._attn_implementation = "eager"  # train with the attention that pattern sites observe
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    if cfg.activation == "relu":
+        use_relu_attention(model)
+    return model
+
+
+def load_backcopy(path: str | os.PathLike) -> Any:
+    """An ``actscope.Model`` of a trained backcopy directory, with the attention it was trained
+    with (transformers does not save a ReLU-attention choice: ``actscope.load`` alone would run
+    it with softmax)."""
+    from actscope.models import load
+
+    meta = meta_of_kind(path, "backcopy", "a trained backcopy model", "train_backcopy")
+    model = load(path)
+    if meta["config"]["activation"] == "relu":
+        use_relu_attention(model.module)
+    else:
+        model.module.set_attn_implementation("eager")  # as trained; pattern sites need it anyway
+    return model
 
 
 def _optimizer(cfg: BackcopyConfig, params: Any) -> torch.optim.Optimizer:
@@ -234,9 +252,10 @@ def train_backcopy(
 ) -> Path:
     """Train (or reuse) a tiny Llama-shaped model on the Bigram-Backcopy task; return its directory.
 
-    ``optimizer``: ``"adam"`` (lr 3e-3) or ``"sgd"`` (momentum 0.9, lr 0.3). Only softmax
-    attention is supported. The directory loads with ``actscope.load(dir)`` (no tokenizer:
-    feed :meth:`BackcopyTask.inputs` dicts, the task is :func:`task_of(dir)`), and its
+    ``optimizer``: ``"adam"`` (lr 3e-3) or ``"sgd"`` (momentum 0.9, lr 0.3). ``activation``:
+    ``"softmax"`` or ``"relu"`` attention (:mod:`actscope.models.attention`). Load the directory
+    with :func:`load_backcopy` (no tokenizer: feed :meth:`BackcopyTask.inputs` dicts, the task is
+    :func:`task_of(dir)`); its
     ``actscope_zoo.json`` holds the configuration, the loss log and held-out loss / copy accuracy.
     A valid cached model with the same configuration is reused unless ``force``.
     """
@@ -247,4 +266,5 @@ def train_backcopy(
                         force=force, caller="train_backcopy", what="a backcopy model directory")
 
 
-__all__ = ["BOS", "BackcopyConfig", "BackcopyTask", "default_dir", "evaluate", "read_meta", "task_of", "train_backcopy"]
+__all__ = ["BOS", "BackcopyConfig", "BackcopyTask", "default_dir", "evaluate", "load_backcopy", "read_meta", "task_of",
+           "train_backcopy"]
