@@ -122,3 +122,17 @@ def test_freezing_checks_its_arguments(checkpoints):
         freeze_except(models[0], ["nope"])
     frozen = freeze_for_finetuning(copy.deepcopy(models[0]), drift, top=0.25, by="weight")
     assert len(frozen.trainable) == round(0.25 * len(drift.modules))
+
+
+def test_checkpoints_as_directories_give_the_same_drift(checkpoints, tmp_path):
+    models, data = checkpoints
+    folders = []
+    for k, model in enumerate(models):
+        model.save_pretrained(tmp_path / f"step{k}")
+        folders.append(tmp_path / f"step{k}")
+    from_modules = module_drift(models, data, "transformer.h.*.mlp.c_fc")
+    from_folders = module_drift(folders, data, "transformer.h.*.mlp.c_fc")
+    assert from_folders.modules == from_modules.modules
+    assert np.array_equal(from_folders.weight_change, from_modules.weight_change)
+    assert np.abs(from_folders.cka - from_modules.cka).max() < 1e-9
+    assert len(set(from_folders.checkpoints)) == 3  # one name each, even if the folders' models share one

@@ -263,7 +263,8 @@ def test_encode_command_ranks_the_generating_site_and_writes_a_run(encode_files,
     assert np.abs(stored["mean_normalized_r2"].to_numpy() - expected.to_table()["mean_normalized_r2"]).max() < 1e-9
     assert len(run.to_pandas("encoding_channels")) == 4 * 6
     assert run.manifest["kind"] == "encode" and run.manifest["responses"]["repeats"] == 3
-    assert "encoding" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert 'data-chart="encoding"' in page and 'id="encoding"' in page and page.count('class="bar"') == 2 * 4  # R², R² / ceiling
 
 
 @pytest.mark.parametrize("change,message", [

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from . import measured, views
 from .similarity import TABLES as SIMILARITY_TABLES
-from .similarity import similarity_section
+from .similarity import encoding_section, similarity_section
 from .sections import (IN_CARDS, Section, firing_section, histograms_section, layers_section, neurons_section, sinks_section,
                        slug, table_slot)
 
@@ -19,7 +19,8 @@ def build_sections(run: Any) -> list[Section]:
     """Every section the run has data for, in page order (the header is separate)."""
     builders: list[Callable[[Any], Section | None]] = [
         layers_section, histograms_section, firing_section, sinks_section, measured.extreme_heads, measured.cett_sweep,
-        measured.cett_layers, measured.moe_experts, measured.outliers, measured.training_steps, similarity_section, views.lens_section,
+        measured.cett_layers, measured.moe_experts, measured.outliers, measured.training_steps, similarity_section,
+        encoding_section, views.lens_section,
         views.steering_section, views.attention_section, neurons_section,
     ]
     sections = [section for build in builders if (section := build(run)) is not None]

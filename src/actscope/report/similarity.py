@@ -1,6 +1,7 @@
-"""The report's section for a representation comparison (``actscope compare``): the site × site
+"""The report's sections for representation comparisons: ``actscope compare``'s site × site
 similarity heat map (model A's sites as rows, model B's as columns) and each site's effective
-rank, from the run's ``similarity`` and ``similarity_sites`` tables."""
+rank, from the run's ``similarity`` and ``similarity_sites`` tables; ``actscope encode``'s
+cross-validated R² per (model, site), from its ``encoding`` and ``encoding_channels`` tables."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from ..drawing import charts
 from ..drawing.bidi import isolate
 from .sections import Section, column_values, long_to_grid, table_slot
 
-TABLES = ("similarity", "similarity_sites")
+TABLES = ("similarity", "similarity_sites", "encoding", "encoding_channels")
 NARROW = 3  # characters a column key may have under a heat map cell
 
 
@@ -73,4 +74,27 @@ def _ranks(run: Any) -> str:
             + chart + table_slot("similarity_sites"))
 
 
-__all__ = ["similarity_section", "short_labels", "TABLES"]
+def encoding_section(run: Any) -> Section | None:
+    if "encoding" not in run.tables:
+        return None
+    table = run.tables["encoding"]
+    models, sites = column_values(table, "model"), column_values(table, "site")
+    several = len(set(models)) > 1
+    labels = [f"{model} · {site}" if several else str(site) for model, site in zip(models, sites)]
+    if not labels:
+        return None
+    series = {"mean R²": column_values(table, "mean_r2")}
+    if "mean_normalized_r2" in table.column_names:
+        series["mean R² / noise ceiling"] = column_values(table, "mean_normalized_r2")
+    finite = [v for values in series.values() for v in values if v is not None and math.isfinite(v)]
+    chart = charts.bars("encoding", labels, series, title="Cross-validated ridge R² per site (mean over channels)",
+                        top=max(1.0, max(finite, default=1.0)))
+    scores = [v if v is not None and math.isfinite(v) else -math.inf for v in series["mean R²"]]
+    best = max(range(len(labels)), key=scores.__getitem__)
+    note = (f'<p class="note">How well each site\'s activations predict the recorded responses: ridge regression, R² on held-out '
+            f"stimuli (cross-validated), averaged over channels; negative R² is drawn as 0. Best: {isolate(labels[best])}.</p>")
+    body = note + chart + table_slot("encoding") + (table_slot("encoding_channels") if "encoding_channels" in run.tables else "")
+    return Section("encoding", "Encoding models (R² per site)", body)
+
+
+__all__ = ["similarity_section", "encoding_section", "short_labels", "TABLES"]
