@@ -20,6 +20,11 @@ Representation geometry (METHODS.md, "Representation geometry", "Module drift"):
   encoding models: cross-validated ridge R² from activations to recordings, per layer and model;
 * :func:`module_drift` — per-module weight and representation change across checkpoints.
 
+Learning dynamics (METHODS.md, "Memorising neurons"):
+
+* :func:`ipr` — inverse participation ratio per neuron, of its weights (optionally in the
+  Fourier basis) or of its activations over examples.
+
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
 result with ``.to_pandas()``. Imports are lazy so that ``import actscope`` stays light.
 """
@@ -30,6 +35,7 @@ from typing import Any
 # A function named like its module must be bound here, once: importing the submodule would
 # otherwise leave the package attribute pointing at the module, not the function.
 from .eigenscore import eigenscore as eigenscore
+from .ipr import ipr as ipr
 
 _EXPORTS = {
     "activation_sparsity": ".sparsity", "ActivationSparsity": ".sparsity",
@@ -51,6 +57,7 @@ _EXPORTS = {
     "ridge_cv": ".encoding", "RidgeFit": ".encoding", "encoding_scores": ".encoding", "EncodingScores": ".encoding",
     "load_responses": ".encoding", "Responses": ".encoding", "noise_ceiling": ".encoding",
     "module_drift": ".drift", "ModuleDrift": ".drift",
+    "ipr": ".ipr", "UnitIPR": ".ipr",
 }
 
 
