@@ -120,3 +120,106 @@ def test_memorising_neurons_smoke():
     assert base["corrupted_fit"] - low["corrupted_fit"] >= 0.15  # low-IPR neurons carry the memorised labels...
     assert low["clean_train"] >= 0.9 and low["test"] >= base["test"]  # ...and not the rule
     assert high["clean_train"] < 0.7  # the periodic (high-IPR) neurons do carry the rule
+
+
+# -- lazy / rich --------------------------------------------------------------------------
+def _small_net(seed: int = 3) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+
+
+def naive_ntk(net: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    params = [p for p in net.parameters()]
+    rows = []  # per (example, output): the flattened gradient
+    for i in range(len(x)):
+        out = net(x[i:i + 1])[0]
+        rows.append([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[c], params, retain_graph=True)]).double().numpy()
+                     for c in range(out.numel())])
+    n, outputs = len(x), len(rows[0])
+    return np.array([[sum(rows[i][c] @ rows[j][c] for c in range(outputs)) for j in range(n)] for i in range(n)])
+
+
+def naive_alignment(k: np.ndarray, y: np.ndarray) -> float:
+    n = len(k)
+    h = np.eye(n) - np.ones((n, n)) / n
+    kc, tc = h @ k @ h, h @ (y @ y.T) @ h
+    return float((kc * tc).sum() / np.sqrt((kc * kc).sum() * (tc * tc).sum()))
+
+
+def test_empirical_ntk_and_alignment_match_a_direct_computation():
+    from actscope.metrics.richness import empirical_ntk, kernel_alignment, ntk_alignment
+
+    net = _small_net()
+    x = torch.randn(6, 3)
+    labels = torch.tensor([0, 1, 3, 1, 0, 2])
+    kernel = empirical_ntk(net, x)
+    np.testing.assert_allclose(kernel.numpy(), naive_ntk(net, x), rtol=1e-5, atol=1e-7)
+    onehot = np.eye(4)[labels.numpy()]
+    assert kernel_alignment(kernel, labels, centered=True) == pytest.approx(naive_alignment(kernel.numpy(), onehot), rel=1e-10)
+    k = kernel.numpy()
+    t = onehot @ onehot.T
+    assert kernel_alignment(kernel, labels, centered=False) == pytest.approx(float((k * t).sum() / np.sqrt((k * k).sum() * (t * t).sum())), rel=1e-10)
+    assert ntk_alignment(net, x, labels) == pytest.approx(naive_alignment(kernel.numpy(), onehot), rel=1e-10)
+    ideal = torch.tensor(t)  # the label kernel itself is perfectly aligned
+    assert kernel_alignment(ideal, labels) == pytest.approx(1.0)
+    with pytest.raises(InputError, match="there are 5 targets"):
+        kernel_alignment(kernel, labels[:5])
+
+
+def test_weight_change_is_the_norms_written_out():
+    from actscope.metrics.richness import weight_change
+
+    a, b = torch.tensor([3.0, 4.0], dtype=torch.float64), torch.tensor([3.0, 7.0], dtype=torch.float64)
+    assert weight_change(a, b) == {"weight_norm": pytest.approx(float(np.hypot(3, 7))), "weight_distance": pytest.approx(3.0),
+                                   "relative_weight_change": pytest.approx(3.0 / 5.0)}
+
+
+def _train_steps(net, x, y, steps, callback=None):
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if callback is not None:
+            callback.step(loss=loss)
+
+
+def test_lazy_rich_callback_records_direct_values_and_leaves_training_unchanged():
+    from actscope.metrics.richness import ntk_alignment
+    from actscope.metrics.similarity import cka
+    from actscope.train.richness import lazy_rich
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3), torch.randint(0, 4, (12,))
+    plain, watched = _small_net(), _small_net()
+    initial = [p.detach().clone() for p in watched.parameters()]
+    h0 = torch.tanh(watched[0](x)).detach().double()
+    hooks_before = hook_count(watched)
+    _train_steps(plain, x, y, 5)
+    with lazy_rich(watched, x, y, sites="module:1@output", every=2) as cb:
+        _train_steps(watched, x, y, 5, cb)
+    assert hook_count(watched) == hooks_before and watched.training
+    for p, q in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(p, q)  # observing does not change training
+    table = cb.log.to_pandas()
+    assert sorted(set(table.step[table.metric == "ntk_alignment"])) == [0, 2, 4]
+    last = table[table.step == 4].set_index("metric").value
+    theta = torch.cat([p.detach().reshape(-1) for p in watched.parameters()]).double()
+    theta0 = torch.cat([p.reshape(-1) for p in initial]).double()
+    assert last["weight_norm"] == pytest.approx(float(theta.norm()), rel=1e-12)
+    assert last["weight_distance"] == pytest.approx(float((theta - theta0).norm()), rel=1e-12)
+    assert last["relative_weight_change"] == pytest.approx(float((theta - theta0).norm() / theta0.norm()), rel=1e-12)
+    assert last["ntk_alignment"] == pytest.approx(ntk_alignment(watched, x, y), rel=1e-10)
+    assert last["feature_cka"] == pytest.approx(cka(h0, torch.tanh(watched[0](x)).detach().double()), rel=1e-9)
+    assert table[(table.metric == "feature_cka")].site.unique().tolist() == ["module:1@output"]
+
+
+def test_lazy_rich_refuses_bad_arguments():
+    from actscope.train.richness import lazy_rich
+
+    net = _small_net()
+    with pytest.raises(InputError, match="every must be"):
+        lazy_rich(net, torch.zeros(3, 3), torch.zeros(3, dtype=torch.long), every=0)
+    with pytest.raises(InputError, match="one row per probe example"):
+        lazy_rich(net, torch.zeros(3, 3), torch.zeros(2, dtype=torch.long))
