@@ -223,3 +223,23 @@ def test_lazy_rich_refuses_bad_arguments():
         lazy_rich(net, torch.zeros(3, 3), torch.zeros(3, dtype=torch.long), every=0)
     with pytest.raises(InputError, match="one row per probe example"):
         lazy_rich(net, torch.zeros(3, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_grokking_lazy_rich_smoke(tmp_path):
+    """Seconds-long examples/grokking_lazy_rich.py: p = 17, 64 neurons, 300 steps."""
+    from actscope.store import read_run
+    from actscope.train import StepLog, write_steps
+
+    g = _example("grokking_lazy_rich")
+    data, model, probe, targets = g.setup(17, 0, share=0.6, width=64)
+    log = StepLog()
+    g.train_watched(data, model, probe, targets, steps=300, every=100, log=log, lr=3e-3)
+    c = g.curves(log)
+    assert set(c) >= {"train_acc", "test_acc", "ntk_alignment", "feature_cka", "weight_norm", "weight_distance", "relative_weight_change"}
+    assert c["train_acc"][1][-1] == 1.0
+    assert c["ntk_alignment"][1].max() > c["ntk_alignment"][1][0]  # the kernel turns towards the labels
+    assert c["feature_cka"][1][-1] < 0.95 and c["relative_weight_change"][1][-1] > 0.1  # features and weights moved
+    t = g.timings(c)
+    assert t["fit"] <= 300 and t["rich"] <= 300
+    run = read_run(write_steps(tmp_path / "run", log))
+    assert "ntk_alignment" in set(run.tables["training_steps"]["metric"].to_pylist())
