@@ -96,6 +96,15 @@ def test_ipr_ranking_and_errors_name_the_fix():
         ipr(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), torch.zeros(2, 2), "module:0@output,module:1@output").of()
 
 
+@pytest.fixture
+def one_thread():
+    """Training smoke tests on one thread: on a shared 2-core machine, two threads contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _example(name: str):
     import importlib.util
     from pathlib import Path
@@ -107,7 +116,7 @@ def _example(name: str):
     return module
 
 
-def test_memorising_neurons_smoke():
+def test_memorising_neurons_smoke(one_thread):
     """Seconds-long examples/memorising_neurons.py: p = 23, 70 % training pairs, 500 steps."""
     m = _example("memorising_neurons")
     torch.manual_seed(0)
@@ -225,7 +234,7 @@ def test_lazy_rich_refuses_bad_arguments():
         lazy_rich(net, torch.zeros(3, 3), torch.zeros(2, dtype=torch.long))
 
 
-def test_grokking_lazy_rich_smoke(tmp_path):
+def test_grokking_lazy_rich_smoke(tmp_path, one_thread):
     """Seconds-long examples/grokking_lazy_rich.py: p = 17, 64 neurons, 300 steps."""
     from actscope.store import read_run
     from actscope.train import StepLog, write_steps
@@ -243,3 +252,32 @@ def test_grokking_lazy_rich_smoke(tmp_path):
     assert t["fit"] <= 300 and t["rich"] <= 300
     run = read_run(write_steps(tmp_path / "run", log))
     assert "ntk_alignment" in set(run.tables["training_steps"]["metric"].to_pylist())
+
+
+def test_direction_alignment_is_the_cosine_per_neuron():
+    from actscope.metrics import direction_alignment
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0, 0], [1.0, 1.0, 0], [0, 0, -2.0], [0, 0, 0]]))
+    u = torch.tensor([[2.0, 0, 0], [0, 0, 1.0]])
+    got = direction_alignment(net, "0", u)
+    w = net[0].weight.detach().double().numpy()
+    for j in range(3):
+        for k in range(2):
+            assert got[j, k].item() == pytest.approx(float(w[j] @ u[k].double().numpy() / np.linalg.norm(w[j]) / np.linalg.norm(u[k].numpy())))
+    assert torch.isnan(got[3]).all()
+    assert direction_alignment(net, "0", torch.ones(4), of="output").shape == (3, 1)
+    with pytest.raises(InputError, match=r"directions must be \[k, 3\]"):
+        direction_alignment(net, "0", torch.ones(2, 5))
+
+
+def test_benign_overfitting_xor_smoke(one_thread):
+    """Seconds-long examples/benign_overfitting_xor.py: d = 600, n = 24, 40 neurons, 100 steps."""
+    b = _example("benign_overfitting_xor")
+    data = b.xor_data(1, d=600, n=24, norm=9, test=500)
+    s = b.series(b.run(data, b.network(600, 40, 1), steps=100))
+    assert data["flipped"].any()
+    assert s["train_acc"][1] == 1.0 and s["flipped_fit"][1] == 1.0 and s["test_acc"][1] <= 0.6  # fitted at once, noise included
+    assert s["train_acc"][-1] == 1.0 and s["test_acc"][-1] >= s["test_acc"][1] + 0.2  # still fitted, and generalises later
+    assert s["cluster_alignment"][-1] >= 3 * s["cluster_alignment"][0]

@@ -24,8 +24,8 @@ Learning dynamics (METHODS.md, "Memorising neurons"):
 
 * :func:`ipr` — inverse participation ratio per neuron, of its weights (optionally in the
   Fourier basis) or of its activations over examples;
-* :func:`empirical_ntk`, :func:`kernel_alignment`, :func:`ntk_alignment` — the lazy → rich
-  measures (``actscope.train.lazy_rich`` records them per training step).
+* :func:`empirical_ntk`, :func:`kernel_alignment`, :func:`ntk_alignment`,
+  :func:`direction_alignment` — the lazy → rich measures (``actscope.train.lazy_rich`` records them per training step).
 
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
 result with ``.to_pandas()``. Imports are lazy so that ``import actscope`` stays light.
@@ -60,7 +60,7 @@ _EXPORTS = {
     "load_responses": ".encoding", "Responses": ".encoding", "noise_ceiling": ".encoding",
     "module_drift": ".drift", "ModuleDrift": ".drift",
     "ipr": ".ipr", "UnitIPR": ".ipr",
-    "empirical_ntk": ".richness", "kernel_alignment": ".richness", "ntk_alignment": ".richness",
+    "empirical_ntk": ".richness", "kernel_alignment": ".richness", "ntk_alignment": ".richness", "direction_alignment": ".richness",
 }
 
 

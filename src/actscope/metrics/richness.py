@@ -1,6 +1,7 @@
 """Lazy versus rich learning, measured on any ``nn.Module`` ("Grokking as the transition from lazy
 to rich training dynamics"; the rich/lazy weight- and representation-change measures):
-:func:`empirical_ntk`, :func:`kernel_alignment`, :func:`ntk_alignment`, :func:`weight_change`.
+:func:`empirical_ntk`, :func:`kernel_alignment`, :func:`ntk_alignment`, :func:`weight_change`,
+:func:`direction_alignment`.
 
 * **empirical NTK** on a probe batch ``x`` of ``n`` examples, with outputs ``f(x) ∈ R^C``:
   ``K_ij = Σ_c ⟨∂f_c(x_i)/∂θ, ∂f_c(x_j)/∂θ⟩`` over every trainable parameter θ (the trace over
@@ -10,13 +11,16 @@ to rich training dynamics"; the rich/lazy weight- and representation-change meas
   ``H = I − 11ᵀ/n`` and ``Y`` the one-hot labels (or any target matrix ``[n, k]``): 1 when the
   kernel's geometry is the labels', near 0 when unrelated. In lazy training the NTK stays at its
   initial value; rich (feature) learning turns it towards the task, so the alignment rises.
+* **direction alignment**: per neuron of a layer, ``cos(w_j, u_k)`` between its weight vector
+  (:func:`actscope.metrics.ipr.weight_vectors`) and each of ``k`` given directions (cluster means,
+  a teacher's weights): how far features have been learned towards them.
 * **weight change**: the parameters' norm ``‖θ_t‖``, their distance from the initial parameters
   ``‖θ_t − θ_0‖`` and the relative change ``‖θ_t − θ_0‖ / ‖θ_0‖`` (all trainable parameters as one
   vector).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -86,6 +90,28 @@ def ntk_alignment(module: torch.nn.Module, inputs: torch.Tensor, targets: torch.
     return kernel_alignment(empirical_ntk(module, inputs), targets, centered=centered)
 
 
+def direction_alignment(model: Any, module: str, directions: torch.Tensor, *, of: str = "input") -> torch.Tensor:
+    """``[units, k]`` cosines (float64) between each neuron's weight vector of ``module`` (a module
+    path of ``model``; ``of`` as in :func:`actscope.metrics.ipr.weight_vectors`) and each row of
+    ``directions`` ``[k, n]``; NaN for a zero vector."""
+    from ..models import as_model
+    from .ipr import weight_vectors
+
+    wrapped = as_model(model)
+    try:
+        owner = wrapped.module.get_submodule(module)
+    except AttributeError:
+        raise InputError(f"{wrapped.name} has no module {module!r}") from None
+    w = weight_vectors(owner, of).to("cpu", torch.float64)
+    u = torch.as_tensor(directions).to(torch.float64).cpu()
+    if u.dim() == 1:
+        u = u[None]
+    if u.dim() != 2 or u.shape[1] != w.shape[1]:
+        raise InputError(f"directions must be [k, {w.shape[1]}] (one row per direction, as long as each neuron's weights), got {tuple(u.shape)}")
+    norms = w.norm(dim=1, keepdim=True) * u.norm(dim=1)[None]
+    return torch.where(norms > 0, (w @ u.t()) / norms, torch.full_like(norms, float("nan")))
+
+
 def flat_parameters(module: torch.nn.Module) -> torch.Tensor:
     """All trainable parameters as one float64 CPU vector (a copy)."""
     return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in _parameters(module).values()])
@@ -101,4 +127,4 @@ def weight_change(initial: torch.Tensor, current: torch.Tensor) -> dict[str, flo
             "relative_weight_change": distance / scale if scale > 0 else float("nan")}
 
 
-__all__ = ["empirical_ntk", "flat_parameters", "kernel_alignment", "ntk_alignment", "target_matrix", "weight_change"]
+__all__ = ["direction_alignment", "empirical_ntk", "flat_parameters", "kernel_alignment", "ntk_alignment", "target_matrix", "weight_change"]
