@@ -281,3 +281,62 @@ def test_benign_overfitting_xor_smoke(one_thread):
     assert s["train_acc"][1] == 1.0 and s["flipped_fit"][1] == 1.0 and s["test_acc"][1] <= 0.6  # fitted at once, noise included
     assert s["train_acc"][-1] == 1.0 and s["test_acc"][-1] >= s["test_acc"][1] + 0.2  # still fitted, and generalises later
     assert s["cluster_alignment"][-1] >= 3 * s["cluster_alignment"][0]
+
+
+# -- opposing signals ---------------------------------------------------------------------
+def test_opposition_score_is_minus_the_pearson_correlation():
+    from actscope.metrics.opposition import opposition_score
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=30), rng.normal(size=30)
+    assert opposition_score(a, b) == pytest.approx(-np.corrcoef(a, b)[0, 1], rel=1e-12)
+    assert opposition_score(a, -2 * a + 1) == pytest.approx(1.0)
+    assert math.isnan(opposition_score(a, np.ones(30)))
+    with pytest.raises(InputError, match="same length"):
+        opposition_score(a, b[:5])
+
+
+def test_opposing_groups_recovers_planted_groups_and_the_separating_feature():
+    from actscope.metrics.opposition import opposing_groups, opposition_score, separating_feature
+
+    rng = np.random.default_rng(1)
+    t = np.arange(60)
+    wave = np.sin(t / 2.0)
+    losses = 1.0 + 0.01 * rng.normal(size=(60, 20))
+    losses[:, [2, 5, 7, 11]] += wave[:, None]
+    losses[:, [3, 8, 13, 17, 19]] -= 0.8 * wave[:, None]
+    found = opposing_groups(losses, top=9)
+    groups = {tuple(found.group_a.tolist()), tuple(found.group_b.tolist())}
+    assert groups == {(2, 5, 7, 11), (3, 8, 13, 17, 19)}
+    delta = np.diff(losses, axis=0)
+    assert found.score == pytest.approx(opposition_score(delta[:, found.group_a].mean(1), delta[:, found.group_b].mean(1)), rel=1e-12)
+    assert found.score > 0.99
+    np.testing.assert_allclose(found.swing, delta.var(axis=0), rtol=1e-12)
+    assert found.to_table()["group"][2] in ("A", "B") and found.to_table()["group"][0] == ""
+    x = rng.normal(size=(20, 4))
+    x[[2, 5, 7, 11], 3] += 5.0
+    order, diff = separating_feature(x, [2, 5, 7, 11], [3, 8, 13, 17, 19])
+    a, b = x[[2, 5, 7, 11], 3], x[[3, 8, 13, 17, 19], 3]
+    pooled = np.sqrt((a.var(ddof=1) * 3 + b.var(ddof=1) * 4) / 7)
+    assert order[0] == 3 and diff[0] == pytest.approx((a.mean() - b.mean()) / pooled, rel=1e-12)
+
+
+def test_loss_trajectories_keep_bounded_evenly_spaced_direct_losses():
+    from actscope.train import loss_trajectories
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3), torch.randint(0, 4, (12,))
+    plain, watched = _small_net(), _small_net()
+    _train_steps(plain, x, y, 21)
+    with loss_trajectories(watched, x[:6], y[:6], max_points=4) as cb:
+        _train_steps(watched, x, y, 21, cb)
+    for p, q in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(p, q)
+    steps, losses = cb.losses()
+    assert steps.tolist() == [0, 8, 16] and cb.stride == 8 and losses.shape == (3, 6)  # 21 steps in at most 4 points
+    with torch.no_grad():
+        direct = torch.nn.functional.cross_entropy(watched(x[:6]), y[:6], reduction="none").double().numpy()
+    np.testing.assert_allclose(cb.measure(), direct, rtol=1e-12)
+    table = cb.log.to_pandas()
+    # measured at every step until the buffer overflowed at step 4, then every 2nd, 4th, 8th step
+    assert table[table.metric == "tracked_loss"].step.tolist() == [0, 1, 2, 3, 4, 6, 8, 12, 16]

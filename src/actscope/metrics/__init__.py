@@ -25,7 +25,10 @@ Learning dynamics (METHODS.md, "Memorising neurons"):
 * :func:`ipr` — inverse participation ratio per neuron, of its weights (optionally in the
   Fourier basis) or of its activations over examples;
 * :func:`empirical_ntk`, :func:`kernel_alignment`, :func:`ntk_alignment`,
-  :func:`direction_alignment` — the lazy → rich measures (``actscope.train.lazy_rich`` records them per training step).
+  :func:`direction_alignment` — the lazy → rich measures (``actscope.train.lazy_rich`` records
+  them per training step);
+* :func:`opposing_groups`, :func:`opposition_score`, :func:`separating_feature` — opposing signals
+  in per-example loss trajectories (``actscope.train.loss_trajectories`` records them).
 
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
 result with ``.to_pandas()``. Imports are lazy so that ``import actscope`` stays light.
@@ -61,6 +64,7 @@ _EXPORTS = {
     "module_drift": ".drift", "ModuleDrift": ".drift",
     "ipr": ".ipr", "UnitIPR": ".ipr",
     "empirical_ntk": ".richness", "kernel_alignment": ".richness", "ntk_alignment": ".richness", "direction_alignment": ".richness",
+    "opposing_groups": ".opposition", "OpposingSignals": ".opposition", "opposition_score": ".opposition", "separating_feature": ".opposition",
 }
 
 
