@@ -76,6 +76,7 @@ def test_activation_ipr_streams_over_batches_and_leaves_no_hooks():
     assert torch.equal(net(x), before_out)
     sel = ipr(net, x, "module:2@output[1]")
     assert sel.unit.tolist() == [1] and sel.ipr[0] == pytest.approx(naive_ipr(out[:, 1].tolist()), rel=1e-5)
+    assert sel.ranked().tolist() == [1]  # unit numbers, not positions in the selection
 
 
 def test_ipr_ranking_and_errors_name_the_fix():

@@ -63,10 +63,11 @@ class UnitIPR(TableResult):
         return self.ipr[self.site == site]
 
     def ranked(self, site: str | None = None, *, lowest: bool = True) -> np.ndarray:
-        """Units of one site from lowest to highest IPR (or the reverse); NaN units last."""
+        """Unit numbers of one site from lowest to highest IPR (or the reverse); NaN units last."""
         values = self.of(site)
+        units = self.unit[self.site == (site if site is not None else self.site[0])]
         key = np.where(np.isnan(values), np.inf, values if lowest else -values)
-        return np.argsort(key, kind="stable")
+        return units[np.argsort(key, kind="stable")]
 
 
 def ipr_of(vectors: torch.Tensor, *, basis: str = "identity", groups: int = 1) -> torch.Tensor:
