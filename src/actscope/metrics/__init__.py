@@ -24,6 +24,16 @@ Convolution filters (METHODS.md, "Conv filter statistics"): :func:`filter_stats`
 :func:`filter_divergence`, :func:`pooled_divergence` — 3×3 filter distributions, their principal
 components, sparsity, variance entropy and KL divergence between layers or models.
 
+Learning dynamics (METHODS.md, "Memorising neurons"):
+
+* :func:`ipr` — inverse participation ratio per neuron, of its weights (optionally in the
+  Fourier basis) or of its activations over examples;
+* :func:`empirical_ntk`, :func:`kernel_alignment`, :func:`ntk_alignment`,
+  :func:`direction_alignment` — the lazy → rich measures (``actscope.train.lazy_rich`` records
+  them per training step);
+* :func:`opposing_groups`, :func:`opposition_score`, :func:`separating_feature` — opposing signals
+  in per-example loss trajectories (``actscope.train.loss_trajectories`` records them).
+
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
 result with ``.to_pandas()``. Imports are lazy so that ``import actscope`` stays light.
 """
@@ -34,6 +44,7 @@ from typing import Any
 # A function named like its module must be bound here, once: importing the submodule would
 # otherwise leave the package attribute pointing at the module, not the function.
 from .eigenscore import eigenscore as eigenscore
+from .ipr import ipr as ipr
 
 _EXPORTS = {
     "activation_sparsity": ".sparsity", "ActivationSparsity": ".sparsity",
@@ -56,6 +67,9 @@ _EXPORTS = {
     "load_responses": ".encoding", "Responses": ".encoding", "noise_ceiling": ".encoding",
     "module_drift": ".drift", "ModuleDrift": ".drift",
     "filter_stats": ".filters", "FilterStats": ".filters", "filter_divergence": ".filters", "pooled_divergence": ".filters",
+    "ipr": ".ipr", "UnitIPR": ".ipr",
+    "empirical_ntk": ".richness", "kernel_alignment": ".richness", "ntk_alignment": ".richness", "direction_alignment": ".richness",
+    "opposing_groups": ".opposition", "OpposingSignals": ".opposition", "opposition_score": ".opposition", "separating_feature": ".opposition",
 }
 
 

@@ -1,0 +1,343 @@
+"""IPR (memorising neurons) and the lazy/rich training metrics, against direct computations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from actscope.errors import InputError
+from actscope.metrics.ipr import ipr, ipr_of
+
+
+def naive_ipr(v: list[float]) -> float:
+    s2 = sum(x * x for x in v)
+    return sum(x ** 4 for x in v) / s2 ** 2
+
+
+def hook_count(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_ipr_of_matches_the_formula_and_its_extremes():
+    torch.manual_seed(0)
+    v = torch.randn(5, 7)
+    got = ipr_of(v)
+    for row, value in zip(v.tolist(), got.tolist()):
+        assert value == pytest.approx(naive_ipr(row), rel=1e-12)
+    ends = ipr_of(torch.tensor([[0.0, 3.0, 0.0, 0.0], [2.0, -2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert ends[0] == 1.0 and ends[1] == pytest.approx(0.25) and math.isnan(ends[2])
+
+
+def test_fourier_ipr_of_a_sinusoid_per_group():
+    p = 11
+    k = torch.arange(p, dtype=torch.float64)
+    wave = torch.cos(2 * math.pi * 3 * k / p)
+    both = torch.cat([wave, 2 * torch.sin(2 * math.pi * 5 * k / p)])[None]
+    # each block: energy split equally between frequencies f and p - f
+    assert ipr_of(wave[None], basis="fourier").item() == pytest.approx(0.5, rel=1e-9)
+    assert ipr_of(both, basis="fourier", groups=2).item() == pytest.approx(naive_ipr(
+        list(np.abs(np.fft.fft(both[0, :p].numpy()))) + list(np.abs(np.fft.fft(both[0, p:].numpy())))), rel=1e-9)
+    with pytest.raises(InputError, match="divides the 22 weights"):
+        ipr_of(both, basis="fourier", groups=3)
+
+
+def test_weight_ipr_reads_rows_or_columns_of_any_module():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    rows = ipr(net, module="0")
+    w = net[0].weight.detach().double()
+    np.testing.assert_allclose(rows.of("0"), [naive_ipr(r) for r in w.tolist()], rtol=1e-12)
+    cols = ipr(net, module="2", of="output")
+    w2 = net[2].weight.detach().double()
+    np.testing.assert_allclose(cols.ipr, [naive_ipr(c) for c in w2.t().tolist()], rtol=1e-12)
+    assert list(cols.to_table()["length"]) == [3] * 6 and cols.source == "weights"
+    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3))
+    got = ipr(conv, module="0").ipr
+    np.testing.assert_allclose(got, [naive_ipr(r) for r in conv[0].weight.detach().double().reshape(4, -1).tolist()], rtol=1e-12)
+
+
+def test_activation_ipr_streams_over_batches_and_leaves_no_hooks():
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2)).train()
+    x = torch.randn(23, 3)
+    before_hooks, before_out = hook_count(net), net(x)
+    got = ipr(net, x, "module:1@output,module:2@output", batch_size=4)
+    with torch.no_grad():
+        hidden = net[1](net[0](x)).double()
+        out = net[2](net[1](net[0](x))).double()
+    expected = [naive_ipr(c) if any(c) else float("nan") for c in hidden.t().tolist()]
+    # float32 forward passes in batches of 4 vs one: equal to float32 rounding
+    np.testing.assert_allclose(got.of("module:1@output"), expected, rtol=1e-5)
+    np.testing.assert_allclose(got.of("module:2@output"), [naive_ipr(c) for c in out.t().tolist()], rtol=1e-5)
+    assert set(got.length.tolist()) == {23}
+    assert hook_count(net) == before_hooks and net.training
+    assert torch.equal(net(x), before_out)
+    sel = ipr(net, x, "module:2@output[1]")
+    assert sel.unit.tolist() == [1] and sel.ipr[0] == pytest.approx(naive_ipr(out[:, 1].tolist()), rel=1e-5)
+    assert sel.ranked().tolist() == [1]  # unit numbers, not positions in the selection
+
+
+def test_ipr_ranking_and_errors_name_the_fix():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]))
+    result = ipr(net, module="0")
+    assert result.ranked().tolist() == [0, 1, 2] and result.ranked(lowest=False).tolist() == [1, 0, 2]
+    with pytest.raises(InputError, match="either module="):
+        ipr(net)
+    with pytest.raises(InputError, match="has no module 'fc'; modules with weights include 0"):
+        ipr(net, module="fc")
+    with pytest.raises(InputError, match="of must be 'input'"):
+        ipr(net, module="0", of="rows")
+    with pytest.raises(InputError, match="needs sites="):
+        ipr(net, torch.zeros(2, 2))
+    with pytest.raises(InputError, match="name one"):
+        ipr(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), torch.zeros(2, 2), "module:0@output,module:1@output").of()
+
+
+@pytest.fixture
+def one_thread():
+    """Training smoke tests on one thread: on a shared 2-core machine, two threads contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memorising_neurons_smoke(one_thread):
+    """Seconds-long examples/memorising_neurons.py: p = 23, 70 % training pairs, 500 steps."""
+    m = _example("memorising_neurons")
+    torch.manual_seed(0)
+    data = m.task(23, 0, train_share=0.7)
+    model = m.mlp(23, 96, 0)
+    m.train(model, data, steps=500, lr=1e-2)
+    order = ipr(model, module="0", basis="fourier", groups=2).ranked().tolist()
+    base, low, high = (m.accuracies(model, data, chosen) for chosen in ([], order[:38], order[-38:]))
+    assert base["corrupted_fit"] == 1.0 and base["clean_train"] == 1.0  # memorised every corrupted label
+    assert base["corrupted_fit"] - low["corrupted_fit"] >= 0.15  # low-IPR neurons carry the memorised labels...
+    assert low["clean_train"] >= 0.9 and low["test"] >= base["test"]  # ...and not the rule
+    assert high["clean_train"] < 0.7  # the periodic (high-IPR) neurons do carry the rule
+
+
+# -- lazy / rich --------------------------------------------------------------------------
+def _small_net(seed: int = 3) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+
+
+def naive_ntk(net: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    params = [p for p in net.parameters()]
+    rows = []  # per (example, output): the flattened gradient
+    for i in range(len(x)):
+        out = net(x[i:i + 1])[0]
+        rows.append([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[c], params, retain_graph=True)]).double().numpy()
+                     for c in range(out.numel())])
+    n, outputs = len(x), len(rows[0])
+    return np.array([[sum(rows[i][c] @ rows[j][c] for c in range(outputs)) for j in range(n)] for i in range(n)])
+
+
+def naive_alignment(k: np.ndarray, y: np.ndarray) -> float:
+    n = len(k)
+    h = np.eye(n) - np.ones((n, n)) / n
+    kc, tc = h @ k @ h, h @ (y @ y.T) @ h
+    return float((kc * tc).sum() / np.sqrt((kc * kc).sum() * (tc * tc).sum()))
+
+
+def test_empirical_ntk_and_alignment_match_a_direct_computation():
+    from actscope.metrics.richness import empirical_ntk, kernel_alignment, ntk_alignment
+
+    net = _small_net()
+    x = torch.randn(6, 3)
+    labels = torch.tensor([0, 1, 3, 1, 0, 2])
+    kernel = empirical_ntk(net, x)
+    np.testing.assert_allclose(kernel.numpy(), naive_ntk(net, x), rtol=1e-5, atol=1e-7)
+    onehot = np.eye(4)[labels.numpy()]
+    assert kernel_alignment(kernel, labels, centered=True) == pytest.approx(naive_alignment(kernel.numpy(), onehot), rel=1e-10)
+    k = kernel.numpy()
+    t = onehot @ onehot.T
+    assert kernel_alignment(kernel, labels, centered=False) == pytest.approx(float((k * t).sum() / np.sqrt((k * k).sum() * (t * t).sum())), rel=1e-10)
+    assert ntk_alignment(net, x, labels) == pytest.approx(naive_alignment(kernel.numpy(), onehot), rel=1e-10)
+    ideal = torch.tensor(t)  # the label kernel itself is perfectly aligned
+    assert kernel_alignment(ideal, labels) == pytest.approx(1.0)
+    with pytest.raises(InputError, match="there are 5 targets"):
+        kernel_alignment(kernel, labels[:5])
+
+
+def test_weight_change_is_the_norms_written_out():
+    from actscope.metrics.richness import weight_change
+
+    a, b = torch.tensor([3.0, 4.0], dtype=torch.float64), torch.tensor([3.0, 7.0], dtype=torch.float64)
+    assert weight_change(a, b) == {"weight_norm": pytest.approx(float(np.hypot(3, 7))), "weight_distance": pytest.approx(3.0),
+                                   "relative_weight_change": pytest.approx(3.0 / 5.0)}
+
+
+def _train_steps(net, x, y, steps, callback=None):
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if callback is not None:
+            callback.step(loss=loss)
+
+
+def test_lazy_rich_callback_records_direct_values_and_leaves_training_unchanged():
+    from actscope.metrics.richness import ntk_alignment
+    from actscope.metrics.similarity import cka
+    from actscope.train.richness import lazy_rich
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3), torch.randint(0, 4, (12,))
+    plain, watched = _small_net(), _small_net()
+    initial = [p.detach().clone() for p in watched.parameters()]
+    h0 = torch.tanh(watched[0](x)).detach().double()
+    hooks_before = hook_count(watched)
+    _train_steps(plain, x, y, 5)
+    with lazy_rich(watched, x, y, sites="module:1@output", every=2) as cb:
+        _train_steps(watched, x, y, 5, cb)
+    assert hook_count(watched) == hooks_before and watched.training
+    for p, q in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(p, q)  # observing does not change training
+    table = cb.log.to_pandas()
+    assert sorted(set(table.step[table.metric == "ntk_alignment"])) == [0, 2, 4]
+    last = table[table.step == 4].set_index("metric").value
+    theta = torch.cat([p.detach().reshape(-1) for p in watched.parameters()]).double()
+    theta0 = torch.cat([p.reshape(-1) for p in initial]).double()
+    assert last["weight_norm"] == pytest.approx(float(theta.norm()), rel=1e-12)
+    assert last["weight_distance"] == pytest.approx(float((theta - theta0).norm()), rel=1e-12)
+    assert last["relative_weight_change"] == pytest.approx(float((theta - theta0).norm() / theta0.norm()), rel=1e-12)
+    assert last["ntk_alignment"] == pytest.approx(ntk_alignment(watched, x, y), rel=1e-10)
+    assert last["feature_cka"] == pytest.approx(cka(h0, torch.tanh(watched[0](x)).detach().double()), rel=1e-9)
+    assert table[(table.metric == "feature_cka")].site.unique().tolist() == ["module:1@output"]
+
+
+def test_lazy_rich_refuses_bad_arguments():
+    from actscope.train.richness import lazy_rich
+
+    net = _small_net()
+    with pytest.raises(InputError, match="every must be"):
+        lazy_rich(net, torch.zeros(3, 3), torch.zeros(3, dtype=torch.long), every=0)
+    with pytest.raises(InputError, match="one row per probe example"):
+        lazy_rich(net, torch.zeros(3, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_grokking_lazy_rich_smoke(tmp_path, one_thread):
+    """Seconds-long examples/grokking_lazy_rich.py: p = 17, 64 neurons, 300 steps."""
+    from actscope.store import read_run
+    from actscope.train import StepLog, write_steps
+
+    g = _example("grokking_lazy_rich")
+    data, model, probe, targets = g.setup(17, 0, share=0.6, width=64)
+    log = StepLog()
+    g.train_watched(data, model, probe, targets, steps=300, every=100, log=log, lr=3e-3)
+    c = g.curves(log)
+    assert set(c) >= {"train_acc", "test_acc", "ntk_alignment", "feature_cka", "weight_norm", "weight_distance", "relative_weight_change"}
+    assert c["train_acc"][1][-1] == 1.0
+    assert c["ntk_alignment"][1].max() > c["ntk_alignment"][1][0]  # the kernel turns towards the labels
+    assert c["feature_cka"][1][-1] < 0.95 and c["relative_weight_change"][1][-1] > 0.1  # features and weights moved
+    t = g.timings(c)
+    assert t["fit"] <= 300 and t["rich"] <= 300
+    run = read_run(write_steps(tmp_path / "run", log))
+    assert "ntk_alignment" in set(run.tables["training_steps"]["metric"].to_pylist())
+
+
+def test_direction_alignment_is_the_cosine_per_neuron():
+    from actscope.metrics import direction_alignment
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0, 0], [1.0, 1.0, 0], [0, 0, -2.0], [0, 0, 0]]))
+    u = torch.tensor([[2.0, 0, 0], [0, 0, 1.0]])
+    got = direction_alignment(net, "0", u)
+    w = net[0].weight.detach().double().numpy()
+    for j in range(3):
+        for k in range(2):
+            assert got[j, k].item() == pytest.approx(float(w[j] @ u[k].double().numpy() / np.linalg.norm(w[j]) / np.linalg.norm(u[k].numpy())))
+    assert torch.isnan(got[3]).all()
+    assert direction_alignment(net, "0", torch.ones(4), of="output").shape == (3, 1)
+    with pytest.raises(InputError, match=r"directions must be \[k, 3\]"):
+        direction_alignment(net, "0", torch.ones(2, 5))
+
+
+def test_benign_overfitting_xor_smoke(one_thread):
+    """Seconds-long examples/benign_overfitting_xor.py: d = 600, n = 24, 40 neurons, 100 steps."""
+    b = _example("benign_overfitting_xor")
+    data = b.xor_data(1, d=600, n=24, norm=9, test=500)
+    s = b.series(b.run(data, b.network(600, 40, 1), steps=100))
+    assert data["flipped"].any()
+    assert s["train_acc"][1] == 1.0 and s["flipped_fit"][1] == 1.0 and s["test_acc"][1] <= 0.6  # fitted at once, noise included
+    assert s["train_acc"][-1] == 1.0 and s["test_acc"][-1] >= s["test_acc"][1] + 0.2  # still fitted, and generalises later
+    assert s["cluster_alignment"][-1] >= 3 * s["cluster_alignment"][0]
+
+
+# -- opposing signals ---------------------------------------------------------------------
+def test_opposition_score_is_minus_the_pearson_correlation():
+    from actscope.metrics.opposition import opposition_score
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=30), rng.normal(size=30)
+    assert opposition_score(a, b) == pytest.approx(-np.corrcoef(a, b)[0, 1], rel=1e-12)
+    assert opposition_score(a, -2 * a + 1) == pytest.approx(1.0)
+    assert math.isnan(opposition_score(a, np.ones(30)))
+    with pytest.raises(InputError, match="same length"):
+        opposition_score(a, b[:5])
+
+
+def test_opposing_groups_recovers_planted_groups_and_the_separating_feature():
+    from actscope.metrics.opposition import opposing_groups, opposition_score, separating_feature
+
+    rng = np.random.default_rng(1)
+    t = np.arange(60)
+    wave = np.sin(t / 2.0)
+    losses = 1.0 + 0.01 * rng.normal(size=(60, 20))
+    losses[:, [2, 5, 7, 11]] += wave[:, None]
+    losses[:, [3, 8, 13, 17, 19]] -= 0.8 * wave[:, None]
+    found = opposing_groups(losses, top=9)
+    groups = {tuple(found.group_a.tolist()), tuple(found.group_b.tolist())}
+    assert groups == {(2, 5, 7, 11), (3, 8, 13, 17, 19)}
+    delta = np.diff(losses, axis=0)
+    assert found.score == pytest.approx(opposition_score(delta[:, found.group_a].mean(1), delta[:, found.group_b].mean(1)), rel=1e-12)
+    assert found.score > 0.99
+    np.testing.assert_allclose(found.swing, delta.var(axis=0), rtol=1e-12)
+    assert found.to_table()["group"][2] in ("A", "B") and found.to_table()["group"][0] == ""
+    x = rng.normal(size=(20, 4))
+    x[[2, 5, 7, 11], 3] += 5.0
+    order, diff = separating_feature(x, [2, 5, 7, 11], [3, 8, 13, 17, 19])
+    a, b = x[[2, 5, 7, 11], 3], x[[3, 8, 13, 17, 19], 3]
+    pooled = np.sqrt((a.var(ddof=1) * 3 + b.var(ddof=1) * 4) / 7)
+    assert order[0] == 3 and diff[0] == pytest.approx((a.mean() - b.mean()) / pooled, rel=1e-12)
+
+
+def test_loss_trajectories_keep_bounded_evenly_spaced_direct_losses():
+    from actscope.train import loss_trajectories
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3), torch.randint(0, 4, (12,))
+    plain, watched = _small_net(), _small_net()
+    _train_steps(plain, x, y, 21)
+    with loss_trajectories(watched, x[:6], y[:6], max_points=4) as cb:
+        _train_steps(watched, x, y, 21, cb)
+    for p, q in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(p, q)
+    steps, losses = cb.losses()
+    assert steps.tolist() == [0, 8, 16] and cb.stride == 8 and losses.shape == (3, 6)  # 21 steps in at most 4 points
+    with torch.no_grad():
+        direct = torch.nn.functional.cross_entropy(watched(x[:6]), y[:6], reduction="none").double().numpy()
+    np.testing.assert_allclose(cb.measure(), direct, rtol=1e-12)
+    table = cb.log.to_pandas()
+    # measured at every step until the buffer overflowed at step 4, then every 2nd, 4th, 8th step
+    assert table[table.metric == "tracked_loss"].step.tolist() == [0, 1, 2, 3, 4, 6, 8, 12, 16]
