@@ -7,12 +7,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors, load_model,
-    quiet_libraries,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options
 
 
+@model_options
 def attention(
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The text whose attention patterns to record."),
@@ -20,20 +18,13 @@ def attention(
     max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens of the prompt kept (a head's grid is tokens × tokens)."),
     show: int = typer.Option(10, "--show", help="Heads printed, strongest attention sinks first."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: the patterns go into its report's attention viewer (a run of the same model, or a new one)."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Record every head's attention pattern over a prompt; --out puts them in the report."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.explain.attention import attention_patterns
 
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         model.module.eval()
         result = attention_patterns(model, prompt, sites, max_tokens=max_tokens)
         sinks = sorted(result.sinks().items(), key=lambda item: -item[1])

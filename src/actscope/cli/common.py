@@ -7,12 +7,15 @@ as written. Styling is explicit (:func:`styled`), never parsed out of text.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -27,8 +30,8 @@ EXIT_INTERNAL = 1
 TRUST_REMOTE_CODE_HELP = "Run the Python code a model directory ships (its config's auto_map); only for code you trust."
 MODEL_HELP = "A model directory, or a Hugging Face hub id (org/name) found in the local Hugging Face cache"
 
-# The options of every command that loads a model, defined once; each command lists them all and
-# hands them to load_model.
+# The options of every command that loads a model, defined once: :func:`model_options` adds them
+# to a command.
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto (a GPU when there is one); default: where the model loads.")
 DTYPE = typer.Option(None, "--dtype", help="auto (the checkpoint's dtype), float32, bfloat16, float16 or float64; default: transformers' (the checkpoint's).")
 DEVICE_MAP = typer.Option(None, "--device-map", help="Split the model over devices (needs accelerate): auto, balanced, sequential, or a JSON object of module → device, e.g. '{\"\": 0}'. Not with --device.")
@@ -102,6 +105,48 @@ def quiet_libraries(download: bool = False) -> None:
         import warnings
 
         warnings.filterwarnings("ignore", module="transformers")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The shared model-loading options as one command line gave them."""
+
+    device: str | None = None
+    dtype: str | None = None
+    device_map: str | None = None
+    revision: str | None = None
+    download: bool = False
+    trust_remote_code: bool = False
+
+    def load(self, model: str | None, **override: Any):
+        """:func:`load_model` with these options (``override``: e.g. a process's own device)."""
+        return load_model(model, **{**asdict(self), **override})
+
+
+OPTION_DEFAULTS = {"device": DEVICE, "dtype": DTYPE, "device_map": DEVICE_MAP, "revision": REVISION, "download": DOWNLOAD,
+                   "trust_remote_code": TRUST_REMOTE_CODE}
+OPTION_TYPES = {"device": Optional[str], "dtype": Optional[str], "device_map": Optional[str], "revision": Optional[str],
+                "download": bool, "trust_remote_code": bool}
+
+
+def model_options(command: Callable) -> Callable:
+    """Give ``command`` the options of every model-loading command (``--device``, ``--dtype``,
+    ``--device-map``, ``--revision``, ``--download``, ``--trust-remote-code``): it declares one
+    parameter ``options: ModelOptions`` instead, and :func:`quiet_libraries` runs first."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=OPTION_TYPES[name])
+              for name, default in OPTION_DEFAULTS.items()]
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        options = ModelOptions(**{name: kwargs.pop(name) for name in OPTION_DEFAULTS})
+        quiet_libraries(options.download)
+        return command(*args, options=options, **kwargs)
+
+    run.__signature__ = signature.replace(parameters=own + shared)
+    run.__annotations__ = {**{p.name: p.annotation for p in own + shared}, "return": signature.return_annotation}
+    return run
 
 
 def load_model(

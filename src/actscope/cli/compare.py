@@ -11,12 +11,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, errors, friendly_errors,
-    load_model, quiet_libraries, styled,
-)
+from .common import MODEL_HELP, ModelOptions, console, errors, friendly_errors, model_options, styled
 
 
+@model_options
 def compare(
     model_a: str = typer.Argument(..., metavar="MODEL_A", help=MODEL_HELP + "."),
     model_b: Optional[str] = typer.Argument(None, metavar="MODEL_B", help="The second model (same forms); omit it to compare --sites with --sites-b of MODEL_A."),
@@ -42,15 +40,9 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write (similarity.parquet, similarity_sites.parquet, report.html)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
     report: bool = typer.Option(True, "--report/--no-report", help="With --out, write RUN_DIR/report.html with the heat map."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Compare representations: CKA or RSA of every site of MODEL_A with every site of MODEL_B."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.data import load_corpus
         from actscope.errors import InputError
@@ -62,10 +54,8 @@ def compare(
             from actscope.store.writer import check_target
 
             check_target(out, overwrite)  # refuse before the forward passes
-        options = dict(device=device, dtype=dtype, device_map=device_map, revision=revision, download=download,
-                       trust_remote_code=trust_remote_code)
-        first = load_model(model_a, **options)
-        second = load_model(model_b, **options) if model_b is not None else None
+        first = options.load(model_a)
+        second = options.load(model_b) if model_b is not None else None
         from actscope.store import now_iso
 
         corpus = load_corpus(data, column=column)

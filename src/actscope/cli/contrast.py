@@ -8,12 +8,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
-    load_model, quiet_libraries, styled,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options, styled
 
 
+@model_options
 def contrast(
     model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + ", with its tokenizer."),
     behaviour: Path = typer.Option(..., "--behaviour", "-b", help="Behaviour-eliciting prompts: a text file (one per line), .jsonl, .csv, …"),
@@ -29,15 +27,9 @@ def contrast(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate prompts to this many tokens."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Contrast sets (fTRI): which units, heads and experts respond more to the behaviour prompts."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.data import load_corpus
         from actscope.errors import InputError
@@ -49,8 +41,7 @@ def contrast(
             from actscope.store.writer import check_target
 
             check_target(out, overwrite)  # refuse before the forward passes
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         behaviour_set, control_set = load_corpus(behaviour, column=column), load_corpus(control, column=column)
         result = run_contrast(
             model, behaviour_set, control_set, sites, n_permutations=permutations, seed=seed,

@@ -7,13 +7,11 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
-    load_model, quiet_libraries, styled,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options, styled
 from .sae import SAE_HELP, attach_saes
 
 
+@model_options
 def decode(
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
     site: str = typer.Option("blocks.*.mlp.post", "--site", "-s", help="Neuron sites and units, e.g. 'blocks.3.mlp.post[17]' or 'blocks.*.mlp.post'."),
@@ -21,20 +19,13 @@ def decode(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: a run of the same model gets decode and decode_agreement tables; a new directory gets a decode table."),
     show: int = typer.Option(20, "--show", help="Units printed (every unit is written with --out)."),
     sae: Optional[List[str]] = typer.Option(None, "--sae", help=SAE_HELP + " Decode them with --site SITE.sae."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Decode neurons into the vocabulary: W_out[:, i] through the final norm and the unembedding."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.explain.decode import decode as decode_units
 
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         attach_saes(model, sae)
         decoded = decode_units(model, site, top=top)
         agreement = _write(model, decoded, out, site, top) if out is not None else None

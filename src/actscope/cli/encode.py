@@ -10,14 +10,12 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors, load_model,
-    quiet_libraries, styled,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options, styled
 
 SHOWN = 20  # rows of the ranking printed (the run holds all)
 
 
+@model_options
 def encode(
     models: List[str] = typer.Argument(..., metavar="MODEL...", help=MODEL_HELP + "; several models (e.g. one per training objective) are ranked together."),
     stimuli: Path = typer.Option(..., "--stimuli", help="The stimuli, one document each, in the order of the responses' rows: text (one per line), .jsonl, .csv, .tsv, .parquet or a saved HF dataset."),
@@ -34,15 +32,9 @@ def encode(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write (encoding.parquet, encoding_channels.parquet, report.html)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
     report: bool = typer.Option(True, "--report/--no-report", help="With --out, write RUN_DIR/report.html."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Encoding models: which model and which site predict the recorded responses best."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.data import load_corpus
         from actscope.errors import InputError
@@ -60,9 +52,7 @@ def encode(
             from actscope.store.writer import check_target
 
             check_target(out, overwrite)  # refuse before the forward passes
-        options = dict(device=device, dtype=dtype, device_map=device_map, revision=revision, download=download,
-                       trust_remote_code=trust_remote_code)
-        loaded = [load_model(source, **options) for source in models]
+        loaded = [options.load(source) for source in models]
         named = dict(zip(unique_names([m.name for m in loaded]), loaded))
         from actscope.store import now_iso
 

@@ -8,34 +8,25 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
-    load_model, quiet_libraries, styled,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options, styled
 
 
+@model_options
 def generate(
     model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + ": a causal LM with its tokenizer."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="A file written by `actscope sparsify`."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Print the greedy continuation and tokens/s, dense and sparse side by side."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.errors import DataError, InputError
         from actscope.sparse import Calibration, sparsify
 
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         model.module.eval()
         if model.tokenizer is None:
             raise DataError(f"{model_dir} has no tokenizer; generate needs one to read --prompt and print the text")

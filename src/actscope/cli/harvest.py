@@ -8,13 +8,11 @@ from typing import Optional
 
 import typer
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, load_model, quiet_libraries,
-    styled,
-)
+from .common import MODEL_HELP, ModelOptions, console, model_options, styled
 from .profile import progress_bar, rank_errors, relaunch
 
 
+@model_options
 def harvest(
     command: typer.Context,
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
@@ -30,15 +28,9 @@ def harvest(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an activation dataset actscope wrote at --out."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted harvest after its last complete shards."),
     processes: int = typer.Option(1, "--processes", help="Harvest in N processes (torchrun on this machine), each writing its own shards."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Write the activations of chosen sites for every real token (with document and position ids) as sharded safetensors."""
-    quiet_libraries(download)
     if processes != 1:
         relaunch(command, processes)
     with rank_errors() as context:
@@ -47,8 +39,7 @@ def harvest(
         from actscope.distributed import rank_device
         from actscope.store.activations import check_folder
 
-        model = load_model(model_dir, device=rank_device(device, context), dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir, device=rank_device(options.device, context))
         plan = actscope.plan_sites(model, sites)
         corpus = load_corpus(data, column=column)
         if context.main:  # before the progress bar: a bad --out fails at once

@@ -8,12 +8,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors, load_model,
-    quiet_libraries,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options
 
 
+@model_options
 def lens(
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The text to read layer by layer."),
@@ -24,20 +22,13 @@ def lens(
     seed: int = typer.Option(0, "--seed", help="Seed of the tuned lens's minibatches: the same seed and data give the same lens."),
     max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens of --data the tuned lens is fitted on (and at most as many held out)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: the lens grid goes into its report (a run of the same model, or a new one)."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Print the top token of every layer at every position (logit lens, optionally tuned)."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.explain.lens import fit_tuned_lens, logit_lens
 
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         model.module.eval()
         results = [logit_lens(model, prompt, top=top)]
         fitted = None

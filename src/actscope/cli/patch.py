@@ -7,16 +7,14 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
-    load_model, quiet_libraries, styled,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options, styled
 from .sae import SAE_HELP, attach_saes
 
 DEFAULT_SITES = {"head": "blocks.*.attn.z", "unit": "blocks.*.mlp.post", "site": "blocks.*.attn.z,blocks.*.mlp.post",
                  "position": "blocks.*.resid.pre"}
 
 
+@model_options
 def patch(
     model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + ", with its tokenizer."),
     clean: str = typer.Option(..., "--clean", help="The clean prompt (the answer is right here)."),
@@ -30,15 +28,9 @@ def patch(
     top: int = typer.Option(20, "--top", help="Rows to print (largest |recovered| first)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write the full table into."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Patch clean activations into the corrupted run and print the recovered fraction per component."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.errors import InputError
         from actscope.explain.attribution import attribution_patching
@@ -52,8 +44,7 @@ def patch(
             from actscope.store.writer import check_target
 
             check_target(out, overwrite)
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         if model.tokenizer is None:
             raise InputError(f"{model_dir} has no tokenizer, so text prompts cannot be encoded; use the Python API with token ids")
         attach_saes(model, sae)

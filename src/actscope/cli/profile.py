@@ -10,14 +10,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, EXIT_BAD_INPUT, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, errors,
-    friendly_errors, load_model, quiet_libraries, styled,
-)
+from .common import EXIT_BAD_INPUT, MODEL_HELP, ModelOptions, console, errors, friendly_errors, model_options, styled
 
 _METRIC_NAMES = "cett, temporal, core, codes, extreme, outliers, memory, moe, sensitivity"
 
 
+@model_options
 def profile(
     command: typer.Context,
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
@@ -42,15 +40,9 @@ def profile(
     image_mean: Optional[str] = typer.Option(None, "--image-mean", help="Image data: per-channel mean to subtract, e.g. 0.485,0.456,0.406 (default: the model directory's, else 0)."),
     image_std: Optional[str] = typer.Option(None, "--image-std", help="Image data: per-channel std to divide by (default: the model directory's, else 1)."),
     processes: int = typer.Option(1, "--processes", help="Profile in N processes (torchrun on this machine), each taking every N-th batch; the result equals one process's."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Stream per-neuron statistics of chosen sites into a run directory and summarise them."""
-    quiet_libraries(download)
     if processes != 1:
         with friendly_errors():  # what needs no model is checked once, here, not in every process
             import actscope
@@ -69,8 +61,7 @@ def profile(
                                         spatial=spatial).checked()
         if (checkpoint_every is not None or resume) and out is None:
             raise actscope.InputError(f"{'--resume' if resume else '--checkpoint-every'} needs --out: the checkpoint is kept beside the run directory")
-        model = load_model(model_dir, device=rank_device(device, context), dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir, device=rank_device(options.device, context))
         from actscope.profiling import plan_with_saes
         from actscope.sae.files import load_spec
 

@@ -9,10 +9,7 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors, load_model,
-    quiet_libraries, styled,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options, styled
 
 
 SAE_HELP = ("A sparse autoencoder or transcoder whose features become a site (repeatable): a SAELens folder (cfg.json + "
@@ -27,6 +24,7 @@ def attach_saes(model, specs: Optional[List[str]]) -> list[str]:
     return [attach(model, load_spec(spec)) for spec in specs or []]
 
 
+@model_options
 def train_sae(
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
     site: Optional[str] = typer.Option(None, "--site", "-s", help="The site whose activations the SAE reconstructs, e.g. 'blocks.3.resid.post' (with --activations: one of its sites)."),
@@ -46,15 +44,9 @@ def train_sae(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use at most this many real tokens of the data per epoch."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate documents to this many tokens."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an SAE actscope wrote at --out."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Train a sparse autoencoder on one site's activations and save it in the SAELens layout."""
-    quiet_libraries(download)
     with friendly_errors():
         import actscope
         from actscope.sae.save import check_target
@@ -62,8 +54,7 @@ def train_sae(
         check_target(out, overwrite)  # before any work
         model = None
         if activations is None or model_dir is not None:
-            model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision, download=download,
-                               trust_remote_code=trust_remote_code)
+            model = options.load(model_dir)
         corpus = None
         if activations is None:
             from actscope.data import load_corpus

@@ -7,27 +7,18 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
-    load_model, quiet_libraries,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options
 
 
+@model_options
 def sites(
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help=MODEL_HELP + " (default: the embedded MiniLM)."),
     match: Optional[str] = typer.Option(None, "--match", "-m", help="Only sites whose name matches this glob, e.g. 'blocks.0.*'."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """List the canonical sites of a model (or its modules, for models without a table)."""
-    quiet_libraries(download)
     with friendly_errors():
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         rows = [s for s in model.sites() if match is None or fnmatch(s.name, match)]
         table = Table(title=f"{model.name}: {len(rows)} sites", title_justify="left")
         table.add_column("site", no_wrap=True)

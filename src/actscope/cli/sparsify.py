@@ -7,11 +7,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors,
-    load_model, quiet_libraries,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options
 
+@model_options
 def sparsify(
     model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + ": a causal LM with its tokenizer."),
     data: Path = typer.Option(..., "--data", "-d", help="Calibration text: .txt, .jsonl, .csv, .tsv, .parquet or a saved dataset."),
@@ -28,15 +26,9 @@ def sparsify(
     batch_size: int = typer.Option(8, "--batch-size", help="Documents per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate documents to this many tokens."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at --out."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Calibrate what the MLP blocks may skip; print expected sparsity per layer and dense vs sparse perplexity."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.data import load_corpus
         from actscope.sparse import calibrate, evaluate
@@ -45,8 +37,7 @@ def sparsify(
         chosen = method or ("cett" if p is not None else "cats")
         check_target(out.expanduser(), overwrite, "--out", kind="sparse-calibration")  # a user's file, a folder, no write access: before the work
         calibration_docs, held_out_docs = _split(load_corpus(data, column=column).documents, eval_data, column, held_out)
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         model.module.eval()
         calibration = calibrate(model, list(calibration_docs), method=chosen, sparsity=sparsity,
                                 p=None if p is None else p / 100, alpha=alpha, batch_size=batch_size, max_length=max_length,

@@ -8,13 +8,11 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors, load_model,
-    quiet_libraries, styled,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options, styled
 from .sae import SAE_HELP, attach_saes
 
 
+@model_options
 def steer(
     model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + ": a causal LM with its tokenizer."),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Text to continue (repeat for several)."),
@@ -30,15 +28,9 @@ def steer(
     target: Optional[List[str]] = typer.Option(None, "--target", help="A one-token word whose log-probability measures the effect (repeat for several; mind the leading space)."),
     max_new_tokens: int = typer.Option(20, "--max-new-tokens", "-n", help="Tokens to generate."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: the sweep goes into its report (a run of the same model, or a new one)."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Steer generation with a contrastive (or unit) direction; print unsteered and steered text."""
-    quiet_libraries(download)
     with friendly_errors():
         from actscope.errors import InputError
         from actscope.explain.steering import check_positions, steer as steer_prompt, steering_sweep, steering_vector
@@ -49,8 +41,7 @@ def steer(
             raise InputError("give --positive, --negative and --site (a contrastive vector), or --unit 'blocks.3.mlp.post[17]'")
         check_positions(positions)
         scales = _scales(sweep)
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision,
-                           download=download, trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         model.module.eval()
         attach_saes(model, sae)
         vector = (steering_vector(model, unit=unit) if unit is not None else

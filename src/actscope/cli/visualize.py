@@ -6,11 +6,10 @@ from typing import Optional
 
 import typer
 
-from .common import (
-    DEVICE, DEVICE_MAP, DOWNLOAD, DTYPE, MODEL_HELP, REVISION, TRUST_REMOTE_CODE, console, friendly_errors, load_model, quiet_libraries,
-)
+from .common import MODEL_HELP, ModelOptions, console, friendly_errors, model_options
 
 
+@model_options
 def visualize(
     model_dir: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + " (a vision model)."),
     site: str = typer.Option(..., "--site", "-s", help="The site, e.g. blocks.3.mlp.post or module:layer1.0.conv2@output."),
@@ -23,15 +22,9 @@ def visualize(
     size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (default: the model's image size)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Images (folder, .npy, saved data set): give facets, sizes and colours."),
     facets: int = typer.Option(0, "--facets", help="Multifaceted: cluster the top images of --data into this many facets, one image each."),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    device_map: Optional[str] = DEVICE_MAP,
-    revision: Optional[str] = REVISION,
-    download: bool = DOWNLOAD,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    options: ModelOptions = ModelOptions(),
 ) -> None:
     """Optimise an image (decorrelated Fourier parameterisation, jitter, scale, rotation, total variation) to maximise a unit."""
-    quiet_libraries(download)
     with friendly_errors():
         import numpy as np
 
@@ -42,8 +35,7 @@ def visualize(
         from actscope.explain.image_examples import write_png
         from actscope.feeding import images_for
 
-        model = load_model(model_dir, device=device, dtype=dtype, device_map=device_map, revision=revision, download=download,
-                           trust_remote_code=trust_remote_code)
+        model = options.load(model_dir)
         config, target = vis.VisConfig(steps=steps, seed=seed), vis.Target(site, kind, unit)
         if facets and data is None:
             raise InputError("--facets clusters the top images of a data set; pass --data too")
