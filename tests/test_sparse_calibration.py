@@ -108,7 +108,7 @@ def test_core_expected_sparsity_from_each_prompt_alone(llama):
     np.testing.assert_allclose(cal.expected_sparsity, [1 - np.mean(sizes[0]), 1 - np.mean(sizes[1])], rtol=1e-12)
 
 
-@pytest.mark.parametrize("method,kw", [("cats", {"sparsity": 0.5}), ("teal", {"sparsity": 0.3, "step": 0.1}),
+@pytest.mark.parametrize("method,kw", [("cats", {"sparsity": 0.5}), ("teal", {"sparsity": 0.3, "step": 0.05}),
                                        ("teal", {"sparsity": 0.3, "allocation": "uniform", "projections": "mlp"}),
                                        ("core", {"sparsity": 0.5})])
 def test_round_trip(llama, tmp_path, method, kw):
@@ -161,7 +161,7 @@ def test_to_pandas_has_one_row_per_layer(llama):
     ({"method": "core", "sparsity": 0.5, "alpha": 0}, "alpha must be"),
     ({"method": "teal", "sparsity": 0.5, "allocation": "fast"}, "allocation must be one of greedy, uniform"),
     ({"method": "teal", "sparsity": 0.5, "projections": "attn"}, "projections must be one of all, mlp"),
-    ({"method": "teal", "sparsity": 0.5, "step": 0}, r"step \(the greedy search's sparsity step\) must be in \(0, 0.5\]"),
+    ({"method": "teal", "sparsity": 0.5, "step": 0}, r"step \(the block sparsity the greedy search adds per step\) must be in \(0, 0.5\]"),
     ({"method": "cats", "sparsity": 0.5, "allocation": "greedy"}, "allocation and projections are TEAL's options"),
 ])
 def test_bad_settings(llama, kw, match):

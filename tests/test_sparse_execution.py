@@ -28,7 +28,7 @@ from test_layouts import LAYOUTS, fresh
 FAMILIES = [*sparse_families(), *(name for name, tiny in LAYOUTS.items() if tiny.layout in sparse_families())]
 SETTINGS = {  # name: calibrate's options
     "cats": {"method": "cats", "sparsity": 0.7},
-    "teal": {"method": "teal", "sparsity": 0.6, "step": 0.2},  # greedy over every projection, attention ones too
+    "teal": {"method": "teal", "sparsity": 0.6, "step": 0.05},  # greedy over every projection, attention ones too
     "teal uniform mlp": {"method": "teal", "sparsity": 0.6, "allocation": "uniform", "projections": "mlp"},
     "cett": {"method": "cett", "p": 0.005},
     "core": {"method": "core", "sparsity": 0.5},

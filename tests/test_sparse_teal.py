@@ -100,7 +100,7 @@ def naive_greedy(model, layer: int, target: float, step: float) -> dict[str, flo
         return {n: float(np.quantile(values[n], s[i])) if s[i] > 0 else 0.0 for i, n in enumerate(names)}
 
     while share @ sparsity < target - 1e-12:
-        moves = np.minimum(np.minimum(step, (target - share @ sparsity) / share), MAX_SPARSITY - sparsity)
+        moves = np.minimum(np.minimum(step / share, (target - share @ sparsity) / share), MAX_SPARSITY - sparsity)
         errors = []
         for i in range(len(names)):
             trial = sparsity.copy()
@@ -112,11 +112,11 @@ def naive_greedy(model, layer: int, target: float, step: float) -> dict[str, flo
 
 
 def test_greedy_allocation_matches_a_naive_search(llama):
-    cal = calibrate(llama, data(), method="teal", sparsity=0.35, step=0.1)
+    cal = calibrate(llama, data(), method="teal", sparsity=0.35, step=0.05)
     assert cal.settings["names"] == [name for name, _ in linear_layers(llama.module.model.layers[0])]
     assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"} <= set(cal.settings["names"])
     for layer in (0, 1):
-        expected = naive_greedy(llama, layer, 0.35, 0.1)
+        expected = naive_greedy(llama, layer, 0.35, 0.05)
         found = {name: cal.per_layer[f"sparsity {name}"][layer] for name in expected}
         assert found == pytest.approx(expected, abs=1e-12)
         assert len(set(np.round(list(found.values()), 6))) > 1  # not uniform: the search chose

@@ -113,7 +113,8 @@ def _teal_options(method: str, allocation: Any, projections: Any, step: Any) -> 
     if projections not in SCOPES:
         raise InputError(f"projections must be one of {', '.join(SCOPES)}, got {projections!r}")
     if isinstance(step, bool) or not isinstance(step, numbers.Real) or not 0 < step <= 0.5:
-        raise InputError(f"step (the greedy search's sparsity step) must be in (0, 0.5], got {step!r}; e.g. 0.05")
+        raise InputError(f"step (the block sparsity the greedy search adds per step) must be in (0, 0.5], got {step!r}; "
+                         f"e.g. {DEFAULT_STEP}")
     return allocation, projections
 
 
