@@ -567,7 +567,7 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="also time the per-shape kernel choice")
     parser.add_argument("--methods", type=parse_methods, default=None,
                         help=f"comma-separated {','.join(SKIPPED)}: end-to-end section per method instead of CATS alone")
-    parser.add_argument("--teal-step", type=float, default=0.1, help="teal: the greedy search's sparsity step")
+    parser.add_argument("--teal-step", type=float, default=0.02, help="teal: the block sparsity the greedy search adds per step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
