@@ -51,7 +51,20 @@ SOURCE = "_kernels.c"
 MAX_KERNEL_TOKENS = 16
 # -O3 -march=native: the library is built on the machine that runs it (the CPU's flags are part
 # of its cache name); the plainer sets are for compilers that refuse -march=native.
-FLAG_SETS = (["-pthread", "-O3", "-march=native"], ["-pthread", "-O3"], ["-pthread", "-O2"])
+def _prefetch_flags() -> list[str]:
+    """Intel CPUs: prefetch the next rows into every cache level (``_kernels.c``,
+    PREFETCH_LOCALITY: the non-temporal hint halves the row kernels' rate there; measured on a
+    Xeon, docs/benchmarks.md). Other CPUs keep the default the kernels were tuned with."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            intel = "GenuineIntel" in info.read(4096)
+    except OSError:
+        intel = False
+    return ["-DPREFETCH_LOCALITY=3"] if intel else []
+
+
+FLAG_SETS = tuple([*flags, *_prefetch_flags()] for flags in (["-pthread", "-O3", "-march=native"], ["-pthread", "-O3"],
+                                                            ["-pthread", "-O2"]))
 _FUNCTIONS = ("actscope_dot_rows", "actscope_axpy_rows")
 
 
