@@ -29,6 +29,7 @@ import torch
 
 from ..sites import Plan, Site
 from ..trace import split_token_id
+from .tables import _contexts
 
 BINS = 4
 PER_BIN = 2
@@ -98,7 +99,7 @@ def samples_table(plan: Plan, stats: Mapping[str, Any], context: Context | None)
             continue
         chosen_tok = torch.from_numpy(tok[unit, slot])
         doc, pos = (t.numpy() for t in split_token_id(chosen_tok))
-        texts = _texts(context, doc.tolist(), pos.tolist())
+        texts = _contexts(context, doc.tolist(), pos.tolist())
         parts.append({
             "site": np.array([site.label] * len(unit), dtype=object), "layer": np.full(len(unit), _layer(site), dtype=np.int64),
             "unit": _names(site, unit), "bin": bins, "q_lo": bins / BINS, "q_hi": (bins + 1) / BINS,
@@ -224,16 +225,6 @@ def tokens_table(examples: Mapping[str, Any], samples: Mapping[str, np.ndarray],
 # -- helpers ---------------------------------------------------------------------------------
 def _unit_sites(plan: Plan, stats: Mapping[str, Any]) -> list[Site]:
     return [s for s in plan.sites if s.hook.layout != "pattern" and s.label in stats]
-
-
-def _texts(context: Context | None, docs: list[int], positions: list[int]) -> list[tuple[str, str, str]]:
-    if context is None:
-        return [("", "", "")] * len(docs)
-    cache: dict[tuple[int, int], tuple[str, str, str]] = {}
-    for key in zip(docs, positions):
-        if key not in cache:
-            cache[key] = context(*key)
-    return [cache[key] for key in zip(docs, positions)]
 
 
 def _names(site: Site, index: np.ndarray) -> np.ndarray:
