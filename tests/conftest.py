@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -113,3 +114,17 @@ def first_input_of(module: torch.nn.Module, target: torch.nn.Module, ids: torch.
     finally:
         handle.remove()
     return seen[0]
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+LABELS = {"holds", "direction only", "does not hold"}  # the labels a reproduction may print
+
+
+def example_script(name: str):
+    """``examples/NAME.py`` imported as a module (the reproductions are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

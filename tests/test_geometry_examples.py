@@ -3,21 +3,12 @@ at full size): each runs end to end in its ``--quick`` mode, prints its verdict 
 SVG figures (well-formed, styled for reading outside the report)."""
 from __future__ import annotations
 
-import importlib.util
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-LABELS = {"holds", "direction only", "does not hold"}
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import LABELS, example_script as script
 
 
 def figures(folder: Path, names: set[str]) -> None:

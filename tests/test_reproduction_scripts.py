@@ -2,18 +2,7 @@
 runs end to end on a tiny budget, and its pass rules give the labels they say they give."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-LABELS = {"holds", "direction only", "does not hold"}
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import LABELS, example_script as script
 
 
 def test_bigram_backcopy_runs_every_variant(tmp_path, monkeypatch, capsys):
