@@ -297,6 +297,35 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def fit_causal_lm(model, rows: list[list[int]], batches: list[list[int]], cfg, pad_id: int, name: str) -> list[list[float]]:
+    """Train ``model`` in place, one AdamW step per batch of row indices (``cfg``: ``lr``,
+    ``warmup_steps``, ``steps``, ``weight_decay``; schedule :func:`_lr_at`, gradients clipped to
+    norm 1); return the loss log ``[[step, mean loss over the last ~steps/30 steps], …]``."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    loss_log: list[list[float]] = []
+    window: list[float] = []
+    log_every = max(cfg.steps // 30, 1)
+    for step, batch in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        input_ids, mask, labels = _pad_batch([rows[i] for i in batch], pad_id)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(float(loss.detach()))
+        if (step + 1) % log_every == 0 or step + 1 == len(batches):
+            mean = sum(window) / len(window)
+            loss_log.append([step + 1, round(mean, 5)])
+            log.info("%s step %d/%d loss %.4f", name, step + 1, len(batches), mean)
+            window = []
+    return loss_log
+
+
 def _train_into(directory: Path, cfg: TrainConfig) -> dict:
     import torch
     import transformers
@@ -316,28 +345,7 @@ def _train_into(directory: Path, cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(_llama_config(cfg, tokenizer))
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
-                                  weight_decay=cfg.weight_decay)
-    pad = tokenizer.pad_token_id
-    loss_log: list[list[float]] = []
-    window: list[float] = []
-    log_every = max(cfg.steps // 30, 1)
-    for step, batch in enumerate(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        input_ids, mask, labels = _pad_batch([rows[i] for i in batch], pad)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        window.append(float(loss.detach()))
-        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
-            mean = sum(window) / len(window)
-            loss_log.append([step + 1, round(mean, 5)])
-            log.info("tiny-lm-%s step %d/%d loss %.4f", cfg.activation, step + 1, cfg.steps, mean)
-            window = []
+    loss_log = fit_causal_lm(model, rows, batches, cfg, tokenizer.pad_token_id, f"tiny-lm-{cfg.activation}")
     train_seconds = time.perf_counter() - t0
 
     held_out = held_out_corpus()

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from actscope.zoo.synthetic import vocabulary
 
-__all__ = ["SPECIAL_TOKENS", "BOS", "EOS", "PAD", "UNK", "build_tokenizer", "build_raw_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "BOS", "EOS", "PAD", "UNK", "build_tokenizer", "build_raw_tokenizer", "build_bpe_tokenizer"]
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)  # ids 0, 1, 2, 3
@@ -57,3 +57,24 @@ def build_tokenizer():
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
+
+
+def build_bpe_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE :class:`transformers.PreTrainedTokenizerFast` learned from ``texts``, with
+    the same four special tokens (ids 0–3), ``<bos>`` in front of every encoded sequence, padding
+    on the right and ``model_max_length`` 128. Every string encodes (bytes need no ``<unk>``)."""
+    from tokenizers import trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {EOS} {BOS}:1 $B:1", special_tokens=[(BOS, bos_id), (EOS, eos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                   model_max_length=MODEL_MAX_LENGTH, padding_side="right",
+                                   clean_up_tokenization_spaces=False)
