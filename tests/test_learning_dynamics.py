@@ -7,6 +7,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from conftest import example_script
 
 from actscope.errors import InputError
 from actscope.metrics.ipr import ipr, ipr_of
@@ -391,3 +392,14 @@ def test_spike_coincidence_matches_a_direct_computation():
         spike_coincidence(losses, [0], [3], factor=1.0)
     with pytest.raises(InputError, match="both groups"):
         spike_coincidence(losses, [], [3])
+
+
+def test_opposing_signals_smoke(one_thread):
+    """Seconds-long examples/opposing_signals.py: 400 digits, 15 + 15 with the bright border, width 64, 400 steps."""
+    m = example_script("opposing_signals")
+    data, plain = m.digits_data(2, n=400, per_group=15), m.digits_data(2, n=400, per_group=15, patch=0.0)
+    runs = [m.analyse(d, m.train(m.network(2, 64), d, steps=400)[1], burn=100, top=30) for d in (data, plain)]
+    got, control = runs
+    assert got["overlap"] >= 0.8 and got["score"] >= 0.6 and got["border_top"]  # the planted pair, opposing, set apart by the border
+    assert got["spikes"] >= 1 and got["lift"] >= 1.5  # the training loss spikes with the groups' swings
+    assert control["overlap"] <= 0.3 and control["spikes"] == 0 and control["swing"] <= got["swing"] / 3
