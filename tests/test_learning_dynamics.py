@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
 import torch
+from conftest import example_script
 
 from actscope.errors import InputError
 from actscope.metrics.ipr import ipr, ipr_of
@@ -341,3 +343,63 @@ def test_loss_trajectories_keep_bounded_evenly_spaced_direct_losses():
     table = cb.log.to_pandas()
     # measured at every step until the buffer overflowed at step 4, then every 2nd, 4th, 8th step
     assert table[table.metric == "tracked_loss"].step.tolist() == [0, 1, 2, 3, 4, 6, 8, 12, 16]
+
+
+def test_separating_feature_ranks_a_feature_constant_within_groups_first():
+    from actscope.metrics.opposition import separating_feature
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(10, 3))
+    x[:, 1] = [6.0] * 4 + [0.0] * 6  # constant within each group, different between them: perfectly separating
+    x[:, 2] = 1.0  # constant everywhere: separates nothing
+    order, diff = separating_feature(x, [0, 1, 2, 3], [4, 5, 6, 7, 8, 9])
+    assert order[0] == 1 and diff[0] == np.inf and order[-1] == 2 and diff[-1] == 0.0
+    assert separating_feature(x, [4, 5, 6], [0, 1, 2])[1][0] == -np.inf
+
+
+def naive_spikes(losses, a, b, factor, window):
+    total = losses.mean(axis=1)
+    spikes = [t for t in range(window, len(total)) if total[t] > factor * statistics.median(total[t - window:t].tolist())]
+    gap = [abs(np.mean(losses[t, a]) - np.mean(losses[t, b])) for t in range(len(total))]
+    calm = [t for t in range(window, len(total)) if t not in spikes]
+    lift = np.mean([gap[t] for t in spikes]) / np.mean([gap[t] for t in calm])
+    rise = {t: losses[t] - losses[t - 1] for t in spikes}
+    share = sum(rise[t][i] for t in spikes for i in a + b) / sum(rise[t].sum() for t in spikes)
+    return spikes, lift, share
+
+
+def test_spike_coincidence_matches_a_direct_computation():
+    from actscope.metrics.opposition import spike_coincidence
+
+    rng = np.random.default_rng(3)
+    losses = 0.1 + 0.01 * rng.random(size=(80, 12))
+    wave = np.where(np.arange(80) % 2 == 0, 1.0, -1.0) * np.linspace(0, 0.5, 80)
+    losses[:, [0, 1, 2]] += 0.6 + wave[:, None]
+    losses[:, [3, 4, 5]] += 0.6 - wave[:, None]
+    losses[[30, 55, 70], 0:3] += 6.0  # the groups' swing blows up: the mean loss spikes
+    losses[60, 8] += 1.0  # a smaller rise elsewhere, not a spike
+    for window in (20, 7):
+        got = spike_coincidence(losses, [0, 1, 2], [3, 4, 5], factor=2.0, window=window)
+        spikes, lift, share = naive_spikes(losses, [0, 1, 2], [3, 4, 5], 2.0, window)
+        assert got.spikes.tolist() == spikes == [30, 55, 70]
+        assert got.lift == pytest.approx(lift, rel=1e-12) and got.lift > 3
+        assert got.share == pytest.approx(share, rel=1e-12) and abs(got.share - 1.0) < 0.05
+    calm = spike_coincidence(losses[:25], [0, 1, 2], [3, 4, 5])
+    assert len(calm.spikes) == 0 and math.isnan(calm.lift) and math.isnan(calm.share)
+    with pytest.raises(InputError, match="window must be"):
+        spike_coincidence(losses, [0], [3], window=80)
+    with pytest.raises(InputError, match="factor must be > 1"):
+        spike_coincidence(losses, [0], [3], factor=1.0)
+    with pytest.raises(InputError, match="both groups"):
+        spike_coincidence(losses, [], [3])
+
+
+def test_opposing_signals_smoke(one_thread):
+    """Seconds-long examples/opposing_signals.py: 400 digits, 15 + 15 with the bright border, width 64, 400 steps."""
+    m = example_script("opposing_signals")
+    data, plain = m.digits_data(2, n=400, per_group=15), m.digits_data(2, n=400, per_group=15, patch=0.0)
+    runs = [m.analyse(d, m.train(m.network(2, 64), d, steps=400)[1], burn=100, top=30) for d in (data, plain)]
+    got, control = runs
+    assert got["overlap"] >= 0.8 and got["score"] >= 0.6 and got["border_top"]  # the planted pair, opposing, set apart by the border
+    assert got["spikes"] >= 1 and got["lift"] >= 1.5  # the training loss spikes with the groups' swings
+    assert control["overlap"] <= 0.3 and control["spikes"] == 0 and control["swing"] <= got["swing"] / 3

@@ -31,7 +31,7 @@ Learning dynamics (METHODS.md, "Memorising neurons"):
 * :func:`empirical_ntk`, :func:`kernel_alignment`, :func:`ntk_alignment`,
   :func:`direction_alignment` — the lazy → rich measures (``actscope.train.lazy_rich`` records
   them per training step);
-* :func:`opposing_groups`, :func:`opposition_score`, :func:`separating_feature` — opposing signals
+* :func:`opposing_groups`, :func:`opposition_score`, :func:`separating_feature`, :func:`spike_coincidence` — opposing signals
   in per-example loss trajectories (``actscope.train.loss_trajectories`` records them).
 
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
@@ -70,6 +70,7 @@ _EXPORTS = {
     "ipr": ".ipr", "UnitIPR": ".ipr",
     "empirical_ntk": ".richness", "kernel_alignment": ".richness", "ntk_alignment": ".richness", "direction_alignment": ".richness",
     "opposing_groups": ".opposition", "OpposingSignals": ".opposition", "opposition_score": ".opposition", "separating_feature": ".opposition",
+    "spike_coincidence": ".opposition", "SpikeCoincidence": ".opposition",
 }
 
 

@@ -14,7 +14,14 @@ records them with bounded memory). With ``Δ_i(t) = ℓ_i(t) − ℓ_i(t−1)``:
   they move together.
 
 :func:`separating_feature` ranks input (or activation) features by the standardised difference of
-the two groups' means, ``(mean_A − mean_B) / pooled sd``.
+the two groups' means, ``(mean_A − mean_B) / pooled sd`` (±inf for a feature constant within
+each group but different between them: it separates them perfectly).
+
+:func:`spike_coincidence` asks whether the groups' swings come with spikes of the overall loss: a
+**spike** is a step whose mean loss over all tracked examples exceeds ``factor`` × its median over
+the ``window`` steps before; the **lift** is the mean gap ``|mean_A ℓ − mean_B ℓ|`` at spike steps
+over the mean gap at the other steps (1 when unrelated); the **share** is the part of the spikes'
+one-step rise ``Σ_i (ℓ_i(t) − ℓ_i(t−1))`` that the two groups' examples carry.
 """
 from __future__ import annotations
 
@@ -91,10 +98,50 @@ def separating_feature(features: Any, group_a: Any, group_b: Any) -> tuple[np.nd
     if len(a) < 2 or len(b) < 2:
         raise InputError(f"each group needs at least two examples, got {len(a)} and {len(b)}")
     pooled = np.sqrt((a.var(axis=0, ddof=1) * (len(a) - 1) + b.var(axis=0, ddof=1) * (len(b) - 1)) / (len(a) + len(b) - 2))
+    gap = a.mean(axis=0) - b.mean(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        diff = np.where(pooled > 0, (a.mean(axis=0) - b.mean(axis=0)) / pooled, 0.0)
+        # a feature constant within each group: infinitely separating if the constants differ, else 0
+        diff = np.where(pooled > 0, gap / pooled, np.where(gap != 0, np.sign(gap) * np.inf, 0.0))
     order = np.argsort(-np.abs(diff), kind="stable")
     return order, diff[order]
 
 
-__all__ = ["OpposingSignals", "opposing_groups", "opposition_score", "separating_feature"]
+@dataclass(frozen=True)
+class SpikeCoincidence:
+    """Spikes of the overall loss and the two groups' gap at them (see the module docstring)."""
+
+    spikes: np.ndarray  # [k] step indices (rows of ``losses``) where the mean loss spikes
+    gap: np.ndarray  # [T] |mean_A ℓ − mean_B ℓ| per step
+    lift: float  # mean gap at spikes / mean gap at the other steps ≥ window; NaN without spikes
+    share: float  # the groups' part of the spikes' one-step rise of the summed loss; NaN without spikes
+
+
+def spike_coincidence(losses: Any, group_a: Any, group_b: Any, *, factor: float = 2.0, window: int = 20) -> SpikeCoincidence:
+    """Spikes of the mean of ``losses`` ``[T, n]`` (a step above ``factor`` × the median of the
+    ``window`` steps before it) and how the gap between groups A and B behaves at them."""
+    values = np.asarray(losses, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise InputError(f"losses must be [steps, examples ≥ 2], got shape {values.shape}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window < values.shape[0]:
+        raise InputError(f"window must be a whole number from 1 to steps − 1 ({values.shape[0] - 1}), got {window!r}")
+    if not factor > 1:
+        raise InputError(f"factor must be > 1 (a spike is a rise above the recent median), got {factor!r}")
+    a, b = np.asarray(group_a, dtype=np.int64), np.asarray(group_b, dtype=np.int64)
+    if len(a) == 0 or len(b) == 0:
+        raise InputError(f"both groups need at least one example, got {len(a)} and {len(b)}")
+    total = values.mean(axis=1)
+    baseline = np.array([np.median(total[t - window:t]) for t in range(window, len(total))])
+    spikes = window + np.flatnonzero(total[window:] > factor * baseline)
+    gap = np.abs(values[:, a].mean(axis=1) - values[:, b].mean(axis=1))
+    if not len(spikes):
+        return SpikeCoincidence(spikes=spikes, gap=gap, lift=float("nan"), share=float("nan"))
+    calm = np.setdiff1d(np.arange(window, len(total)), spikes)
+    lift = float(gap[spikes].mean() / gap[calm].mean()) if len(calm) and gap[calm].mean() > 0 else float("nan")
+    rise = values[spikes] - values[spikes - 1]  # [k, n]
+    groups = np.union1d(a, b)
+    whole = rise.sum()
+    share = float(rise[:, groups].sum() / whole) if whole > 0 else float("nan")
+    return SpikeCoincidence(spikes=spikes, gap=gap, lift=lift, share=share)
+
+
+__all__ = ["OpposingSignals", "SpikeCoincidence", "opposing_groups", "opposition_score", "separating_feature", "spike_coincidence"]
