@@ -471,3 +471,26 @@ def test_feature_variance_tracker_records_direct_values_and_leaves_training_unch
     with pytest.raises(InputError, match="every must be"):
         feature_variance_tracker(watched, x, features, "module:1@output", every=0)
 
+
+def test_complexity_bias_smoke(tmp_path, one_thread):
+    """Seconds-long examples/complexity_bias.py: 2048 inputs, 400 steps at lr 3e-3, seed 4."""
+    from conftest import example_script
+
+    from actscope.store import read_run
+    from actscope.train import StepLog, write_steps
+
+    m = example_script("complexity_bias")
+    data, model = m.task(4, inputs=2048, train=1536), m.network(4)
+    log = StepLog()
+    m.train_watched(data, model, steps=400, every=100, log=log, lr=3e-3)
+    c = m.curves(log)
+    assert all(c[f"test_acc_{n}"][1][-1] >= 0.99 for n in m.FEATURES)  # every feature learned
+    ve = {n: c[f"variance_explained:{n}"][1] for n in m.FEATURES}
+    assert ve["easy"][-1] >= 3 * ve["hard"][-1] and ve["easy"][-1] > ve["medium"][-1] > ve["hard"][-1]
+    assert ve["easy"][-1] >= 3 * ve["easy"][0]  # the easy feature's share grew with training
+    end = m.final(data, model, 4)
+    assert min(end["hidden"].of(n, column="linear_probe") for n in m.FEATURES) >= 0.99
+    assert end["input"].of("hard", column="linear_probe") < 0.65  # parity is not linear in the input bits
+    run = read_run(write_steps(tmp_path / "run", log))
+    steps = run.tables["training_steps"].to_pandas()
+    assert set(steps[steps.metric == "variance_explained"].site) == set(m.FEATURES)
