@@ -474,7 +474,7 @@ def test_feature_variance_tracker_records_direct_values_and_leaves_training_unch
 
 def test_complexity_bias_smoke(tmp_path, one_thread):
     """Seconds-long examples/complexity_bias.py: 2048 inputs, 400 steps at lr 3e-3, seed 4."""
-    from conftest import example_script
+    from conftest import LABELS, example_script
 
     from actscope.store import read_run
     from actscope.train import StepLog, write_steps
@@ -491,6 +491,9 @@ def test_complexity_bias_smoke(tmp_path, one_thread):
     end = m.final(data, model, 4)
     assert min(end["hidden"].of(n, column="linear_probe") for n in m.FEATURES) >= 0.99
     assert end["input"].of("hard", column="linear_probe") < 0.65  # parity is not linear in the input bits
+    m.SEEDS = (4,)  # the script's pass rule, applied to this one run
+    label, checks = m.verdict({4: end})
+    assert label in LABELS and label == "holds" and len(checks) == 4
     run = read_run(write_steps(tmp_path / "run", log))
     steps = run.tables["training_steps"].to_pandas()
     assert set(steps[steps.metric == "variance_explained"].site) == set(m.FEATURES)
