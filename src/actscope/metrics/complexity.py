@@ -216,7 +216,7 @@ def feature_variance(source: Any, features: Mapping[str, Any], data: Any = None,
     in a representation: ``source`` itself (a tensor or array ``[n, d]``), or each of ``sites`` of
     the model ``source`` fed ``data`` (see the module docstring). ``probes=False`` skips the probes
     (their columns are NaN); ``seed`` fixes the probes' split and initialisation."""
-    if not 0 < test_share < 1:
+    if isinstance(test_share, bool) or not isinstance(test_share, (int, float)) or not 0 < test_share < 1:
         raise InputError(f"test_share must be a fraction between 0 and 1 (the probes' held-out share), got {test_share!r}")
     if data is None:
         if sites is not None:
@@ -229,24 +229,26 @@ def feature_variance(source: Any, features: Mapping[str, Any], data: Any = None,
             raise InputError("feature_variance over a model needs sites=, e.g. 'module:3@output' (the penultimate layer)")
         matrices = site_matrices(source, data, sites, batch_size)
     rows = [_row(label, r, name, v, probes, test_share, seed, hidden) for label, r in matrices.items()
-            for name, v in checked_features(features, _rows_of(label, r)).items()]
-    columns = list(zip(*rows))
-    return FeatureVariance(*(np.array(c, dtype=object if i in (0, 1, 2, 6) else np.float64) for i, c in enumerate(columns)))
+            for name, v in checked_features(features, _row_count(label, r)).items()]
+    text, numbers = ("site", "feature", "kind", "score"), ("variance_explained", "linear_probe", "nonlinear_probe", "total_variance")
+    return FeatureVariance(**{key: np.array([row[key] for row in rows], dtype=object) for key in text},
+                           **{key: np.array([row[key] for row in rows], dtype=np.float64) for key in numbers})
 
 
-def _rows_of(label: str, r: torch.Tensor) -> int:
+def _row_count(label: str, r: torch.Tensor) -> int:
     if r.shape[0] < 4:
         raise InputError(f"{label} has {r.shape[0]} rows; variance and probes need at least 4 examples")
     return r.shape[0]
 
 
 def _row(label: str, r: torch.Tensor, name: str, values: np.ndarray, probes: bool, test_share: float, seed: int,
-         hidden: int) -> tuple:
+         hidden: int) -> dict[str, Any]:
     centred = r - r.mean(dim=0)
     kind = _kind(values)
     linear, nonlinear = probe_scores(r.numpy(), values, test_share=test_share, seed=seed, hidden=hidden) if probes else (np.nan, np.nan)
-    return (label, name, kind, _explained(centred, values), linear, nonlinear,
-            "accuracy" if kind == "categorical" else "r2", float(centred.square().sum()) / len(centred))
+    return {"site": label, "feature": name, "kind": kind, "score": "accuracy" if kind == "categorical" else "r2",
+            "variance_explained": _explained(centred, values), "linear_probe": linear, "nonlinear_probe": nonlinear,
+            "total_variance": float(centred.square().sum()) / len(centred)}
 
 
 __all__ = ["FeatureVariance", "checked_features", "feature_variance", "probe_scores", "site_matrices", "variance_explained"]

@@ -37,7 +37,7 @@ class FeatureVarianceTracker(Callback):
         if not isinstance(probe, (torch.Tensor, list, dict)):
             raise InputError(f"the probe must be a tensor [n, ...] of inputs (or a list of input dicts), got {type(probe).__name__}")
         self.probe, self.features, self.sites, self.every, self.probes = probe, features, sites, every, probes
-        self.measure()  # refuse bad features or sites now, not at the first recorded step
+        feature_variance(self.model, features, probe, sites, probes=False)  # refuse bad features or sites now, not at the first recorded step
 
     def _attach(self, registry: Hooks) -> None:
         """Nothing to hook during training: each measurement hooks its sites while it runs."""
