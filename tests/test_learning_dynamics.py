@@ -403,3 +403,157 @@ def test_opposing_signals_smoke(one_thread):
     assert got["overlap"] >= 0.8 and got["score"] >= 0.6 and got["border_top"]  # the planted pair, opposing, set apart by the border
     assert got["spikes"] >= 1 and got["lift"] >= 1.5  # the training loss spikes with the groups' swings
     assert control["overlap"] <= 0.3 and control["spikes"] == 0 and control["swing"] <= got["swing"] / 3
+# -- feature complexity: variance explained ---------------------------------------------------
+def naive_variance_explained(r: np.ndarray, design: np.ndarray) -> float:
+    """R² of the least-squares fit of every column of ``r`` on ``[1, design]``, pooled over columns."""
+    x = np.column_stack([np.ones(len(r)), design])
+    coef, *_ = np.linalg.lstsq(x, r, rcond=None)
+    residual = r - x @ coef
+    centred = r - r.mean(axis=0)
+    return 1 - float((residual ** 2).sum() / (centred ** 2).sum())
+
+
+def test_variance_explained_matches_least_squares_written_out():
+    from actscope.metrics import feature_variance, variance_explained
+
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(60, 5)) + np.outer(rng.integers(0, 3, 60), [1.0, -2.0, 0.0, 0.5, 0.0])
+    levels = rng.integers(0, 3, 60)  # categorical: dummy coding (the intercept covers level 0)
+    value = rng.normal(size=60)  # continuous
+    onehot = np.eye(3)[levels][:, 1:]
+    assert variance_explained(r, levels) == pytest.approx(naive_variance_explained(r, onehot), rel=1e-10)
+    assert variance_explained(torch.tensor(r), value) == pytest.approx(naive_variance_explained(r, value[:, None]), rel=1e-10)
+    names = np.array(["a", "b", "c"])[levels]  # string values are categories too
+    got = feature_variance(r, {"levels": levels, "names": names, "value": value}, probes=False)
+    assert got.of("names") == pytest.approx(got.of("levels"), rel=1e-12)
+    assert got.kind.tolist() == ["categorical", "categorical", "continuous"] and np.isnan(got.linear_probe).all()
+    assert got.total_variance[0] == pytest.approx(float(r.var(axis=0).sum()), rel=1e-12)
+
+
+def test_variance_explained_of_summed_embeddings_is_their_share():
+    from actscope.metrics import feature_variance
+
+    n = 400  # every (a, b) pair equally often: the two features are exactly balanced and uncorrelated
+    a, b = np.arange(n) % 2, (np.arange(n) // 2) % 2
+    u, v = np.array([3.0, 0.0, 4.0, 0.0]), np.array([0.0, 1.0, 0.0, -1.0])
+    r = np.where(a[:, None] == 1, u, -u) + np.where(b[:, None] == 1, v, -v)
+    got = feature_variance(r, {"a": a, "b": b, "noise": np.random.default_rng(1).normal(size=n)})
+    total = u @ u + v @ v  # each ±embedding has variance ‖e‖²
+    assert got.of("a") == pytest.approx(25 / total, abs=1e-12) and got.of("b") == pytest.approx(2 / total, abs=1e-12)
+    assert got.of("noise") < 0.05
+    assert got.of("a", column="linear_probe") == 1.0 and got.of("b", column="nonlinear_probe") == 1.0
+    assert abs(got.of("noise", column="linear_probe")) < 0.1  # held-out R² of a feature that is not there
+
+
+def test_probes_tell_a_linear_from_a_nonlinear_feature():
+    from actscope.metrics import feature_variance
+
+    rng = np.random.default_rng(2)
+    r = rng.normal(size=(1000, 2))
+    features = {"first": (r[:, 0] > 0).astype(int), "xor": (r[:, 0] * r[:, 1] > 0).astype(int)}  # xor: the quadrant checkerboard
+    got = feature_variance(r, features, seed=3)
+    assert got.of("first", column="linear_probe") >= 0.95
+    assert got.of("xor", column="linear_probe") < 0.65 and got.of("xor", column="nonlinear_probe") >= 0.9  # chance is 0.5
+    assert got.of("xor") < 0.02  # both classes have the same mean: XOR explains no variance
+    again = feature_variance(r, features, seed=3)
+    assert np.array_equal(again.nonlinear_probe, got.nonlinear_probe)  # the seed fixes split and initialisation
+
+
+def test_feature_variance_reads_sites_of_any_module():
+    from actscope.metrics import feature_variance, variance_explained
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)).train()
+    x = torch.randn(30, 3)
+    feature = (x[:, 0] > 0).long()
+    hooks_before = hook_count(net)
+    got = feature_variance(net, {"sign": feature}, x, "module:1@output,module:2@output", probes=False, batch_size=7)
+    with torch.no_grad():
+        hidden = torch.relu(net[0](x)).double()
+        out = net(x).double()
+    assert got.site.tolist() == ["module:1@output", "module:2@output"]
+    assert got.of("sign", "module:1@output") == pytest.approx(variance_explained(hidden, feature.numpy()), rel=1e-6)
+    assert got.of("sign", "module:2@output") == pytest.approx(variance_explained(out, feature.numpy()), rel=1e-6)
+    assert hook_count(net) == hooks_before and net.training
+
+
+def test_feature_variance_refuses_bad_input_with_the_fix():
+    from actscope.metrics import feature_variance
+
+    r = np.random.default_rng(5).normal(size=(20, 3))
+    ok = np.arange(20) % 2
+    with pytest.raises(InputError, match="one value per row"):
+        feature_variance(r, {"short": ok[:10]})
+    with pytest.raises(InputError, match="single value"):
+        feature_variance(r, {"constant": np.zeros(20, dtype=int)})
+    with pytest.raises(InputError, match="non-empty dict"):
+        feature_variance(r, [ok])
+    with pytest.raises(InputError, match="NaN"):
+        feature_variance(r, {"gap": np.where(ok == 1, np.nan, 1.0)})
+    with pytest.raises(InputError, match="sites= needs data="):
+        feature_variance(r, {"ok": ok}, sites="module:0@output")
+    with pytest.raises(InputError, match="needs sites="):
+        feature_variance(torch.nn.Linear(3, 2), {"ok": ok}, torch.zeros(20, 3))
+    with pytest.raises(InputError, match="test_share"):
+        feature_variance(r, {"ok": ok}, test_share=1.5)
+    with pytest.raises(InputError, match="flatten the other axes"):
+        feature_variance(np.zeros((20, 3, 2)), {"ok": ok})
+    with pytest.raises(InputError, match="no feature 'other'"):
+        feature_variance(r, {"ok": ok}, probes=False).of("other")
+
+
+def test_feature_variance_tracker_records_direct_values_and_leaves_training_unchanged():
+    from actscope.metrics import variance_explained
+    from actscope.train import feature_variance_tracker
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3), torch.randint(0, 4, (12,))
+    features = {"label": y, "sign": (x[:, 1] > 0).long()}
+    plain, watched = _small_net(), _small_net()
+    hooks_before = hook_count(watched)
+    _train_steps(plain, x, y, 5)
+    with feature_variance_tracker(watched, x, features, "module:1@output", every=2) as cb:
+        _train_steps(watched, x, y, 5, cb)
+    assert hook_count(watched) == hooks_before and watched.training
+    for p, q in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(p, q)  # observing does not change training
+    table = cb.log.to_pandas()
+    chosen = table[table.metric == "variance_explained"]
+    assert sorted(set(chosen.step)) == [0, 2, 4] and chosen.site.unique().tolist() == ["label", "sign"]
+    hidden = torch.tanh(watched[0](x)).detach().double()
+    last = chosen[chosen.step == 4].set_index("site").value
+    for name, values in features.items():
+        assert last[name] == pytest.approx(variance_explained(hidden, values.numpy()), rel=1e-9)
+    both = feature_variance_tracker(watched, x, features, "module:1@output,module:2@output", probes=True).measure()
+    assert set(both) >= {("variance_explained", "module:2@output:sign"), ("linear_probe", "module:1@output:label")}
+    with pytest.raises(InputError, match="one value per row"):
+        feature_variance_tracker(watched, x, {"short": y[:5]}, "module:1@output")
+    with pytest.raises(InputError, match="every must be"):
+        feature_variance_tracker(watched, x, features, "module:1@output", every=0)
+
+
+def test_complexity_bias_smoke(tmp_path, one_thread):
+    """Seconds-long examples/complexity_bias.py: 2048 inputs, 400 steps at lr 3e-3, seed 4."""
+    from conftest import LABELS, example_script
+
+    from actscope.store import read_run
+    from actscope.train import StepLog, write_steps
+
+    m = example_script("complexity_bias")
+    data, model = m.task(4, inputs=2048, train=1536), m.network(4)
+    log = StepLog()
+    m.train_watched(data, model, steps=400, every=100, log=log, lr=3e-3)
+    c = m.curves(log)
+    assert all(c[f"test_acc_{n}"][1][-1] >= 0.99 for n in m.FEATURES)  # every feature learned
+    ve = {n: c[f"variance_explained:{n}"][1] for n in m.FEATURES}
+    assert ve["easy"][-1] >= 3 * ve["hard"][-1] and ve["easy"][-1] > ve["medium"][-1] > ve["hard"][-1]
+    assert ve["easy"][-1] >= 3 * ve["easy"][0]  # the easy feature's share grew with training
+    end = m.final(data, model, 4)
+    assert min(end["hidden"].of(n, column="linear_probe") for n in m.FEATURES) >= 0.99
+    assert end["input"].of("hard", column="linear_probe") < 0.65  # parity is not linear in the input bits
+    m.SEEDS = (4,)  # the script's pass rule, applied to this one run
+    label, checks = m.verdict({4: end})
+    assert label in LABELS and label == "holds" and len(checks) == 4
+    run = read_run(write_steps(tmp_path / "run", log))
+    steps = run.tables["training_steps"].to_pandas()
+    assert set(steps[steps.metric == "variance_explained"].site) == set(m.FEATURES)

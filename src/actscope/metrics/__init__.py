@@ -32,7 +32,10 @@ Learning dynamics (METHODS.md, "Memorising neurons"):
   :func:`direction_alignment` — the lazy → rich measures (``actscope.train.lazy_rich`` records
   them per training step);
 * :func:`opposing_groups`, :func:`opposition_score`, :func:`separating_feature`, :func:`spike_coincidence` — opposing signals
-  in per-example loss trajectories (``actscope.train.loss_trajectories`` records them).
+  in per-example loss trajectories (``actscope.train.loss_trajectories`` records them);
+* :func:`feature_variance`, :func:`variance_explained` — the share of a representation's variance
+  each feature explains, and its decodability by linear and small nonlinear probes (feature
+  complexity biases; ``actscope.train.feature_variance_tracker`` records it per training step).
 
 Every function takes an :class:`actscope.Model` or any ``nn.Module`` and returns a frozen
 result with ``.to_pandas()``. Imports are lazy so that ``import actscope`` stays light.
@@ -69,6 +72,7 @@ _EXPORTS = {
     "filter_stats": ".filters", "FilterStats": ".filters", "filter_divergence": ".filters", "pooled_divergence": ".filters",
     "ipr": ".ipr", "UnitIPR": ".ipr",
     "empirical_ntk": ".richness", "kernel_alignment": ".richness", "ntk_alignment": ".richness", "direction_alignment": ".richness",
+    "feature_variance": ".complexity", "FeatureVariance": ".complexity", "variance_explained": ".complexity",
     "opposing_groups": ".opposition", "OpposingSignals": ".opposition", "opposition_score": ".opposition", "separating_feature": ".opposition",
     "spike_coincidence": ".opposition", "SpikeCoincidence": ".opposition",
 }
