@@ -502,6 +502,18 @@ def test_feature_variance_refuses_bad_input_with_the_fix():
         feature_variance(r, {"ok": ok}, probes=False).of("other")
 
 
+def test_feature_variance_probes_without_scikit_learn_name_the_extra(monkeypatch):
+    import sys
+
+    from actscope.metrics import feature_variance
+
+    r = np.random.default_rng(5).normal(size=(20, 3))
+    monkeypatch.setitem(sys.modules, "sklearn.exceptions", None)  # import fails as if not installed
+    with pytest.raises(InputError, match=r"pip install 'actscope\[metrics\]', or pass probes=False"):
+        feature_variance(r, {"ok": np.arange(20) % 2})
+    assert feature_variance(r, {"ok": np.arange(20) % 2}, probes=False).of("ok") >= 0
+
+
 def test_feature_variance_tracker_records_direct_values_and_leaves_training_unchanged():
     from actscope.metrics import variance_explained
     from actscope.train import feature_variance_tracker

@@ -163,7 +163,11 @@ def probe_scores(representation: np.ndarray, values: np.ndarray, *, test_share: 
                  hidden: int = HIDDEN) -> tuple[float, float]:
     """Held-out (linear, nonlinear) probe scores of ``values`` from ``representation`` ``[n, d]``:
     accuracy for a categorical feature, R² for a continuous one."""
-    from sklearn.exceptions import ConvergenceWarning
+    try:
+        from sklearn.exceptions import ConvergenceWarning
+    except ImportError:
+        raise InputError("the probes need scikit-learn: pip install 'actscope[metrics]', or pass probes=False "
+                         "for the variance shares alone") from None
 
     train, test = _split(values, test_share, seed)
     kind = _kind(values)
