@@ -200,6 +200,37 @@ def test_hf_trainer_adapter(tmp_path):
     assert model_state(module)[1] != before[1]  # it did train
 
 
+def _trainer_step(tmp_path, rows, batch: int, accumulate: int):
+    """One SGD step of a Trainer with ProSparse (λ = 0.5 from the start) injected; the weights after it."""
+    from transformers import Trainer, TrainingArguments
+
+    from actscope.train.hf import trainer_callback
+
+    module, _ = _gated()
+    args = TrainingArguments(output_dir=str(tmp_path / f"b{batch}-a{accumulate}"), max_steps=1, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulate, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
+                             weight_decay=0.0, max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    ps = prosparse(module, stages=[(1, 0.5)], start=0.5)
+    Trainer(model=module, args=args, train_dataset=rows, callbacks=[trainer_callback(ps)]).train()
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, ps.log.to_pandas()
+
+
+def test_hf_trainer_accumulation_gives_the_full_batch_step(tmp_path):
+    """Two micro-batches of one accumulated give the same step as one batch of two: the injected
+    penalty gradient is scaled by 1 / gradient_accumulation_steps as the Trainer scales its loss."""
+    _, inputs = _gated()
+    ids = inputs["input_ids"][:2]
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]  # equal lengths, no padding
+    full, log_full = _trainer_step(tmp_path, rows, batch=2, accumulate=1)
+    micro, _ = _trainer_step(tmp_path, rows, batch=1, accumulate=2)
+    assert float(log_full[log_full.metric == "penalty"].value.iloc[0]) > 0  # the penalty took part
+    for name in full:
+        assert torch.allclose(full[name], micro[name], atol=1e-6, rtol=1e-5), name
+    untouched, _ = _gated()
+    assert any(not torch.equal(full[k], v) for k, v in untouched.state_dict().items())  # it did step
+
+
 # -- the steps table ------------------------------------------------------------------------------
 def test_steps_table_round_trips_through_a_run(tmp_path):
     from actscope import open_run
