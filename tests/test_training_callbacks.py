@@ -138,7 +138,7 @@ def test_plain_loop_records_ratio_lambda_and_penalty():
             ps.step()
     table = ps.log.to_pandas()
     ratio = table[table.metric == "activation_ratio"]
-    assert list(ratio.step) == list(range(6)) and set(ratio.site) == {"act"}
+    assert list(ratio.step) == list(range(6)) and set(ratio.site) == {"module:act@output"}
     lam = table[table.metric == "lambda"].value.tolist()
     assert [round(v, 9) for v in lam] == [round(SineSchedule([(4, 0.5)])(s), 9) for s in range(6)]
     assert table[table.metric == "penalty"].step.tolist() == [1, 2, 3, 4, 5]  # λ = 0 at step 0: no penalty
@@ -195,6 +195,12 @@ def test_hf_trainer_adapter(tmp_path):
     Trainer(model=module, args=args, train_dataset=rows * 3, callbacks=[trainer_callback(ps)]).train()
     table = ps.log.to_pandas()
     assert sorted(set(table.step)) == [0, 1, 2]
+    ratio_sites = sorted(set(table[table.metric == "activation_ratio"].site))
+    assert ratio_sites == [f"module:model.layers.{i}.mlp.act_fn@output" for i in range(len(module.model.layers))]
+    from actscope.models import as_model
+    from actscope.sites import plan_sites
+
+    assert plan_sites(as_model(module), ratio_sites).names == ratio_sites  # valid site strings of this model
     assert len(table[table.metric == "penalty"]) == 2  # steps 1, 2 (λ = 0 at step 0)
     assert hook_count(module) == before[0] and not ps.active and not ps._inject
     assert model_state(module)[1] != before[1]  # it did train

@@ -136,7 +136,7 @@ class ProSparse(Callback):
     def _hook(self, path: str) -> Any:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> torch.Tensor:
             value = fat_relu(self.threshold)(args[0])  # ReLU-fied, the module's own output discarded
-            self._count(path, value, module.training)
+            self._count(f"module:{path}@output", value, module.training)  # the site string of what is counted
             lam = self.lam
             if lam > 0:
                 value = self._penalised(value, lambda a, mask: lam * masked_mean_per_token(a.abs().sum(-1), mask))
