@@ -111,6 +111,25 @@ def test_cli_profile_of_a_saelens_sae_equals_hand_features(tmp_path, minilm, arc
     assert "decode" in run.tables  # the features' decoded tokens
 
 
+def test_cli_profile_with_sae_and_metrics_names_what_each_measures(tmp_path, minilm):
+    """--sae with --metrics: the neurons table holds the SAE's features; the measurements are of the
+    model's MLP neurons, and every summary line says so (nobody reads them as the features')."""
+    save_saelens(tmp_path / "sae", random_tensors(384, 48, scale=3.0), hook_name="blocks.2.hook_resid_pre")
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "run"
+    result = invoke("profile", "--data", str(data), "--sae", str(tmp_path / "sae"), "--metrics", "temporal,codes",
+                    "--out", str(out), "--no-report")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the console wraps long lines
+    assert "temporal sparsity of the MLP neurons (blocks.*.mlp.post" in text
+    assert "activation codes of the MLP neurons (blocks.*.mlp.post" in text
+    run = actscope.open_run(out)
+    assert set(run.tables["neurons"].to_pandas().site) == {"blocks.2.resid.pre.sae"}
+    assert set(run.tables["temporal"].to_pandas().site) == {f"blocks.{i}.mlp.post" for i in range(6)}
+    assert "sae" in run.tables
+
+
 def test_explicit_site_overrides_the_hook_name_and_names_tell_saes_apart(tmp_path, minilm):
     save_saelens(tmp_path / "a", random_tensors(384, 16), hook_name="blocks.0.hook_resid_pre")
     save_saelens(tmp_path / "b", random_tensors(384, 16, seed=1), hook_name="blocks.0.hook_resid_pre")

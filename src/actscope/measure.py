@@ -190,7 +190,7 @@ def _cett(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured
     result = cett_sparsity(model, calibration, objective, p=config.p, sweep=config.sweep, batch_size=config.batch_size,
                            max_length=config.max_length)
     sweep = result.sweep.to_table()
-    lines = [f"CETT-{objective.name}-{config.p:.1%}: sparsity {result.sparsity:.1%} (activation ratio "
+    lines = [f"CETT-{objective.name}-{config.p:.1%}: sparsity {result.sparsity:.1%} of the MLP neurons ({NEURONS}; activation ratio "
              f"{1 - result.sparsity:.1%}, dense {1 - _dense_sparsity(result):.1%}), degradation "
              f"{result.degradation:.2%}, {result.passes} evaluation passes"]
     ps = sorted(set(sweep["p"]))
@@ -217,7 +217,7 @@ def _temporal(model: Model, texts: Sequence[str], config: MeasureConfig) -> Meas
     rows = [i for i, eps in enumerate(table["eps"]) if eps == max(table["eps"])]
     mean = sum(table["temporal_sparsity"][i] for i in rows) / len(rows)
     return Measured("temporal", {"temporal": table},
-                    (f"temporal sparsity (|Δa| ≤ {max(table['eps']):g}), mean over layers: {mean:.1%}",))
+                    (f"temporal sparsity of the MLP neurons ({NEURONS}, |Δa| ≤ {max(table['eps']):g}), mean over layers: {mean:.1%}",))
 
 
 def _core(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measured:
@@ -240,7 +240,7 @@ def _codes(model: Model, texts: Sequence[str], config: MeasureConfig) -> Measure
 
     batches = materialised(model, _head(texts, config), batch_size=config.batch_size, max_length=config.max_length, what="code")
     result = activation_codes(model, batches, NEURONS, per="token")
-    lines = (f"activation codes (one per token, {result.n_bits} varying units): {result.n_distinct} distinct of "
+    lines = (f"activation codes of the MLP neurons ({NEURONS}; one per token, {result.n_bits} varying units): {result.n_distinct} distinct of "
              f"{result.n_codes}, redundancy ratio {result.redundancy_ratio:.4f}",)
     return Measured("codes", {"activation_codes": result.to_table()}, lines)
 
