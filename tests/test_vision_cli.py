@@ -95,3 +95,70 @@ def test_filters_prints_the_table_and_the_divergence(tmp_path):
     first, second = (filter_stats(actscope.load(tmp_path / f"m{seed}")) for seed in (0, 1))
     assert all(f"{value:.3f}" in result.output for value in first.variance_entropy) and len(first.layer) == 4
     assert f"KL(MODEL ‖ --compare) = {pooled_divergence(first, second):.4f}" in result.output
+
+
+def _table_rows(output: str) -> dict[int, list[str]]:
+    """The body rows of a rich table in ``output``, by their first cell (a whole number)."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells and cells[0].isdigit():
+            rows[int(cells[0])] = cells
+    return rows
+
+
+def test_discriminate_writes_the_stimuli_and_the_summary_of_the_python_call(vit, tmp_path):
+    import actscope
+    from actscope.explain.mds import discriminative_stimuli
+    from actscope.explain.visualize import VisConfig
+    from actscope.feeding import images_for
+
+    out = tmp_path / "new" / "mds.png"  # a missing folder is made, as visualize makes it
+    result = runner.invoke(app, ["discriminate", str(vit / "model"), "--site", "blocks.1.mlp.post", "--data", str(vit / "images"),
+                                 "--k", "3", "--rounds", "2", "--steps", "3", "--seed", "5", "--temperature", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    model = actscope.load(vit / "model")
+    found = discriminative_stimuli(model, "blocks.1.mlp.post", images_for(model, vit / "images"), k=3, rounds=2, temperature=0.5,
+                                   config=VisConfig(steps=3, seed=5))
+    sheet = np.asarray(PIL.open(out)).astype(np.float64) / 255
+    assert sheet.shape == (2 + 32 + 2, 2 + 3 * (32 + 2), 3)  # three 32-pixel stimuli, 2 pixels apart
+    for c in range(3):
+        tile = sheet[2:34, 2 + 34 * c:34 + 34 * c]
+        assert np.abs(tile - found.images[c].permute(1, 2, 0).double().numpy()).max() <= 1 / 255 + 1e-9
+    rows = _table_rows(result.output)
+    assert sorted(rows) == [0, 1, 2]
+    for c, cells in rows.items():
+        members = np.flatnonzero(found.clusters == c)
+        assert cells[1] == str(len(members))
+        if not len(members):
+            assert cells[3:] == ["—", "—", "—"]
+            continue
+        assert cells[2].split(", ")[:3] == [str(u) for u in members[:3]]
+        own = np.mean([found.responses[n, c] for n in members])
+        others = {j: np.mean([found.responses[n, j] for n in members]) for j in range(3) if j != c}
+        best = max(others, key=others.get)
+        assert cells[3:] == [f"{own:.3f}", f"{others[best]:.3f}", str(best)]
+    assert "units moved per round: " + ", ".join(map(str, found.moved)) in result.output
+
+
+def test_discriminate_refuses_bad_input_and_writes_nothing(vit, tmp_path):
+    from actscope.drawing.png import png_bytes
+
+    notes, mine, ours = tmp_path / "notes.txt", tmp_path / "mine.png", tmp_path / "ours.png"
+    notes.write_text("hello\n")
+    PIL.fromarray(np.zeros((4, 4), np.uint8)).save(mine)
+    ours.write_bytes(png_bytes(np.zeros((4, 4)), marked=True))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    base = ["discriminate", str(vit / "model"), "--site", "blocks.1.mlp.post", "--data", str(vit / "images"), "--steps", "2"]
+    cases = [
+        (["--k", "1", "--out", str(tmp_path / "a.png")], "--k must be at least 2"),
+        (["--site", "blocks.1.mlp.pots", "--out", str(tmp_path / "a.png")], "Did you mean: blocks.1.mlp.post"),
+        (["--data", str(notes), "--out", str(tmp_path / "a.png")], f"{notes} is not a folder of images"),
+        (["--out", str(notes / "a.png")], "is a file, not a folder; choose another --out"),
+        (["--out", str(mine), "--overwrite"], "was not written by actscope, so it is never replaced"),
+        (["--out", str(ours)], "exists; pass --overwrite to replace it"),
+    ]
+    for flags, message in cases:
+        result = runner.invoke(app, base + flags)
+        assert result.exit_code == 2 and message in result.output, (flags, result.output)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing left half-written

@@ -8,6 +8,7 @@ from . import attention as attention_command
 from . import contrast as contrast_command
 from . import encode as encode_command
 from . import decode as decode_command
+from . import discriminate as discriminate_command
 from . import env as env_command
 from . import examples as examples_command
 from . import filters as filters_command
@@ -42,6 +43,7 @@ app.command("train-sae")(sae_command.train_sae)
 app.command("decode")(decode_command.decode)
 app.command("examples")(examples_command.examples)
 app.command("visualize")(visualize_command.visualize)
+app.command("discriminate")(discriminate_command.discriminate)
 app.command("filters")(filters_command.filters)
 app.command("contrast")(contrast_command.contrast)
 app.command("patch")(patch_command.patch)

@@ -26,15 +26,13 @@ def visualize(
 ) -> None:
     """Optimise an image (decorrelated Fourier parameterisation, jitter, scale, rotation, total variation) to maximise a unit."""
     with friendly_errors():
-        import numpy as np
-
         from actscope.data.images import preprocess_from
-        from actscope.drawing.png import grid
         from actscope.errors import InputError
         from actscope.explain import visualize as vis
-        from actscope.explain.image_examples import write_png
+        from actscope.explain.image_examples import png_target, side_by_side, write_png
         from actscope.feeding import images_for
 
+        png_target(out, overwrite=overwrite)  # refused before any optimisation; checked again when written
         model = options.load(model_dir)
         config, target = vis.VisConfig(steps=steps, seed=seed), vis.Target(site, kind, unit)
         if facets and data is None:
@@ -57,6 +55,5 @@ def visualize(
                 raise InputError("the model does not say its image size and channels; pass --size, or --data with images")
             shown = vis.visualize(model, target, shape=(channels, side, side), mean=pre.get("mean", (0.0,)), std=pre.get("std", (1.0,)), config=config)
             pictures, values = [shown.image], [shown.value]
-        sheet = grid([p.permute(1, 2, 0).numpy() for p in pictures], len(pictures)) if len(pictures) > 1 else pictures[0].permute(1, 2, 0).numpy()
-        path = write_png(out, np.asarray(sheet), overwrite=overwrite)
+        path = write_png(out, side_by_side(pictures), overwrite=overwrite)
         console.print(f"{site} {kind} {unit}: objective " + ", ".join(f"{v:.4g}" for v in values) + f" · {path}")

@@ -130,13 +130,14 @@ def _thumbnail(pixels: torch.Tensor, box: tuple[int, int, int, int], outline: bo
     return image.permute(1, 2, 0).numpy()
 
 
-def write_png(target: Any, image: np.ndarray, *, overwrite: bool = False) -> Any:
-    """Write ``image`` ([H, W, C] in 0..1) as a PNG at ``target``, atomically; an existing file is
-    replaced only when actscope wrote it and ``overwrite`` is given."""
+def png_target(target: Any, *, overwrite: bool = False) -> Any:
+    """``target`` as a Path, refused (InputError) unless a PNG may be written there: not a folder,
+    not an existing file actscope did not write, not an existing one without ``overwrite``, in a
+    folder that takes a new file. Commands call it before their long work; :func:`write_png` again."""
     from pathlib import Path
 
     from ..drawing.png import is_actscope_png
-    from ..store.files import atomic_file, check_writable
+    from ..store.files import check_writable
 
     target = Path(target)
     if target.is_dir():
@@ -149,10 +150,28 @@ def write_png(target: Any, image: np.ndarray, *, overwrite: bool = False) -> Any
         if not overwrite:
             raise InputError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
     check_writable(target)
+    return target
+
+
+def write_png(target: Any, image: np.ndarray, *, overwrite: bool = False) -> Any:
+    """Write ``image`` ([H, W, C] in 0..1) as a PNG at ``target``, atomically; an existing file is
+    replaced only when actscope wrote it and ``overwrite`` is given (:func:`png_target`)."""
+    from ..store.files import atomic_file
+
+    target = png_target(target, overwrite=overwrite)
     data = png_bytes(image, marked=True)
     with atomic_file(target, size_hint=len(data)) as partial:
         partial.write_bytes(data)
     return target
+
+
+def side_by_side(pictures: list[torch.Tensor]) -> np.ndarray:
+    """Images ``[C, H, W]`` in 0..1 → one ``[H, W, C]`` array: a single image as it is, several
+    left to right in order, 2 white pixels apart (:func:`~actscope.drawing.png.grid`)."""
+    from ..drawing.png import grid
+
+    arrays = [p.detach().cpu().permute(1, 2, 0).numpy() for p in pictures]
+    return np.asarray(grid(arrays, len(arrays)) if len(arrays) > 1 else arrays[0])
 
 
 def contact_sheet(table: Mapping[str, Any], columns: int | None = None, size: int = THUMB) -> np.ndarray:
