@@ -154,7 +154,11 @@ class Model:
 
     @property
     def takes_images(self) -> bool:
-        """A vision model (its config has an image size and channels): inputs are pixels, not tokens."""
+        """A vision model: inputs are pixels, not tokens. Its config has an image size and channels,
+        or (a CNN such as ResNet or ConvNeXt, whose config has no image size) the Hugging Face model
+        names ``pixel_values`` as its main input."""
+        if getattr(self.module, "main_input_name", None) == "pixel_values" and hasattr(self.config, "num_channels"):
+            return True
         return hasattr(self.config, "image_size") and hasattr(self.config, "num_channels")
 
     def example_inputs(self) -> dict[str, Any] | None:
@@ -165,7 +169,7 @@ class Model:
         if config is None:
             return None
         if self.takes_images:
-            size = config.image_size
+            size = getattr(config, "image_size", None) or EXAMPLE_IMAGE_SIZE
             size = (size, size) if isinstance(size, int) else tuple(size)
             return {"pixel_values": torch.zeros(1, config.num_channels, *size, device=self.device)}
         vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 2)
@@ -174,6 +178,7 @@ class Model:
 
 
 EXAMPLE_POSITIONS = 7
+EXAMPLE_IMAGE_SIZE = 224  # a vision model whose config gives no image size (a CNN takes any size): the usual one
 
 
 def _natural_key(name: str) -> list:
