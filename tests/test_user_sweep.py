@@ -2,9 +2,11 @@
 here failed before the fix it names."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import actscope
+from conftest import hook_count
 
 torch.set_num_threads(1)
 TEXTS = ["The cat sat on the mat.", "Rain again today, héllo ☃.", "Short."]
@@ -19,6 +21,24 @@ def tiny_resnet() -> torch.nn.Module:
     return ResNetForImageClassification(config).eval()
 
 
+def tiny_t5(tokenizer) -> torch.nn.Module:
+    """An encoder-decoder that, unlike BART, does not make its decoder's input itself."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def words():
+    from conftest import word_tokenizer
+
+    vocab = ["<pad>", "</s>", "<unk>", *sorted({w for text in TEXTS for w in text.split()})]
+    return word_tokenizer(vocab, pad_token="<pad>", unk_token="<unk>")
+
+
 def test_cnn_without_image_size_lists_its_sites_with_shapes():
     # was: example inputs were token ids (no image_size in ResNet's config), so the forward failed
     # with "'NoneType' object has no attribute 'shape'" blamed on the model
@@ -26,3 +46,32 @@ def test_cnn_without_image_size_lists_its_sites_with_shapes():
     assert model.takes_images
     shapes = {site.name: site.shape for site in model.sites()}
     assert shapes["module:resnet.encoder.stages.1@output"] == ("batch", 16, 28, 28)  # 224 / 8: the stem halves twice, stage 1 once
+
+
+def test_encoder_decoder_profile_feeds_its_decoder_the_shifted_text(words):
+    # was: T5 got only input_ids and its own forward refused ("exactly one of input_ids or inputs_embeds")
+    module = tiny_t5(words)
+    model = actscope.wrap(module, words)
+    site = "module:decoder.block.0.layer.2.DenseReluDense.wo@input"
+    shapes = {s.name: s.shape for s in model.sites()}  # found by a forward pass the model accepts
+    assert shapes[site.replace("@input", "@output")] == ("batch", "pos", 16)
+    run = actscope.profile(model, TEXTS, sites=f"module:encoder.block.0.layer.1.DenseReluDense.wo@input,{site}")
+    layers = run.to_pandas("layers").set_index("site")
+    real = sum(len(text.split()) for text in TEXTS)
+    assert int(run.to_pandas("neurons").groupby("site")["count"].first()[site]) == real  # padding excluded in the decoder too
+    assert set(layers.index) == {site, "module:encoder.block.0.layer.1.DenseReluDense.wo@input"}
+    # what the decoder saw: the text shifted right behind decoder_start_token_id, checked by hand
+    inputs = words(TEXTS, return_tensors="pt", padding=True)
+    shifted = torch.cat([torch.zeros_like(inputs["input_ids"][:, :1]), inputs["input_ids"][:, :-1]], dim=1)
+    seen = []
+    handle = module.decoder.block[0].layer[2].DenseReluDense.wo.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        with torch.no_grad():
+            module(**inputs, decoder_input_ids=shifted, decoder_attention_mask=inputs["attention_mask"])
+    finally:
+        handle.remove()
+    mask = inputs["attention_mask"].bool()
+    expected = seen[0][mask].double()  # [tokens, d_ff]
+    got = torch.tensor(run.to_pandas("neurons").query("site == @site")["mean"].to_numpy())
+    assert (got - expected.mean(0)).abs().max() < 1e-5
+    assert hook_count(module) == 0

@@ -143,7 +143,7 @@ def _observe(observer: Observer, source: Source, context: Context, done: _Done, 
         progress(done.documents, done.tokens)  # a resumed run starts where it was
     with torch.no_grad(), observer.attached():
         for index, first, batch in shard(source.batches, context, done.position, rows=batch_rows):
-            call = unpack(batch, device)
+            call = unpack(batch, device, model)
             examples = call.examples if call.examples is not None else torch.arange(first, first + batch_rows(batch))
             observer.next_examples = examples
             model(**call.inputs)

@@ -174,7 +174,27 @@ class Model:
             return {"pixel_values": torch.zeros(1, config.num_channels, *size, device=self.device)}
         vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 2)
         ids = torch.arange(EXAMPLE_POSITIONS, device=self.device).remainder(max(vocab, 1)).unsqueeze(0)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return self.with_decoder_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    def with_decoder_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` for an encoder-decoder model (T5, BART …, ``config.is_encoder_decoder``)
+        given only encoder token ids: the decoder reads the same text, shifted right behind the
+        config's ``decoder_start_token_id`` (teacher forcing, what BART does by itself and T5
+        refuses to), so decoder position p sees token p − 1 and its mask is the encoder's. Any other
+        model, or inputs that already say what the decoder reads, are returned as they are."""
+        config = self.config
+        ids = inputs.get("input_ids")
+        if (not getattr(config, "is_encoder_decoder", False) or not isinstance(ids, torch.Tensor) or ids.dim() != 2
+                or any(key in inputs for key in ("decoder_input_ids", "decoder_inputs_embeds", "labels"))):
+            return inputs
+        start = getattr(config, "decoder_start_token_id", None)
+        start = getattr(config, "pad_token_id", None) if start is None else start
+        if start is None:
+            return inputs  # nothing to start the decoder with: the model's own forward says what it needs
+        decoder = torch.cat([torch.full_like(ids[:, :1], int(start)), ids[:, :-1]], dim=1)  # [batch, pos]
+        mask = inputs.get("attention_mask")
+        extra = {"decoder_attention_mask": mask} if isinstance(mask, torch.Tensor) else {}
+        return {**inputs, "decoder_input_ids": decoder, **extra}
 
 
 EXAMPLE_POSITIONS = 7
