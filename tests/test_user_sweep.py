@@ -75,3 +75,13 @@ def test_encoder_decoder_profile_feeds_its_decoder_the_shifted_text(words):
     got = torch.tensor(run.to_pandas("neurons").query("site == @site")["mean"].to_numpy())
     assert (got - expected.mean(0)).abs().max() < 1e-5
     assert hook_count(module) == 0
+
+
+def test_measurements_on_image_data_are_refused_naming_images():
+    # was: "measurements need text data …, not ready model inputs" for a folder of images
+    from actscope.errors import InputError
+
+    images = torch.rand(2, 3, 32, 32).numpy()
+    with pytest.raises(InputError, match="the data are images; profile the images without --metrics"):
+        actscope.profile(actscope.wrap(tiny_resnet()), images, sites="module:resnet.encoder.stages.0@output", metrics="all")
+
