@@ -85,3 +85,25 @@ def test_measurements_on_image_data_are_refused_naming_images():
     with pytest.raises(InputError, match="the data are images; profile the images without --metrics"):
         actscope.profile(actscope.wrap(tiny_resnet()), images, sites="module:resnet.encoder.stages.0@output", metrics="all")
 
+
+def test_a_module_list_is_refused_before_any_forward_and_left_out_of_sites(words):
+    # was: module:decoder.block@output (a ModuleList, never called) was listed and profiled into a run with no
+    # table at all; the CLI then said "this run has no 'layers' table"
+    from actscope.errors import SiteError
+
+    model = actscope.wrap(tiny_t5(words), words)
+    assert "module:decoder.block@output" not in {s.name for s in model.sites(shapes=False)}
+    assert "module:decoder.block.0@output" in {s.name for s in model.sites(shapes=False)}
+    with pytest.raises(SiteError, match=r"ModuleList 'decoder.block' is a container the model never calls.*"
+                                        r"module:decoder.block.0@output"):
+        actscope.profile(model, TEXTS, sites="module:decoder.block@output")
+
+
+def test_a_module_that_never_runs_is_refused_not_dropped(words):
+    # was: T5's `shared` embedding (reached as encoder.embed_tokens) gave no row and no word about it
+    from actscope.errors import InputError
+
+    model = actscope.wrap(tiny_t5(words), words)
+    with pytest.raises(InputError, match="module:shared@output: the module never ran"):
+        actscope.profile(model, TEXTS, sites="module:shared@output,module:encoder.block.0@output")
+    assert hook_count(model.module) == 0
