@@ -107,3 +107,29 @@ def test_a_module_that_never_runs_is_refused_not_dropped(words):
     with pytest.raises(InputError, match="module:shared@output: the module never ran"):
         actscope.profile(model, TEXTS, sites="module:shared@output,module:encoder.block.0@output")
     assert hook_count(model.module) == 0
+
+
+def tiny_phi(tokenizer) -> torch.nn.Module:
+    """A decoder whose modules match no carded layout (fc1/fc2 MLP, one norm per block)."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=32, pad_token_id=0)
+    return PhiForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("call", ["lens", "tuned", "attention"])
+def test_canonical_only_explanations_on_a_card_less_model_say_a_card_is_needed(words, call):
+    # was: "'blocks.*.resid.post' is a canonical site name … use module sites instead", which lens and
+    # the attention viewer cannot take
+    from actscope.errors import InputError
+    from actscope.explain import attention_patterns, fit_tuned_lens, logit_lens
+
+    model = actscope.wrap(tiny_phi(words), words)
+    run = {"lens": lambda: logit_lens(model, "The cat sat"), "tuned": lambda: fit_tuned_lens(model, TEXTS * 4, seed=0),
+           "attention": lambda: attention_patterns(model, "The cat sat")}[call]
+    with pytest.raises(InputError, match=r"which only a family card gives; .*model type 'phi'.* has no card") as caught:
+        run()
+    assert "use module sites" not in str(caught.value)
+    assert hook_count(model.module) == 0

@@ -105,6 +105,23 @@ class Model:
             )
         return self.adapter.router
 
+    def require_card(self, caller: str, needs: str) -> None:
+        """An InputError for ``caller``, which reads the canonical sites ``needs`` that only a family
+        card gives, when this model has none (neither its own nor a matched layout's): module sites
+        cannot stand in for them, so the message says so rather than suggest them."""
+        if self.adapter is not None:
+            return
+        from ..errors import InputError
+        from .adapters import cards
+
+        model_type = getattr(self.config, "model_type", None)
+        kind = f"model type '{model_type}'" if model_type else type(self.module).__name__
+        raise InputError(
+            f"{caller} reads {needs}, which only a family card gives; {self.name} ({kind}) has no card and its modules "
+            f"match no carded family's layout, so it offers module sites only. Families with a card: "
+            f"{', '.join(card.family for card in cards())}"
+        )
+
     @property
     def catalog(self) -> dict[str, SiteEntry]:
         """Every canonical site this model offers, in a stable order, then the sites added with
