@@ -133,3 +133,13 @@ def test_canonical_only_explanations_on_a_card_less_model_say_a_card_is_needed(w
         run()
     assert "use module sites" not in str(caught.value)
     assert hook_count(model.module) == 0
+
+
+def test_gemma3_text_has_a_card_where_the_layout_matcher_saw_none():
+    # was: Gemma 3's q_norm/k_norm kept it from Gemma 2's layout, so `actscope profile` refused its default sites;
+    # the family matrix (tests/test_families.py) checks its sites against the model's own arithmetic
+    from actscope.models.adapters import card_for
+    from actscope.zoo.tiny import tiny_model
+
+    module, _ = tiny_model("gemma3_text")
+    assert card_for(module).family == "gemma3_text"
