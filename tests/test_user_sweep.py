@@ -143,3 +143,14 @@ def test_gemma3_text_has_a_card_where_the_layout_matcher_saw_none():
 
     module, _ = tiny_model("gemma3_text")
     assert card_for(module).family == "gemma3_text"
+
+
+def test_decoding_a_card_less_model_says_a_card_is_needed_not_cett(words):
+    # was: "… is not a neuron site read at the input of an output projection; CETT needs …" for fc2's input
+    from actscope.errors import InputError
+    from actscope.explain import decode
+
+    model = actscope.wrap(tiny_phi(words), words)
+    with pytest.raises(InputError, match="decoding reads a neuron's path to the vocabulary") as caught:
+        decode(model, "module:model.layers.0.mlp.fc2@input")
+    assert "CETT" not in str(caught.value)
