@@ -154,3 +154,32 @@ def test_decoding_a_card_less_model_says_a_card_is_needed_not_cett(words):
     with pytest.raises(InputError, match="decoding reads a neuron's path to the vocabulary") as caught:
         decode(model, "module:model.layers.0.mlp.fc2@input")
     assert "CETT" not in str(caught.value)
+
+
+def test_generate_on_an_encoder_exits_2_naming_what_generates(words, tmp_path):
+    # was: exit 1, "internal error: AttributeError: 'BertModel' object has no attribute 'generate'"
+    from transformers import BertConfig, BertModel
+    from typer.testing import CliRunner
+
+    from actscope.cli.main import app
+
+    config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    words.save_pretrained(tmp_path / "bert")
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["generate", str(tmp_path / "bert"), "--prompt", "The cat"])
+    assert result.exit_code == 2, result.output
+    assert "does not generate text; generate needs a causal LM" in " ".join(result.output.split())
+
+
+def test_an_encoder_decoders_continuation_is_its_decoders_tokens_after_the_start(words):
+    # was: the prompt's length was cut off the decoder's output too, dropping generated tokens (T5)
+    from actscope.explain.steering import generate
+
+    module = tiny_t5(words)
+    model = actscope.wrap(module, words)
+    inputs = words("The cat sat on the mat.", return_tensors="pt")
+    with torch.no_grad():
+        expected = module.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert expected.shape[1] == 5 and int(expected[0, 0]) == module.config.decoder_start_token_id
+    module.generation_config.min_new_tokens = 4  # no early end of sequence, so the four tokens are all there
+    assert generate(model, "The cat sat on the mat.", max_new_tokens=4).token_ids == tuple(expected[0, 1:].tolist())

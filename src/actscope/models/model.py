@@ -122,6 +122,23 @@ class Model:
             f"{', '.join(card.family for card in cards())}"
         )
 
+    def require_generator(self, caller: str) -> None:
+        """An InputError for ``caller`` when the module cannot ``generate`` text (an encoder, a
+        model without a language-model head)."""
+        if not callable(getattr(self.module, "generate", None)) or not getattr(self.module, "can_generate", lambda: False)():
+            from ..errors import InputError
+
+            raise InputError(f"{self.name} ({type(self.module).__name__}) does not generate text; {caller} needs a causal LM "
+                             "(e.g. actscope.zoo.tiny_lm('relu')) or an encoder-decoder with its language-model head")
+
+    def continuation(self, sequences: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        """The new tokens in ``generate``'s ``sequences`` ``[batch, length]``: those after the
+        prompt for a decoder; an encoder-decoder returns its decoder's tokens alone, so those after
+        its start token."""
+        if getattr(self.config, "is_encoder_decoder", False):
+            return sequences[:, 1:]
+        return sequences[:, prompt_length:]
+
     @property
     def catalog(self) -> dict[str, SiteEntry]:
         """Every canonical site this model offers, in a stable order, then the sites added with
