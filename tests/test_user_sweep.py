@@ -183,3 +183,15 @@ def test_an_encoder_decoders_continuation_is_its_decoders_tokens_after_the_start
     assert expected.shape[1] == 5 and int(expected[0, 0]) == module.config.decoder_start_token_id
     module.generation_config.min_new_tokens = 4  # no early end of sequence, so the four tokens are all there
     assert generate(model, "The cat sat on the mat.", max_new_tokens=4).token_ids == tuple(expected[0, 1:].tolist())
+
+
+def test_patching_an_encoder_decoder_from_prompts_is_refused_naming_the_decoder(words):
+    # was: the model's own ValueError ("exactly one of input_ids or inputs_embeds"), blamed on its config
+    from actscope.errors import InputError
+    from actscope.explain import activation_patching, logit_difference
+
+    model = actscope.wrap(tiny_t5(words), words)
+    metric = logit_difference(words.convert_tokens_to_ids("cat"), words.convert_tokens_to_ids("mat."))
+    with pytest.raises(InputError, match="clean: T5ForConditionalGeneration is an encoder-decoder.*decoder_input_ids"):
+        activation_patching(model, "The cat sat", "The mat. sat", metric, "module:encoder.block.0@output", per="site")
+    assert hook_count(model.module) == 0
