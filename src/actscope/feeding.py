@@ -8,7 +8,8 @@ and forward calls, for profiling, every measurement, calibration and explanation
   the model's tokenizer (its default special tokens), truncated to ``max_length`` tokens,
   right-padded into batches of ``batch_size``, and cut after ``max_tokens`` real tokens; each row
   carries its document number, so statistics know which example a token came from and padding
-  is excluded through the attention mask;
+  is excluded through the attention mask. An encoder-decoder model (T5, BART …) gets the same
+  tokens shifted right as its decoder's input (:meth:`~actscope.models.Model.with_decoder_inputs`);
 * token-id rows (:func:`token_rows`): right-padded the same way, the row number the example;
 * model-input dicts, one or an iterable of them (``{"input_ids": …, "attention_mask": …}`` or
   whatever a wrapped module takes), fed as they are; padding is excluded through their
@@ -215,14 +216,17 @@ def calls(model: Model, source: Source) -> Iterator[Call]:
     """The forward calls of a source, inputs moved to the model's device (``Model.device``)."""
     device = model.device
     for batch in source.batches:
-        yield unpack(batch, device)
+        yield unpack(batch, device, model)
 
 
-def unpack(batch: Any, device: torch.device) -> Call:
+def unpack(batch: Any, device: torch.device, model: Model | None = None) -> Call:
+    """One batch as a forward call on ``device``; tokenized text fed to ``model``, an
+    encoder-decoder, also gives its decoder the same text (:meth:`Model.with_decoder_inputs`)."""
     from .data import Batch
 
     if isinstance(batch, Batch):
-        return Call({k: v.to(device) for k, v in batch.model_inputs().items()}, batch.n_tokens, batch.doc_ids)
+        inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
+        return Call(model.with_decoder_inputs(inputs) if model is not None else inputs, batch.n_tokens, batch.doc_ids)
     if isinstance(batch, ImageBatch):
         return Call({k: v.to(device) for k, v in batch.items()}, len(batch.examples), batch.examples)
     if isinstance(batch, Mapping):

@@ -171,7 +171,7 @@ def _harvest(model: Model, plan: Plan, source: Source, context: Context, start: 
     examples_done = 0
     with torch.no_grad(), reader.attached():
         for index, first, batch in shard(source.batches, context, start.batch, rows=batch_rows):
-            call = unpack(batch, device)
+            call = unpack(batch, device, model)
             examples = call.examples if call.examples is not None else torch.arange(first, first + batch_rows(batch))
             reader.next_examples = examples
             model(**call.inputs)

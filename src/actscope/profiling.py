@@ -230,6 +230,9 @@ def _chosen_metrics(metrics: str | Sequence[str] | None, source: Source) -> list
     from .measure import resolve_metrics
 
     chosen = [m.name for m in resolve_metrics(metrics)]
+    if source.images is not None:
+        raise InputError(f"the measurements ({', '.join(chosen)}) run on text documents only, and the data are images; "
+                         "profile the images without --metrics (metrics=), or measure the model on text data")
     if source.corpus is None:
         raise InputError("measurements need text data (a file or a list of strings), not ready model inputs; drop metrics= or pass text")
     return chosen

@@ -19,6 +19,8 @@ from .models.adapters.base import Hook, read_input, read_output
 from .models.model import SiteEntry
 
 if TYPE_CHECKING:
+    import torch
+
     from .models.model import Model
 
 DEFAULT_SELECTION = "blocks.*.mlp.post"
@@ -135,8 +137,21 @@ def module_entry(model: "Model", base: str) -> SiteEntry:
     if path not in names and not (path == "" and side):
         hint = _suggest(path, names)
         raise SiteError(f"{model.name} has no module '{path}'.{hint} Run `actscope sites` to list modules.")
+    if path and never_called(model.module.get_submodule(path)):
+        container = model.module.get_submodule(path)
+        entries = [f"module:{path}.{name}@{side}" for name, _ in list(container.named_children())[:2]]
+        raise SiteError(
+            f"'{base}': {type(container).__name__} '{path}' is a container the model never calls (it has no forward), "
+            f"so a hook on it never fires; observe its entries instead, e.g. {', '.join(entries) or 'one of its modules'}"
+        )
     hook = Hook(path, side, read_input if side == "input" else read_output, "auto")  # type: ignore[arg-type]
     return SiteEntry(f"module:{path}@{side}", path, hook, ())
+
+
+def never_called(module: torch.nn.Module) -> bool:
+    """A module without a ``forward`` of its own (``nn.ModuleList``, ``nn.ModuleDict``): a container
+    its parent indexes into, never calls, so no hook on it ever fires."""
+    return getattr(type(module).forward, "__name__", "") == "_forward_unimplemented"
 
 
 def _match_canonical(model: "Model", pattern: str) -> list[SiteEntry]:

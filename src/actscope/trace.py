@@ -401,7 +401,9 @@ def list_sites(model: Model, shapes: bool = True) -> list[SiteInfo]:
     if model.adapter is not None:
         plan = Plan(tuple(Site(e.name, e.path, e.hook, e.index) for e in model.catalog.values()))
     else:
-        names = [name for name, _ in model.module.named_modules() if name]
+        from .sites import never_called
+
+        names = [name for name, module in model.module.named_modules() if name and not never_called(module)]
         plan = Plan(tuple(_module_site(model, name) for name in names))
     found = _discover_shapes(model, plan) if shapes else {}
     return [

@@ -30,6 +30,7 @@ def generate(
         model.module.eval()
         if model.tokenizer is None:
             raise DataError(f"{model_dir} has no tokenizer; generate needs one to read --prompt and print the text")
+        model.require_generator("generate")
         rows = [("dense", *_run(model, prompt, max_new_tokens))]
         if calibration is not None:
             loaded = Calibration.load(calibration, model)
@@ -50,7 +51,7 @@ def _run(model, prompt: str, max_new_tokens: int) -> tuple[str, int, float]:
         start = time.perf_counter()
         out = model.module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     seconds = time.perf_counter() - start
-    new = out[0, inputs["input_ids"].shape[1]:]
+    new = model.continuation(out, inputs["input_ids"].shape[1])[0]
     return model.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), new.numel() / max(seconds, 1e-9)
 
 

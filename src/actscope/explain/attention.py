@@ -70,6 +70,8 @@ def attention_patterns(model: ModelLike, prompt: str, sites: str = PATTERNS, *, 
     model = as_model(model)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise InputError(f"max_tokens must be a whole number of at least 1, got {max_tokens!r}")
+    if sites == PATTERNS:
+        model.require_card("the attention viewer", "each block's attention pattern (blocks.*.attn.pattern)")
     ids = tokenize(model, [prompt], max_tokens)[0]
     capture = Capture(model, sites, announce=False)
     if any(site.hook.layout != "pattern" for site in capture.plan.sites):

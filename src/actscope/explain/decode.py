@@ -157,6 +157,7 @@ def neuron_directions(model: Model, site: Site) -> torch.Tensor:
     """``W_out`` ``[d_model, d_ff]`` (float64) of a neuron site: column i is unit i's direction."""
     from ..metrics.cett.core import output_projection
 
+    model.require_card("decoding", "a neuron's path to the vocabulary (its output projection, the final norm, the unembedding)")
     if site.hook.layout == "tokens" and "e" in dict(site.index):
         return _expert_down(model, site)
     whole = Site(site.name, site.path, site.hook, site.index)

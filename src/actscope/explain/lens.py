@@ -113,6 +113,7 @@ def _residuals(model: Model, inputs: dict[str, torch.Tensor]) -> tuple[list[torc
     """Every block's output ``[batch, pos, d]`` for one forward call, and the model's output."""
     from ..trace import Capture
 
+    model.require_card("the logit lens", "every block's residual stream (blocks.*.resid.post)")
     capture = Capture(model, RESID, announce=False)
     with torch.no_grad(), capture.attached():
         out = model(**inputs)
@@ -201,6 +202,7 @@ def _stacked_residuals(model: Model, docs: Sequence[str], max_tokens: int, batch
     from ..feeding import feed
     from ..trace import Capture
 
+    model.require_card("the tuned lens", "every block's residual stream (blocks.*.resid.post)")
     capture = Capture(model, RESID, flat=True, announce=False)
     feed(capture, list(docs), batch_size=batch_size, max_length=max_length, max_tokens=max_tokens)
     layers = [torch.cat([r.values for r in capture.readings[site.label]]).float() for site in capture.plan.sites]

@@ -136,6 +136,12 @@ def as_inputs(model: Model, value: Any, what: str) -> dict[str, Any]:
     """A model-input dict from a dict, a token-id tensor ``[batch, pos]``, or text(s)."""
     if isinstance(value, Mapping):
         return dict(value)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise InputError(
+            f"{what}: {model.name} is an encoder-decoder, whose next-token logits depend on what its decoder reads, "
+            "which a prompt alone does not say; pass input dicts with decoder_input_ids (and a metric that reads the "
+            "decoder's logits), or use a decoder-only or encoder model"
+        )
     if isinstance(value, torch.Tensor):
         ids = value if value.dim() == 2 else value.reshape(1, -1)
         return {"input_ids": ids.to(model.device)}

@@ -221,7 +221,7 @@ def generate(model: ModelLike, prompt: str, *, vector: SteeringVector | None = N
         else:
             with steered(model, vector, scale, positions=positions, prompt_length=length):
                 out = model.module.generate(**inputs, **options)
-    new = out.sequences[0, length:]
+    new = model.continuation(out.sequences, length)[0]
     text = model.tokenizer.decode(new, skip_special_tokens=True)
     return Generation(text, tuple(new.tolist()), _target_logprob(model, out.logits, targets))
 
@@ -245,9 +245,7 @@ def _single_token(model: Model, text: str) -> int:
 def _check_generator(model: Model) -> None:
     if model.tokenizer is None:
         raise DataError(f"{model.name} has no tokenizer; steering reads prompts and prints text, so it needs one")
-    if not hasattr(model.module, "generate") or not getattr(model.module, "can_generate", lambda: False)():
-        raise InputError(f"{model.name} ({type(model.module).__name__}) does not generate text; steering needs a causal LM "
-                         "(e.g. actscope.zoo.tiny_lm('relu'))")
+    model.require_generator("steering")
 
 
 @dataclass(frozen=True)

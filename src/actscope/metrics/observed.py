@@ -80,6 +80,8 @@ def observe_run(model: Model, plan: Plan, source: Source, config: ProfileConfig,
         error = DataError("no real token was observed; the data produced no input, or only padding (is it empty?)")
         error.quiet = not context.main
         raise error
+    if done.tokens:
+        _check_all_ran(plan, observer)
     states = {label: stat.state_dict() for label, stat in observer.stats.items()}
     stats = merge_states(gather(states, context) or []) if context.distributed else observer.stats
     seconds = done.seconds + time.perf_counter() - clock
@@ -90,6 +92,18 @@ def observe_run(model: Model, plan: Plan, source: Source, config: ProfileConfig,
         manifest = _manifest(model, plan, source, config, documents, tokens, started, seconds, weights, context, timings)
         run = _assemble(plan, source, stats, config, manifest)
     return broadcast(run, context), state
+
+
+def _check_all_ran(plan: Plan, observer: Observer) -> None:
+    """A module site whose module never ran (a tied embedding reached through another module, a
+    branch these inputs do not take) would be missing from the run without a word: refuse it."""
+    silent = [site.label for site in plan.sites if site.name.startswith("module:") and site.label not in observer.stats]
+    if silent:
+        raise InputError(
+            f"{', '.join(silent)}: the module never ran in {observer.model.name}'s forward passes, so there is nothing "
+            "to observe (a weight shared with a module that does run, or a branch these inputs do not take); choose "
+            "modules that run: `actscope sites` gives them a shape"
+        )
 
 
 @dataclass
@@ -143,7 +157,7 @@ def _observe(observer: Observer, source: Source, context: Context, done: _Done, 
         progress(done.documents, done.tokens)  # a resumed run starts where it was
     with torch.no_grad(), observer.attached():
         for index, first, batch in shard(source.batches, context, done.position, rows=batch_rows):
-            call = unpack(batch, device)
+            call = unpack(batch, device, model)
             examples = call.examples if call.examples is not None else torch.arange(first, first + batch_rows(batch))
             observer.next_examples = examples
             model(**call.inputs)

@@ -105,6 +105,40 @@ class Model:
             )
         return self.adapter.router
 
+    def require_card(self, caller: str, needs: str) -> None:
+        """An InputError for ``caller``, which reads the canonical sites ``needs`` that only a family
+        card gives, when this model has none (neither its own nor a matched layout's): module sites
+        cannot stand in for them, so the message says so rather than suggest them."""
+        if self.adapter is not None:
+            return
+        from ..errors import InputError
+        from .adapters import cards
+
+        model_type = getattr(self.config, "model_type", None)
+        kind = f"model type '{model_type}'" if model_type else type(self.module).__name__
+        raise InputError(
+            f"{caller} reads {needs}, which only a family card gives; {self.name} ({kind}) has no card and its modules "
+            f"match no carded family's layout, so it offers module sites only. Families with a card: "
+            f"{', '.join(card.family for card in cards())}"
+        )
+
+    def require_generator(self, caller: str) -> None:
+        """An InputError for ``caller`` when the module cannot ``generate`` text (an encoder, a
+        model without a language-model head)."""
+        if not callable(getattr(self.module, "generate", None)) or not getattr(self.module, "can_generate", lambda: False)():
+            from ..errors import InputError
+
+            raise InputError(f"{self.name} ({type(self.module).__name__}) does not generate text; {caller} needs a causal LM "
+                             "(e.g. actscope.zoo.tiny_lm('relu')) or an encoder-decoder with its language-model head")
+
+    def continuation(self, sequences: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        """The new tokens in ``generate``'s ``sequences`` ``[batch, length]``: those after the
+        prompt for a decoder; an encoder-decoder returns its decoder's tokens alone, so those after
+        its start token."""
+        if getattr(self.config, "is_encoder_decoder", False):
+            return sequences[:, 1:]
+        return sequences[:, prompt_length:]
+
     @property
     def catalog(self) -> dict[str, SiteEntry]:
         """Every canonical site this model offers, in a stable order, then the sites added with
@@ -154,7 +188,11 @@ class Model:
 
     @property
     def takes_images(self) -> bool:
-        """A vision model (its config has an image size and channels): inputs are pixels, not tokens."""
+        """A vision model: inputs are pixels, not tokens. Its config has an image size and channels,
+        or (a CNN such as ResNet or ConvNeXt, whose config has no image size) the Hugging Face model
+        names ``pixel_values`` as its main input."""
+        if getattr(self.module, "main_input_name", None) == "pixel_values" and hasattr(self.config, "num_channels"):
+            return True
         return hasattr(self.config, "image_size") and hasattr(self.config, "num_channels")
 
     def example_inputs(self) -> dict[str, Any] | None:
@@ -165,15 +203,36 @@ class Model:
         if config is None:
             return None
         if self.takes_images:
-            size = config.image_size
+            size = getattr(config, "image_size", None) or EXAMPLE_IMAGE_SIZE
             size = (size, size) if isinstance(size, int) else tuple(size)
             return {"pixel_values": torch.zeros(1, config.num_channels, *size, device=self.device)}
         vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 2)
         ids = torch.arange(EXAMPLE_POSITIONS, device=self.device).remainder(max(vocab, 1)).unsqueeze(0)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return self.with_decoder_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    def with_decoder_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` for an encoder-decoder model (T5, BART …, ``config.is_encoder_decoder``)
+        given only encoder token ids: the decoder reads the same text, shifted right behind the
+        config's ``decoder_start_token_id`` (teacher forcing, what BART does by itself and T5
+        refuses to), so decoder position p sees token p − 1 and its mask is the encoder's. Any other
+        model, or inputs that already say what the decoder reads, are returned as they are."""
+        config = self.config
+        ids = inputs.get("input_ids")
+        if (not getattr(config, "is_encoder_decoder", False) or not isinstance(ids, torch.Tensor) or ids.dim() != 2
+                or any(key in inputs for key in ("decoder_input_ids", "decoder_inputs_embeds", "labels"))):
+            return inputs
+        start = getattr(config, "decoder_start_token_id", None)
+        start = getattr(config, "pad_token_id", None) if start is None else start
+        if start is None:
+            return inputs  # nothing to start the decoder with: the model's own forward says what it needs
+        decoder = torch.cat([torch.full_like(ids[:, :1], int(start)), ids[:, :-1]], dim=1)  # [batch, pos]
+        mask = inputs.get("attention_mask")
+        extra = {"decoder_attention_mask": mask} if isinstance(mask, torch.Tensor) else {}
+        return {**inputs, "decoder_input_ids": decoder, **extra}
 
 
 EXAMPLE_POSITIONS = 7
+EXAMPLE_IMAGE_SIZE = 224  # a vision model whose config gives no image size (a CNN takes any size): the usual one
 
 
 def _natural_key(name: str) -> list:

@@ -1,4 +1,4 @@
-"""Gemma and Gemma 2: Llama-shaped decoders with a GeGLU MLP.
+"""Gemma, Gemma 2 and Gemma 3 (text): Llama-shaped decoders with a GeGLU MLP.
 
 Gemma is laid out like Llama (see ``llama.py``); ``embed`` is the output of ``embed_tokens``,
 which already multiplies by ``sqrt(hidden_size)``, so it is what block 0 receives.
@@ -15,6 +15,13 @@ Gemma 2 adds a norm *after* each sub-block, before the residual add:
 * ``logits`` are the final logits after ``final_logit_softcapping``
   (``cap · tanh(lm_head(x) / cap)``, computed like the model does), not the raw ``lm_head``
   output.
+
+Gemma 3's text decoder (``gemma3_text``: ``Gemma3ForCausalLM``, the 270M and 1B models) has Gemma
+2's blocks and adds RMS norms on the queries and keys inside attention (``q_norm``, ``k_norm``),
+which leave the values alone: its sites are Gemma 2's. Its embeddings module scales by
+``sqrt(hidden_size)`` itself, and ``final_logit_softcapping`` is unset by default (``logits`` is
+then the ``lm_head`` output). The layout matcher cannot take it for Gemma 2 because of the two
+extra norms, hence a card.
 """
 import torch
 
@@ -54,4 +61,8 @@ ADAPTERS = [
             tiny=Tiny(lambda: hf_config("Gemma2Config", **decoder_shape(num_key_value_heads=2, head_dim=D_HEAD,
                                                                        query_pre_attn_scalar=D_HEAD, sliding_window=4)),
                       "Gemma2ForCausalLM")),
+    Adapter("gemma3_text", ("gemma3_text",), "layers", GEMMA2_SITES, LLAMA_MLP, readout=GEMMA_READOUT,
+            tiny=Tiny(lambda: hf_config("Gemma3TextConfig", **decoder_shape(num_key_value_heads=2, head_dim=D_HEAD,
+                                                                           query_pre_attn_scalar=D_HEAD, sliding_window=4)),
+                      "Gemma3ForCausalLM")),
 ]
