@@ -2,6 +2,8 @@
 here failed before the fix it names."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -99,13 +101,13 @@ def test_a_module_list_is_refused_before_any_forward_and_left_out_of_sites(words
         actscope.profile(model, TEXTS, sites="module:decoder.block@output")
 
 
-def test_a_module_that_never_runs_is_refused_not_dropped(words):
+def test_a_module_that_never_runs_is_named_not_dropped_silently(words, caplog):
     # was: T5's `shared` embedding (reached as encoder.embed_tokens) gave no row and no word about it
-    from actscope.errors import InputError
-
     model = actscope.wrap(tiny_t5(words), words)
-    with pytest.raises(InputError, match="module:shared@output: the module never ran"):
-        actscope.profile(model, TEXTS, sites="module:shared@output,module:encoder.block.0@output")
+    with caplog.at_level(logging.WARNING, logger="actscope"):
+        run = actscope.profile(model, TEXTS, sites="module:shared@output,module:encoder.block.0@output")
+    assert "module:shared@output: the module never ran" in caplog.text and "no rows for it" in caplog.text
+    assert set(run.to_pandas("neurons").site) == {"module:encoder.block.0@output"}  # the site that ran is kept
     assert hook_count(model.module) == 0
 
 

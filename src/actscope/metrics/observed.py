@@ -5,6 +5,8 @@ what a measurement reading a run (activation sparsity) runs when it is handed a 
 """
 from __future__ import annotations
 
+import logging
+
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -96,14 +98,14 @@ def observe_run(model: Model, plan: Plan, source: Source, config: ProfileConfig,
 
 def _check_all_ran(plan: Plan, observer: Observer) -> None:
     """A module site whose module never ran (a tied embedding reached through another module, a
-    branch these inputs do not take) would be missing from the run without a word: refuse it."""
+    branch these inputs do not take, an expert no token was routed to) has no rows in the run: say
+    so, naming it, rather than leave it missing without a word (the other sites' rows are kept)."""
     silent = [site.label for site in plan.sites if site.name.startswith("module:") and site.label not in observer.stats]
     if silent:
-        raise InputError(
-            f"{', '.join(silent)}: the module never ran in {observer.model.name}'s forward passes, so there is nothing "
-            "to observe (a weight shared with a module that does run, or a branch these inputs do not take); choose "
-            "modules that run: `actscope sites` gives them a shape"
-        )
+        logging.getLogger("actscope").warning(
+            "%s: the module never ran in %s's forward passes, so the run has no rows for it (a weight shared with a "
+            "module that does run, or a branch these inputs do not take); `actscope sites` gives a shape to the "
+            "modules that run", ", ".join(silent), observer.model.name)
 
 
 @dataclass
