@@ -46,6 +46,29 @@ def test_the_last_layers_lens_is_the_models_logits(lm):
     assert np.abs(last.kl).max() < 1e-9
 
 
+@pytest.mark.parametrize("config_class, model_class, field, value", [
+    ("Gemma2Config", "Gemma2ForCausalLM", "final_logit_softcapping", 0.5),  # a card of its own
+    ("GraniteConfig", "GraniteForCausalLM", "logits_scaling", 8.0),  # matched to the Llama layout
+])
+def test_the_last_layers_lens_applies_what_the_config_does_to_the_logits(config_class, model_class, field, value):
+    import transformers
+
+    from actscope.explain.lens import _residuals, readout
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                                 max_position_embeddings=32, **{field: value})
+    model = actscope.wrap(getattr(transformers, model_class)(config).eval())
+    ids = torch.randint(1, 64, (1, 6))
+    residuals, own = _residuals(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    with torch.no_grad():
+        lensed = readout(model)(residuals[-1])
+        head_only = model.module.lm_head(model.module.model.norm(residuals[-1]))
+    assert torch.allclose(lensed, own.logits, atol=1e-5), (lensed - own.logits).abs().max()
+    assert not torch.allclose(head_only, own.logits, atol=1e-3)  # without the config's transform it would differ
+
+
 def test_every_layers_lens_reads_its_residual_stream_through_the_final_norm_and_head(lm):
     result = logit_lens(lm, PROMPT, top=1).to_pandas()
     ids = lm.tokenizer(PROMPT, return_tensors="pt")

@@ -5,8 +5,9 @@
   .readout``: the final norm, OPT's ``project_out``; none for post-norm encoders) and the
   unembedding (the output embedding module with its bias, else the tied input embeddings), as
   :mod:`actscope.explain.decode` does for neurons, but with the real modules, so the last
-  layer's lens is exactly the model's logits (for models that apply nothing after the head;
-  soft-capping or logit scaling is not applied here).
+  layer's lens is exactly the model's logits: what a config says the model does to its logits
+  after the head is done too (:data:`LOGIT_TRANSFORMS`: Gemma 2/3's soft-capping, Granite's
+  ``logits_scaling``, Cohere's ``logit_scale``).
 * **Tuned lens** (Belrose et al. 2023): an affine translator per layer, ``T_l(h) = h + h·A_l + b_l``,
   trained so that the lens of ``T_l(h_l)`` matches the final distribution: fitted here on the
   user's data (the first 80 % of the documents; the rest held out), first by ridge regression of
@@ -85,8 +86,24 @@ class TunedLens:
 
 
 # -- readout -----------------------------------------------------------------------------------
+# What Hugging Face models do to their logits after the head, by the config field that says so
+# (set and not None): whichever family carries the field, the transformation is the same.
+LOGIT_TRANSFORMS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "final_logit_softcapping": lambda z, cap: torch.tanh(z / cap) * cap,  # Gemma 2, Gemma 3
+    "logits_scaling": lambda z, s: z / s,  # Granite, GraniteMoE
+    "logit_scale": lambda z, s: z * s,  # Cohere
+}
+
+
+def _logit_transforms(config: Any) -> list[tuple[Callable[[torch.Tensor, float], torch.Tensor], float]]:
+    """The (transformation, value) pairs ``config`` sets, in :data:`LOGIT_TRANSFORMS` order."""
+    values = ((LOGIT_TRANSFORMS[name], getattr(config, name, None)) for name in LOGIT_TRANSFORMS)
+    return [(f, float(v)) for f, v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
 def readout(model: Model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``h [..., d] → logits [..., vocab]``: the card's final modules, then the unembedding."""
+    """``h [..., d] → logits [..., vocab]``: the card's final modules, the unembedding, then what
+    the config says the model does to its logits (:data:`LOGIT_TRANSFORMS`)."""
     from ..models.adapters import Readout
     from ..models.adapters.base import resolve_module
 
@@ -101,10 +118,15 @@ def readout(model: Model) -> Callable[[torch.Tensor], torch.Tensor]:
             raise InputError(f"{model.name} has neither an output nor an input embedding matrix, so a lens cannot read tokens out")
         head = lambda h: h @ weight.T  # noqa: E731 - tied embeddings (encoders such as MiniLM)
 
+    after = _logit_transforms(getattr(root, "config", None))
+
     def apply(h: torch.Tensor) -> torch.Tensor:
         for module in finals:
             h = module(h)
-        return head(h)
+        logits = head(h)
+        for transform, value in after:
+            logits = transform(logits, value)
+        return logits
 
     return apply
 
