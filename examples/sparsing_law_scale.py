@@ -9,8 +9,9 @@ docstrings; ReLU and SiLU of one seed start from the same weights and see the sa
 
 CETT-PPL-1 %: ``actscope.metrics.cett_sparsity`` on held-out texts (never trained on): calibration
 = held-out texts 0–199, evaluation = held-out texts 200–599 (each truncated to 128 tokens), one
-shared CETT target bisected until exp(L_sparse − L_dense) − 1 reaches 1 %. Activation ratio =
-share of (real token, unit) activations of the four MLPs left non-zero, 1 − sparsity.
+shared CETT target bisected until exp(L_sparse − L_dense) − 1 reaches 1 % (p = 1 % only: no
+sweep, no Top-k / FAT-ε baselines, which would triple the passes). Activation ratio = share of
+(real token, unit) activations of the four MLPs left non-zero, 1 − sparsity.
 
 Pass rule (fixed before any of these models was trained):
   * informative: SiLU's activation ratio at PPL-1 % is at least 20 % on every seed (the SiLU
@@ -91,7 +92,7 @@ def main() -> None:
                   f"final train loss {meta['loss_log'][-1][1]:.3f}, held-out loss {meta['held_out']['held_out_loss']:.3f})")
             if args.train_only:
                 continue
-            m = measure(path, held_out[CALIBRATION], held_out[EVALUATION])
+            m = measure(path, held_out[CALIBRATION], held_out[EVALUATION], sweep=(), baselines=False)
             ratios[activation].append(m["ratio"])
             print(f"dense activation ratio per layer: {_pct(m['dense'])}")
             print(f"CETT-PPL-1%: c = {m['c']:.4f}, degradation {m['degradation']:.4%}, {m['passes']} passes, "
