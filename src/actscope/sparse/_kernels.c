@@ -382,3 +382,35 @@ int actscope_axpy_rows(const float *h, int64_t n, int64_t ldh, const float *w, i
     job_t job = {1, h, n, ldh, w, ldw, d_out, index, k, out, NULL, 1};
     return run_job(&job, units, threads);
 }
+
+/* TEAL's input-sparse product with the thresholding fused: out[t, :] = sum over channels i with
+ * |x[t, i]| > threshold of x[t, i] * w[i, :]. The channels some token keeps (their union) are
+ * found here, in one pass over x, into index[0..k) with each token's own values (0 where that
+ * token drops the channel) in h [n, d_in]; kept[t] counts token t's channels; *union_out = k.
+ * Then it is axpy_rows over that union: one call instead of the half-dozen tensor operations
+ * that building the index costs in the caller, per projection and decoded token. */
+int actscope_threshold_axpy_rows(const float *x, int64_t n, int64_t ldx, const float *w, int64_t d_in, int64_t ldw,
+                                 int64_t d_out, float threshold, int64_t *index, float *h, int64_t *kept,
+                                 int64_t *union_out, float *out, int32_t threads) {
+    int64_t k = 0;
+    for (int64_t t = 0; t < n; t++) kept[t] = 0;
+    for (int64_t i = 0; i < d_in; i++) {
+        int any = 0;
+        for (int64_t t = 0; t < n; t++) any |= __builtin_fabsf(x[t * ldx + i]) > threshold;
+        if (!any) continue;
+        for (int64_t t = 0; t < n; t++) {
+            const float v = x[t * ldx + i];
+            const int keep = __builtin_fabsf(v) > threshold;
+            h[t * d_in + k] = keep ? v : 0.0f;
+            kept[t] += keep;
+        }
+        index[k++] = i;
+    }
+    *union_out = k;
+    if (k == 0) {
+        memset(out, 0, (size_t)(n * d_out) * sizeof(float));
+        return 0;
+    }
+    job_t job = {1, h, n, d_in, w, ldw, d_out, index, k, out, NULL, 1};
+    return run_job(&job, d_in, threads);
+}

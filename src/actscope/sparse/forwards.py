@@ -55,6 +55,14 @@ def _select(h: torch.Tensor, w_t: torch.Tensor, index: torch.Tensor, bias: torch
     return out + bias if bias is not None else out
 
 
+def _thresholded(x: torch.Tensor, w_t: torch.Tensor, threshold: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``where(|x| > threshold, x, 0) @ w_t (+ bias)``, the channels each row kept ``[n]`` and
+    the rows of ``w_t`` read (their union): TEAL's input-sparse product."""
+    out, kept, read = kernels.threshold_axpy_counted(x, w_t, threshold)
+    return (out + bias if bias is not None else out), kept, read
+
+
 def _dot(x: torch.Tensor, w: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [n, d] @ w[index].T (+ bias[index])`` → ``[n, k]``."""
     out = kernels.dot_rows(x, w, index) if index.numel() else x.new_zeros(x.shape[0], 0)
@@ -120,18 +128,14 @@ class SparseMlp:
 
     def _teal(self, x: torch.Tensor) -> tuple[torch.Tensor, Tally]:
         w = self.w
-        keep_in = x.abs() > self.t["in"]  # [n, d]
-        index_in = _nonzero(keep_in)
-        pre = _select(_masked(x[:, index_in], keep_in[:, index_in]), w.first_t, index_in, w.first_bias)
+        pre, kept_in, read_in = _thresholded(x, w.first_t, self.t["in"], w.first_bias)
         a = self.act(pre[:, :self.units]) * pre[:, self.units:] if self.gated else self.act(pre)  # [n, U]
-        keep = a.abs() > self.t["down"]
-        index = _nonzero(keep)
-        y = _select(_masked(a[:, index], keep[:, index]), w.down_t, index, w.down_bias)
-        s_in = (~keep_in).sum(1).double() / x.shape[1]
-        s_down = (~keep).sum(1).double() / self.units
+        y, kept, read_down = _thresholded(a, w.down_t, self.t["down"], w.down_bias)
+        s_in = 1 - kept_in.double() / x.shape[1]
+        s_down = 1 - kept.double() / self.units
         inputs = 2 if self.gated else 1
         share = (inputs * s_in + s_down) / (inputs + 1)
-        read = (inputs * index_in.numel() / x.shape[1] + index.numel() / self.units) / (inputs + 1)
+        read = (inputs * read_in / x.shape[1] + read_down / self.units) / (inputs + 1)
         return y, Tally(share, share, read)
 
     def _core(self, x: torch.Tensor) -> tuple[torch.Tensor, Tally]:

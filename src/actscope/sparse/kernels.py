@@ -65,7 +65,7 @@ def _prefetch_flags() -> list[str]:
 
 FLAG_SETS = tuple([*flags, *_prefetch_flags()] for flags in (["-pthread", "-O3", "-march=native"], ["-pthread", "-O3"],
                                                             ["-pthread", "-O2"]))
-_FUNCTIONS = ("actscope_dot_rows", "actscope_axpy_rows")
+_FUNCTIONS = ("actscope_dot_rows", "actscope_axpy_rows")  # one signature; actscope_threshold_axpy_rows has its own
 
 
 # ---- reference (plain PyTorch: gathers the rows) -------------------------------------------
@@ -119,6 +119,39 @@ def threshold_axpy_rows(x: Tensor, w: Tensor, threshold: Tensor | float) -> Tens
     return out if out is not None else reference_threshold_axpy_rows(x, w, threshold)
 
 
+def threshold_axpy_counted(x: Tensor, w: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, int]:
+    """:func:`threshold_axpy_rows` for sparse execution, which also needs to know what was skipped:
+    ``(where(|x| > threshold, x, 0) @ w, kept [n] int64: the channels each row of x kept, k: the
+    rows of w read, their union)``. ``threshold`` is one value (a tensor of one element). On the
+    CPU the C kernel finds the union and masks each row in one pass over ``x`` and streams the
+    union's rows (one call instead of the half-dozen tensor operations per projection and token of
+    building the index in torch); elsewhere torch builds the index and :func:`axpy_rows` reads it."""
+    if _rows_apply(x, w) and w.shape[0] == x.shape[1] and threshold.numel() == 1:
+        return _fused_threshold_axpy(_rows_contiguous(x), w, float(threshold))
+    keep = x.abs() > threshold
+    index = keep.any(0).nonzero().flatten()
+    if index.numel() == 0:
+        return x.new_zeros(x.shape[0], w.shape[1]), keep.sum(1), 0
+    h = x[:, index]
+    h = h if x.shape[0] == 1 else torch.where(keep[:, index], h, 0)  # each row its own channels of the union
+    return axpy_rows(h, w, index), keep.sum(1), index.numel()
+
+
+def _fused_threshold_axpy(x: Tensor, w: Tensor, threshold: float) -> tuple[Tensor, Tensor, int]:
+    n, d_in = x.shape
+    index = torch.empty(d_in, dtype=torch.int64)
+    h = torch.empty((n, d_in), dtype=torch.float32)
+    kept = torch.empty(n, dtype=torch.int64)
+    union = ctypes.c_int64(0)
+    out = torch.empty((n, w.shape[1]), dtype=torch.float32)
+    status = _library.actscope_threshold_axpy_rows(
+        x.data_ptr(), n, x.stride(0), w.data_ptr(), d_in, w.stride(0), w.shape[1], threshold, index.data_ptr(),
+        h.data_ptr(), kept.data_ptr(), ctypes.byref(union), out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"sparse kernel actscope_threshold_axpy_rows failed with status {status}")
+    return out, kept, union.value
+
+
 def kernel_enabled() -> bool:
     """True when the C kernel is switched on (``ACTSCOPE_SPARSE_KERNEL`` is not ``0``) and built."""
     return os.environ.get("ACTSCOPE_SPARSE_KERNEL", "1") != "0" and library() is not None
@@ -129,11 +162,15 @@ _library: Any = None  # set by library(); read directly on the hot path
 
 
 def _kernel_applies(a: Tensor, w: Tensor, index: Tensor) -> bool:
+    return index.dtype is _I64 and index.is_cpu and index.dim() == 1 and _rows_apply(a, w)
+
+
+def _rows_apply(a: Tensor, w: Tensor) -> bool:
     # This runs once per projection per decoded token, so it is a single cheap expression.
     return (
-        a.dtype is _F32 and w.dtype is _F32 and index.dtype is _I64
-        and a.is_cpu and w.is_cpu and index.is_cpu
-        and a.dim() == 2 and w.dim() == 2 and index.dim() == 1
+        a.dtype is _F32 and w.dtype is _F32
+        and a.is_cpu and w.is_cpu
+        and a.dim() == 2 and w.dim() == 2
         and 0 < a.shape[0] <= MAX_KERNEL_TOKENS
         and w.stride(1) == 1 and w.stride(0) >= w.shape[1]  # rows readable in place
         and not ((a.requires_grad or w.requires_grad) and torch.is_grad_enabled())
@@ -213,4 +250,7 @@ def _declare(lib: Any) -> Any:
         function = getattr(lib, name)
         function.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int32]
         function.restype = ctypes.c_int
+    fused = lib.actscope_threshold_axpy_rows
+    fused.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ctypes.c_int32]
+    fused.restype = ctypes.c_int
     return lib

@@ -38,7 +38,7 @@ from ..errors import InputError
 from ..hooks import SWAP_MARK, Hooks, hooks
 from ..models import Model
 from ..models.adapters import out_in_weight
-from .forwards import Tally, _masked, _nonzero, _select
+from .forwards import Tally, _thresholded
 from .swaps import BOTH, SwapMark
 
 SCOPES = ("all", "mlp")
@@ -233,11 +233,9 @@ class SparseLinear:
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [n, d_in]
         with torch.no_grad():
-            keep = rows.abs() > self.t
-            index = _nonzero(keep)
-            y = _select(_masked(rows[:, index], keep[:, index]), self.w_t, index, self.bias)
-        inactive = (~keep).sum(1).double() / rows.shape[1]
-        self.record(self.layer, Tally(inactive, inactive, index.numel() / rows.shape[1]), rows.shape[0], self.part)
+            y, kept, read = _thresholded(rows, self.w_t, self.t, self.bias)
+        inactive = 1 - kept.double() / rows.shape[1]
+        self.record(self.layer, Tally(inactive, inactive, read / rows.shape[1]), rows.shape[0], self.part)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
