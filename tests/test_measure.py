@@ -46,6 +46,10 @@ def test_profile_refuses_bad_metrics_before_profiling(minilm, tmp_path):
     inputs = [{"input_ids": torch.tensor([[101, 2023, 102]])}]
     with pytest.raises(InputError, match="measurements need text data"):
         actscope.profile(minilm, inputs, metrics="temporal")
+    with pytest.raises(InputError, match="at least 2 non-empty text documents, got 1"):  # before the pass, not after it
+        actscope.profile(minilm, ["only one document here", "   "], out=tmp_path / "run", metrics="temporal",
+                         progress=lambda d, t: calls.append(d))
+    assert calls == [] and not (tmp_path / "run").exists()
 
 
 def test_saved_measurements_equal_the_metric_functions(minilm, tmp_path):

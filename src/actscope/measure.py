@@ -78,7 +78,7 @@ def measure(model: ModelLike, texts: Sequence[str], metrics: str | Sequence[str]
 
     config = (config or MeasureConfig()).checked()
     chosen = resolve_metrics(metrics)
-    texts = _checked_texts(texts)
+    texts = checked_texts(texts)
     model = as_model(model)
     results = []
     for entry in chosen:
@@ -106,7 +106,8 @@ def resolve_metrics(metrics: str | Sequence[str]) -> list[Measurement]:
     return [MEASUREMENTS[n] for n in dict.fromkeys(names)]
 
 
-def _checked_texts(texts: Sequence[str]) -> list[str]:
+def checked_texts(texts: Sequence[str]) -> list[str]:
+    """The non-empty documents of ``texts``; at least 2 (every measurement splits or pairs them)."""
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if len(texts) < 2:
         raise InputError(f"measurements need at least 2 non-empty text documents, got {len(texts)}; pass a larger data set")

@@ -227,7 +227,7 @@ def _chosen_metrics(metrics: str | Sequence[str] | None, source: Source) -> list
     """Validate the measurement names before the (long) profiling pass starts."""
     if not metrics:
         return []
-    from .measure import resolve_metrics
+    from .measure import checked_texts, resolve_metrics
 
     chosen = [m.name for m in resolve_metrics(metrics)]
     if source.images is not None:
@@ -235,6 +235,7 @@ def _chosen_metrics(metrics: str | Sequence[str] | None, source: Source) -> list
                          "profile the images without --metrics (metrics=), or measure the model on text data")
     if source.corpus is None:
         raise InputError("measurements need text data (a file or a list of strings), not ready model inputs; drop metrics= or pass text")
+    checked_texts(source.corpus.documents)  # too few documents: refused now, not after the profiling pass
     return chosen
 
 
