@@ -104,3 +104,41 @@ def test_plain_module_without_adapter():
         actscope.plan_sites(model, "blocks.*.mlp.post")
     with pytest.raises(actscope.SiteError, match="no adapter table"):
         actscope.plan_sites(model, None)
+
+
+class _Stack(torch.nn.Module):
+    """A user's own model: a ModuleList of blocks, each with two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"fc1": torch.nn.Linear(4, 6), "fc2": torch.nn.Linear(6, 4)}) for _ in range(3))
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block["fc2"](torch.relu(block["fc1"](x)))
+        return x
+
+
+def test_module_sites_take_globs_and_ranges():
+    model = actscope.wrap(_Stack(), example_inputs={"x": torch.zeros(2, 4)})
+    plan = actscope.plan_sites(model, "module:layers.*.fc2@input")
+    assert plan.names == [f"module:layers.{i}.fc2@input" for i in range(3)]
+    assert actscope.plan_sites(model, "module:layers.1-2.fc1").names == ["module:layers.1.fc1@output", "module:layers.2.fc1@output"]
+    assert actscope.plan_sites(model, "module:layers.*.*[0:2]").names == [
+        f"module:layers.{i}.{fc}@output[0,1]" for i in range(3) for fc in ("fc1", "fc2")]
+    with pytest.raises(actscope.SiteError, match=r"matches only containers .* \(ModuleDict layers\.0, …\).*module:layers\.\*\.\*@output"):
+        actscope.plan_sites(model, "module:layers.*")  # ModuleDicts are indexed, never called
+    x = torch.randn(5, 4)
+    from actscope.trace import Capture
+
+    capture = Capture(model, "module:layers.*.fc2@input", announce=False)
+    with torch.no_grad(), capture.attached():
+        model(x=x)
+    h = torch.relu(model.module.layers[0]["fc1"](x))
+    assert torch.equal(capture.tensors["module:layers.0.fc2@input"][0], h.detach())
+    with pytest.raises(actscope.SiteError, match=r"no module of .* matches 'layers\.\*\.fc3'\. Did you mean: layers\.\*\.fc"):
+        actscope.plan_sites(model, "module:layers.*.fc3@input")
+    with pytest.raises(actscope.SiteError, match="@input or @output"):
+        actscope.plan_sites(model, "module:layers.*.fc1@middle")

@@ -123,8 +123,29 @@ def _parse_item(model: "Model", item: str) -> list[Site]:
     if base in model.catalog:  # an exact name, also of a site added to the model (SAE features, e.g. on a module site)
         entries = [model.catalog[base]]
     else:
-        entries = [module_entry(model, base)] if base.startswith("module:") else _match_canonical(model, base)
+        entries = _module_entries(model, base) if base.startswith("module:") else _match_canonical(model, base)
     return [_with_selection(entry, select, item) for entry in entries]
+
+
+def _module_entries(model: "Model", base: str) -> list[SiteEntry]:
+    """One module site, or every module a path with ``*`` or ``low-high`` segments matches
+    (``module:model.layers.*.mlp.fc2@input``), in module order; containers that never run are
+    left out of a pattern's matches."""
+    path, _, side = base[len("module:"):].partition("@")
+    parts = path.split(".")
+    if not any(part == "*" or RANGE.match(part) for part in parts):
+        return [module_entry(model, base)]
+    modules = [(name, module) for name, module in model.module.named_modules() if name]
+    matched = [(name, module) for name, module in modules if _matches(parts, name.split("."))]
+    found = [name for name, module in matched if not never_called(module)]
+    if matched and not found:
+        raise SiteError(f"'{path}' matches only containers {model.name} never calls ({type(matched[0][1]).__name__} "
+                        f"{matched[0][0]}, …), so hooks on them never fire; add a level, e.g. module:{path}.*@{side or 'output'}")
+    if not found:
+        generic = sorted({re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name) for name, _ in modules})
+        raise SiteError(f"no module of {model.name} matches '{path}'.{_suggest(path, generic)} "
+                        "Run `actscope sites` to list modules.")
+    return [module_entry(model, f"module:{name}@{side or 'output'}") for name in found]
 
 
 def module_entry(model: "Model", base: str) -> SiteEntry:
