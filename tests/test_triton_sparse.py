@@ -135,6 +135,7 @@ class _Interpreted:
         calls = []
         real_run = triton_rows.run
         monkeypatch.setattr(kernels, "_kernel_applies", lambda *args: False)
+        monkeypatch.setattr(kernels, "_rows_apply", lambda *args: False)  # TEAL's fused C product too
         monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
         monkeypatch.setattr(triton_rows, "applies", lambda a, w, index=None: a.dtype == w.dtype)
         monkeypatch.setattr(triton_rows, "run", lambda *args: calls.append(args[0]) or real_run(*args))
