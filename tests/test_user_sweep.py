@@ -197,3 +197,20 @@ def test_patching_an_encoder_decoder_from_prompts_is_refused_naming_the_decoder(
     with pytest.raises(InputError, match="clean: T5ForConditionalGeneration is an encoder-decoder.*decoder_input_ids"):
         activation_patching(model, "The cat sat", "The mat. sat", metric, "module:encoder.block.0@output", per="site")
     assert hook_count(model.module) == 0
+
+
+def test_sites_of_a_card_less_model_print_whole_names_in_80_columns(words, tmp_path):
+    # was: piped at 80 columns, the duplicate module column squeezed the names to "module:model.l…"
+    from typer.testing import CliRunner
+
+    from actscope.cli.main import app
+
+    tiny_phi(words).save_pretrained(tmp_path / "phi")
+    words.save_pretrained(tmp_path / "phi")
+    result = CliRunner().invoke(app, ["sites", str(tmp_path / "phi"), "--match", "*layers.0.mlp*"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    for name in ("module:model.layers.0.mlp.fc1@output", "module:model.layers.0.mlp.fc2@output"):
+        assert name in result.output
+    header = next(line for line in result.output.splitlines() if "site" in line and "shape" in line)
+    assert "module" not in header and "┃ ┃" not in header  # no empty, squeezed module column
+    assert "several at once with * (e.g. module:model.layers.*.mlp@output)" in " ".join(result.output.split())

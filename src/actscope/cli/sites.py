@@ -24,10 +24,14 @@ def sites(
         table.add_column("site", no_wrap=True)
         table.add_column("shape", no_wrap=True)
         table.add_column("at", no_wrap=True)
-        table.add_column("module", overflow="fold")
+        named = any(not row.name.startswith("module:") for row in rows)  # module sites carry their path already
+        if named:
+            table.add_column("module", overflow="fold")
         for row in rows:
             shape = "[" + ", ".join(map(str, row.shape)) + "]" if row.shape else "?"
-            table.add_row(row.name, shape, row.at, row.module)
+            table.add_row(row.name, shape, row.at, *([row.module] if named else []))
         console.print(table)
         if model.adapter is None:
-            console.print("No adapter table for this family: select sites as module:PATH@output or @input.")
+            example = next((row.name for row in rows if ".0." in row.name), None)
+            pattern = f", several at once with * (e.g. {example.replace('.0.', '.*.', 1)})" if example else ""
+            console.print(f"No adapter table for this family: select sites as module:PATH@output or @input{pattern}.")
