@@ -108,20 +108,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _example(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_memorising_neurons_smoke(one_thread):
     """Seconds-long examples/memorising_neurons.py: p = 23, 70 % training pairs, 500 steps."""
-    m = _example("memorising_neurons")
+    m = example_script("memorising_neurons")
     torch.manual_seed(0)
     data = m.task(23, 0, train_share=0.7)
     model = m.mlp(23, 96, 0)
@@ -242,7 +231,7 @@ def test_grokking_lazy_rich_smoke(tmp_path, one_thread):
     from actscope.store import read_run
     from actscope.train import StepLog, write_steps
 
-    g = _example("grokking_lazy_rich")
+    g = example_script("grokking_lazy_rich")
     data, model, probe, targets = g.setup(17, 0, share=0.6, width=64)
     log = StepLog()
     g.train_watched(data, model, probe, targets, steps=300, every=100, log=log, lr=3e-3)
@@ -277,7 +266,7 @@ def test_direction_alignment_is_the_cosine_per_neuron():
 
 def test_benign_overfitting_xor_smoke(one_thread):
     """Seconds-long examples/benign_overfitting_xor.py: d = 600, n = 24, 40 neurons, 100 steps."""
-    b = _example("benign_overfitting_xor")
+    b = example_script("benign_overfitting_xor")
     data = b.xor_data(1, d=600, n=24, norm=9, test=500)
     s = b.series(b.run(data, b.network(600, 40, 1), steps=100))
     assert data["flipped"].any()
