@@ -456,6 +456,26 @@ def test_context_text_respects_truncation(tokenizer):
         context_text(tokenizer, corpus, 1, 8, max_length=8)
 
 
+def test_contexts_of_a_byte_level_tokenizer_show_whole_characters():
+    """Byte-level BPE cuts characters between tokens; decoding a part alone gave U+FFFD, and the
+    token pieces repeated a shared character (was: 'na�', '�ve'; pieces 'naï', 'ïve')."""
+    from actscope.data.batching import token_pieces
+    from actscope.zoo.tokenizer import build_bpe_tokenizer
+
+    texts = ["naïve café déjà vu", "日本語のテキストです", "emoji 🙂 and 🚀 here"]
+    tokenizer = build_bpe_tokenizer(texts * 3, 300)  # small: most non-ASCII characters span two tokens
+    corpus = load_corpus(texts)
+    for doc, text in enumerate(texts):
+        ids = tokenizer(text)["input_ids"]
+        assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # the tokenizer does cut characters
+        pieces = token_pieces(tokenizer, corpus, doc)
+        assert pieces[0] == "<bos>" and "".join(pieces[1:]) == text
+        for pos in range(len(ids)):
+            left, token, right = context_text(tokenizer, corpus, doc, pos, window=2)
+            assert "\ufffd" not in left + token + right
+            assert (left + token + right).replace("<bos>", "") in text
+
+
 def test_context_text_bad_doc_id(tokenizer):
     with pytest.raises(DataError, match="doc_id 9 is out of range.*use 0 to 4"):
         context_text(tokenizer, load_corpus(DOCS), 9, 0)

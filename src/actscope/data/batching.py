@@ -96,7 +96,16 @@ def context_text(
         )
     left = ids[max(0, pos - window):pos]
     right = ids[pos + 1:pos + 1 + window]
-    return tokenizer.decode(left), tokenizer.decode([ids[pos]]), tokenizer.decode(right)
+    parts = tokenizer.decode(left), tokenizer.decode([ids[pos]]), tokenizer.decode(right)
+    text = corpus.documents[doc_id]
+    if REPLACEMENT in "".join(parts) and REPLACEMENT not in text and getattr(tokenizer, "is_fast", False):
+        # a byte-level tokenizer cut a character between tokens: show the document's own characters
+        pieces = _pieces(tokenizer, text, ids, effective_max_length(tokenizer, max_length))
+        parts = "".join(pieces[max(0, pos - window):pos]), pieces[pos], "".join(pieces[pos + 1:pos + 1 + window])
+    return parts
+
+
+REPLACEMENT = "\ufffd"  # what decoding part of a character's bytes gives
 
 
 def token_pieces(tokenizer: Any, corpus: Corpus, doc_id: int, max_length: int = 128) -> list[str]:
@@ -107,19 +116,25 @@ def token_pieces(tokenizer: Any, corpus: Corpus, doc_id: int, max_length: int = 
     _check_corpus(corpus)
     limit = effective_max_length(tokenizer, max_length)
     ids = _document_ids(tokenizer, corpus.documents[doc_id], limit)
-    decoded = [tokenizer.decode([i]) for i in ids]
     if not getattr(tokenizer, "is_fast", False):
-        return decoded
-    text = corpus.documents[doc_id]
+        return [tokenizer.decode([i]) for i in ids]
+    return _pieces(tokenizer, corpus.documents[doc_id], ids, limit)
+
+
+def _pieces(tokenizer: Any, text: str, ids: list[int], limit: int) -> list[str]:
+    """Each token's characters of ``text`` (a fast tokenizer's offsets): from the end of what the
+    tokens before it showed to the end of its own span, so gaps (spaces) go with the next token and
+    a character whose bytes two tokens share (byte-level BPE) is shown once, with the first;
+    special tokens (no span) as ``decode([id])``."""
     spans = tokenizer(text, truncation=True, max_length=limit, return_offsets_mapping=True)["offset_mapping"][: len(ids)]
     pieces, end = [], 0
-    for (start, stop), fallback in zip(spans, decoded):
+    for (start, stop), token in zip(spans, ids):
         if stop <= start:  # a special token: no characters of its own
-            pieces.append(fallback)
+            pieces.append(tokenizer.decode([token]))
             continue
-        pieces.append(text[min(end, start):stop])
-        end = stop
-    return pieces + decoded[len(pieces):]
+        pieces.append(text[end:stop] if stop > end else "")
+        end = max(end, stop)
+    return pieces + [tokenizer.decode([i]) for i in ids[len(pieces):]]
 
 
 def effective_max_length(tokenizer: Any, max_length: int) -> int:
