@@ -128,3 +128,17 @@ def example_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through playwright, for the report's browser tests (which skip, saying how
+    to install it, where there is no chromium or no playwright)."""
+    import shutil
+
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"))
+        yield chromium
+        chromium.close()

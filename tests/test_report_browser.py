@@ -48,14 +48,6 @@ def minilm_run(tmp_path_factory):
     return actscope.profile(actscope.load(), sentences(36), sites="blocks.*.mlp.post,blocks.*.attn.pattern", out=out)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM)
-        yield chromium
-        chromium.close()
-
-
 class Visit:
     """A page with every console message, page error, dialog and request recorded; any request
     other than the report file itself is aborted (and recorded)."""

@@ -20,14 +20,6 @@ PROMPT = "The kettle whistled while she read the letter."
 
 
 @pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture(scope="module")
 def views_run(tmp_path_factory) -> actscope.Run:
     """MiniLM profiled over 24 sentences, with a prompt's attention patterns and logit lens added."""
     from actscope.explain import attention_patterns, logit_lens
