@@ -142,3 +142,14 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"))
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests (request it, or mark a module with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``): the models under test are tiny, and on a
+    shared two-core machine a second thread mostly waits. The caller's setting comes back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,18 +29,10 @@ from actscope.zoo import held_out_corpus, tiny_lm
 from actscope.zoo.tiny import tiny_model
 from conftest import model_state
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread mostly waits on a shared machine
 P = 0.01
 DOCS = held_out_corpus(200)
 CALIBRATION, EVALUATION = DOCS[:24], DOCS[100:148]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared two-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -189,14 +189,6 @@ def jobs(tmp_path_factory, lm):
     return folders, done, checkpoints
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lm():
     from actscope.zoo import tiny_lm

@@ -99,15 +99,6 @@ def test_ipr_ranking_and_errors_name_the_fix():
         ipr(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), torch.zeros(2, 2), "module:0@output,module:1@output").of()
 
 
-@pytest.fixture
-def one_thread():
-    """Training smoke tests on one thread: on a shared 2-core machine, two threads contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_memorising_neurons_smoke(one_thread):
     """Seconds-long examples/memorising_neurons.py: p = 23, 70 % training pairs, 500 steps."""
     m = example_script("memorising_neurons")

@@ -10,7 +10,7 @@ import torch
 import actscope
 from conftest import hook_count
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # not set at import: that held every later test file at one thread
 TEXTS = ["The cat sat on the mat.", "Rain again today, héllo ☃.", "Short."]
 
 

@@ -16,15 +16,7 @@ from actscope.explain.receptive import patch_box, receptive_field
 from actscope.metrics import filters as F
 
 PIL = pytest.importorskip("PIL.Image", reason="Pillow is missing: pip install 'actscope[vision]'")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread mostly waits on a shared machine
 
 
 def small_cnn(seed: int = 0, relu: bool = True) -> nn.Sequential:

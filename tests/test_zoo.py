@@ -18,14 +18,7 @@ from actscope.zoo import build_tokenizer, generate_corpus, held_out_corpus, tiny
 from actscope.zoo import lm as zoo_lm
 from actscope.zoo.synthetic import lexicon, unigram_entropy, vocabulary
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The models are tiny: a second intra-op thread only adds waiting when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread mostly waits on a shared machine
 
 
 # --------------------------------------------------------------------------------------------
