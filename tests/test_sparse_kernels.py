@@ -241,33 +241,38 @@ def test_a_forked_child_computes_with_its_own_pool():
 
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 16])
 @pytest.mark.parametrize("d_in,d_out", [(1, 3), (33, 40), (300, 77), (1000, 64)])
-def test_threshold_axpy_counted_equals_the_naive_masked_product(backend, n, d_in, d_out):
-    """TEAL's fused product: each row's own channels above the threshold, how many, and the union."""
+def test_thresholded_product_equals_the_naive_masked_product(backend, n, d_in, d_out):
+    """TEAL's product (the fused C call, or the union index built in torch): each row's own
+    channels above the threshold, how many, and the union."""
+    from actscope.sparse.forwards import _thresholded
+
     g = torch.Generator().manual_seed(d_in * 31 + n)
     x, w = torch.randn(n, d_in, generator=g), torch.randn(d_in, d_out, generator=g)
     x[:, ::5] = 0.0  # exact zeros: never kept, even at threshold 0
     for value in (0.0, 0.7, 10.0):  # nothing dropped but zeros, about half, everything
         threshold = torch.tensor([value])
-        got, kept, union = kernels.threshold_axpy_counted(x, w, threshold)
+        got, kept, union = _thresholded(x, w, threshold, None)
         keep = x.abs() > value
         masked = torch.where(keep, x, 0.0).double()
         assert_close(got, masked @ w.double(), masked.abs() @ w.double().abs(), d_in)
         assert kept.tolist() == keep.sum(1).tolist() and union == int(keep.any(0).sum())
 
 
-def test_threshold_axpy_counted_takes_the_c_kernel_on_the_cpu(monkeypatch):
+def test_thresholded_product_takes_the_c_kernel_on_the_cpu(monkeypatch):
+    from actscope.sparse.forwards import _thresholded
+
     if kernels.library() is None:
         pytest.skip("no C compiler: the sparse kernel cannot be built here")
     calls = []
     monkeypatch.setattr(kernels, "_fused_threshold_axpy", lambda *a: calls.append(a) or (None, None, 0))
     x, w = torch.randn(2, 8), torch.randn(8, 4)
-    kernels.threshold_axpy_counted(x, w, torch.tensor([0.5]))
-    kernels.threshold_axpy_counted(x.double(), w.double(), torch.tensor([0.5]))  # float64: torch builds the index
-    kernels.threshold_axpy_counted(torch.randn(17, 8), w, torch.tensor([0.5]))  # a prompt: torch's GEMM
+    _thresholded(x, w, torch.tensor([0.5]), None)
+    _thresholded(x.double(), w.double(), torch.tensor([0.5]), None)  # float64: torch builds the index
+    _thresholded(torch.randn(17, 8), w, torch.tensor([0.5]), None)  # a prompt: torch's GEMM
     assert len(calls) == 1 and calls[0][2] == 0.5
 
 
-def test_threshold_axpy_counted_on_two_threads_is_exact_and_deterministic():
+def test_fused_threshold_axpy_on_two_threads_is_exact_and_deterministic():
     if kernels.library() is None:
         pytest.skip("no C compiler: the sparse kernel cannot be built here")
     g = torch.Generator().manual_seed(11)
@@ -275,8 +280,8 @@ def test_threshold_axpy_counted_on_two_threads_is_exact_and_deterministic():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        first, kept, union = kernels.threshold_axpy_counted(x, w, torch.tensor([0.5]))
-        again, _, _ = kernels.threshold_axpy_counted(x, w, torch.tensor([0.5]))
+        first, kept, union = kernels.fused_threshold_axpy(x, w, torch.tensor([0.5]))
+        again, _, _ = kernels.fused_threshold_axpy(x, w, torch.tensor([0.5]))
     finally:
         torch.set_num_threads(threads)
     masked = torch.where(x.abs() > 0.5, x, 0.0).double()

@@ -58,8 +58,14 @@ def _select(h: torch.Tensor, w_t: torch.Tensor, index: torch.Tensor, bias: torch
 def _thresholded(x: torch.Tensor, w_t: torch.Tensor, threshold: torch.Tensor,
                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``where(|x| > threshold, x, 0) @ w_t (+ bias)``, the channels each row kept ``[n]`` and
-    the rows of ``w_t`` read (their union): TEAL's input-sparse product."""
-    out, kept, read = kernels.threshold_axpy_counted(x, w_t, threshold)
+    the rows of ``w_t`` read (their union): TEAL's input-sparse product, in one C call where
+    :func:`kernels.fused_threshold_axpy` applies, else through the union index built here."""
+    fused = kernels.fused_threshold_axpy(x, w_t, threshold)
+    if fused is None:
+        keep = x.abs() > threshold
+        index = _nonzero(keep)
+        return _select(_masked(x[:, index], keep[:, index]), w_t, index, bias), keep.sum(1), index.numel()
+    out, kept, read = fused
     return (out + bias if bias is not None else out), kept, read
 
 

@@ -119,22 +119,16 @@ def threshold_axpy_rows(x: Tensor, w: Tensor, threshold: Tensor | float) -> Tens
     return out if out is not None else reference_threshold_axpy_rows(x, w, threshold)
 
 
-def threshold_axpy_counted(x: Tensor, w: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, int]:
-    """:func:`threshold_axpy_rows` for sparse execution, which also needs to know what was skipped:
+def fused_threshold_axpy(x: Tensor, w: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, int] | None:
+    """TEAL's input-sparse product with what sparse execution tallies, in one C call:
     ``(where(|x| > threshold, x, 0) @ w, kept [n] int64: the channels each row of x kept, k: the
-    rows of w read, their union)``. ``threshold`` is one value (a tensor of one element). On the
-    CPU the C kernel finds the union and masks each row in one pass over ``x`` and streams the
-    union's rows (one call instead of the half-dozen tensor operations per projection and token of
-    building the index in torch); elsewhere torch builds the index and :func:`axpy_rows` reads it."""
-    if _rows_apply(x, w) and w.shape[0] == x.shape[1] and threshold.numel() == 1:
-        return _fused_threshold_axpy(_rows_contiguous(x), w, float(threshold))
-    keep = x.abs() > threshold
-    index = keep.any(0).nonzero().flatten()
-    if index.numel() == 0:
-        return x.new_zeros(x.shape[0], w.shape[1]), keep.sum(1), 0
-    h = x[:, index]
-    h = h if x.shape[0] == 1 else torch.where(keep[:, index], h, 0)  # each row its own channels of the union
-    return axpy_rows(h, w, index), keep.sum(1), index.numel()
+    rows of w read, their union)``; the kernel finds the union and masks each row in one pass over
+    ``x`` and streams the union's rows. None where it does not apply (not the CPU float32 case of
+    :func:`axpy_rows`'s kernel, or a threshold of more than one value): the caller then builds the
+    index in torch (``sparse/forwards._thresholded``)."""
+    if not (_rows_apply(x, w) and w.shape[0] == x.shape[1] and threshold.numel() == 1):
+        return None
+    return _fused_threshold_axpy(_rows_contiguous(x), w, float(threshold))
 
 
 def _fused_threshold_axpy(x: Tensor, w: Tensor, threshold: float) -> tuple[Tensor, Tensor, int]:
