@@ -135,25 +135,36 @@ def _module_entries(model: "Model", base: str) -> list[SiteEntry]:
     parts = path.split(".")
     if not any(part == "*" or RANGE.match(part) for part in parts):
         return [module_entry(model, base)]
+    side = _checked_side(base, side)
     modules = [(name, module) for name, module in model.module.named_modules() if name]
     matched = [(name, module) for name, module in modules if _matches(parts, name.split("."))]
     found = [name for name, module in matched if not never_called(module)]
     if matched and not found:
         raise SiteError(f"'{path}' matches only containers {model.name} never calls ({type(matched[0][1]).__name__} "
-                        f"{matched[0][0]}, …), so hooks on them never fire; add a level, e.g. module:{path}.*@{side or 'output'}")
+                        f"{matched[0][0]}, …), so hooks on them never fire; add a level, e.g. module:{path}.*@{side}")
     if not found:
         generic = sorted({re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name) for name, _ in modules})
         raise SiteError(f"no module of {model.name} matches '{path}'.{_suggest(path, generic)} "
                         "Run `actscope sites` to list modules.")
-    return [module_entry(model, f"module:{name}@{side or 'output'}") for name in found]
+    return [_module_site(name, side) for name in found]
 
 
-def module_entry(model: "Model", base: str) -> SiteEntry:
-    body = base[len("module:"):]
-    path, _, side = body.partition("@")
+def _checked_side(base: str, side: str) -> str:
+    """``@input`` or ``@output`` (the default when none is written)."""
     side = side or "output"
     if side not in ("input", "output"):
         raise SiteError(f"'{base}': the side must be @input or @output, got @{side}")
+    return side
+
+
+def _module_site(path: str, side: str) -> SiteEntry:
+    hook = Hook(path, side, read_input if side == "input" else read_output, "auto")  # type: ignore[arg-type]
+    return SiteEntry(f"module:{path}@{side}", path, hook, ())
+
+
+def module_entry(model: "Model", base: str) -> SiteEntry:
+    path, _, side = base[len("module:"):].partition("@")
+    side = _checked_side(base, side)
     names = [name for name, _ in model.module.named_modules() if name]
     if path not in names and not (path == "" and side):
         hint = _suggest(path, names)
@@ -165,8 +176,7 @@ def module_entry(model: "Model", base: str) -> SiteEntry:
             f"'{base}': {type(container).__name__} '{path}' is a container the model never calls (it has no forward), "
             f"so a hook on it never fires; observe its entries instead, e.g. {', '.join(entries) or 'one of its modules'}"
         )
-    hook = Hook(path, side, read_input if side == "input" else read_output, "auto")  # type: ignore[arg-type]
-    return SiteEntry(f"module:{path}@{side}", path, hook, ())
+    return _module_site(path, side)
 
 
 def never_called(module: torch.nn.Module) -> bool:

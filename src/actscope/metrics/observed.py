@@ -6,7 +6,6 @@ what a measurement reading a run (activation sparsity) runs when it is handed a 
 from __future__ import annotations
 
 import logging
-
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
