@@ -219,14 +219,14 @@ def calls(model: Model, source: Source) -> Iterator[Call]:
         yield unpack(batch, device, model)
 
 
-def unpack(batch: Any, device: torch.device, model: Model | None = None) -> Call:
+def unpack(batch: Any, device: torch.device, model: Model) -> Call:
     """One batch as a forward call on ``device``; tokenized text fed to ``model``, an
     encoder-decoder, also gives its decoder the same text (:meth:`Model.with_decoder_inputs`)."""
     from .data import Batch
 
     if isinstance(batch, Batch):
         inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
-        return Call(model.with_decoder_inputs(inputs) if model is not None else inputs, batch.n_tokens, batch.doc_ids)
+        return Call(model.with_decoder_inputs(inputs), batch.n_tokens, batch.doc_ids)
     if isinstance(batch, ImageBatch):
         return Call({k: v.to(device) for k, v in batch.items()}, len(batch.examples), batch.examples)
     if isinstance(batch, Mapping):
