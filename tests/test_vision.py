@@ -14,6 +14,7 @@ from actscope.data.images import Images, Preprocess, is_image_data, load_images
 from actscope.errors import InputError
 from actscope.explain.receptive import patch_box, receptive_field
 from actscope.metrics import filters as F
+from conftest import example_script
 
 PIL = pytest.importorskip("PIL.Image", reason="Pillow is missing: pip install 'actscope[vision]'")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread mostly waits on a shared machine
@@ -381,17 +382,8 @@ def test_most_discriminative_stimuli_recover_two_planted_unit_types():
     own = found.responses[np.arange(6), found.clusters]
     other = found.responses[np.arange(6), 1 - found.clusters]
     assert (own > other).all()
-
-
-def _example(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with pytest.raises(InputError, match="rounds must be a whole number of at least 1"):  # was: no round, moved == []
+        discriminative_stimuli(actscope.wrap(nn.Sequential(conv, nn.ReLU())), "module:1@output", images, k=2, rounds=0)
 
 
 def test_reproduction_pieces_smoke(tmp_path, monkeypatch):
@@ -399,10 +391,10 @@ def test_reproduction_pieces_smoke(tmp_path, monkeypatch):
     from actscope.zoo.digits import DigitsConfig, load_digits_cnn
 
     monkeypatch.setenv("ACTSCOPE_CACHE", str(tmp_path))
-    shift = _example("vision_filter_shift")
+    shift = example_script("vision_filter_shift")
     low, bars = (F.filter_stats(load_digits_cnn(DigitsConfig(task=t, epochs=1))) for t in ("low", "bars"))
     assert shift.distance(low, bars) == pytest.approx(shift.distance(bars, low)) and shift.distance(low, bars) > 0
     assert shift.distance(low, low) == pytest.approx(0.0, abs=1e-12)
     codes = np.random.default_rng(0).normal(size=(4, 3))
     naive = np.mean([np.sqrt(((codes[i] - codes[j]) ** 2).sum()) for i in range(4) for j in range(i + 1, 4)])
-    assert _example("vision_facets").mean_pairwise(codes) == pytest.approx(naive)
+    assert example_script("vision_facets").mean_pairwise(codes) == pytest.approx(naive)

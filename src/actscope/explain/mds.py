@@ -52,6 +52,8 @@ def discriminative_stimuli(model, site: str, images, *, k: int = 4, rounds: int 
     model, config = as_model(model), (config or VisConfig(steps=128)).checked()
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise InputError(f"k must be a whole number of at least 2 clusters, got {k!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InputError(f"rounds must be a whole number of at least 1 (optimise, then reassign), got {rounds!r}")
     planned = plan_sites(model, site).sites[0]
     with torch.no_grad():
         data = torch.cat([unit_means(model, planned, images.normalised(slice(s, s + 64))) for s in range(0, len(images), 64)]).double()
