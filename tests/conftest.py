@@ -120,11 +120,12 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LABELS = {"holds", "direction only", "does not hold"}  # the labels a reproduction may print
 
 
-def example_script(name: str):
-    """``examples/NAME.py`` imported as a module (the reproductions are scripts, not a package)."""
+def example_script(name: str, folder: Path = EXAMPLES):
+    """``examples/NAME.py`` (or ``folder/NAME.py``, e.g. a benchmark) imported as a module: the
+    reproductions and benchmarks are scripts, not a package."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

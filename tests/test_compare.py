@@ -265,13 +265,9 @@ def test_command_refuses_bad_input_with_exit_2(model_dirs, tmp_path):
 def test_benchmark_smoke():
     """benchmarks/compare_cka.py's measured row, at a tiny size: it runs, and its streamed matrix
     equals the in-memory CKA of captured activations."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import EXAMPLES, example_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_cka.py"
-    spec = importlib.util.spec_from_file_location("compare_cka", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = example_script("compare_cka", EXAMPLES.parent / "benchmarks")
     threads = torch.get_num_threads()
     try:
         row = bench.child(1024, "float64", True, layers=2, width=48)

@@ -3,21 +3,19 @@ status 2, a message saying what to do) without a CUDA GPU, and its sections run 
 model on the CPU (``--cpu-dry-run``: the code paths, not the figures)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import example_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return example_script("gpu_check", SCRIPT.parent)
 
 
 def test_help_and_argument_checks(gpu_check, capsys):
